@@ -1,0 +1,6 @@
+"""gla_cuda: Gated Linear Attention for PyTorch (CUDA/CuTe kernels, Triton, reference)."""
+from gla_cuda.api import chunk_gla, explain_backend, fused_recurrent_gla
+from gla_cuda.dispatch import BACKENDS
+
+__version__ = "0.1.0"
+__all__ = ["chunk_gla", "fused_recurrent_gla", "explain_backend", "BACKENDS", "__version__"]

@@ -1,0 +1,141 @@
+"""The public functions: validate the arguments, then call torch.ops.gla.
+
+Layout and semantics follow flash-linear-attention (DESIGN §1), so these are
+drop-in replacements for ``fla.ops.gla.chunk_gla`` and ``fused_recurrent_gla``.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_tracing() -> bool:
+    """True while values cannot (or must not) be read on the host."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor, got "
+                         f"{cu_seqlens.dim()}-D {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must hold at least one offset (0)")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed sequences), got B={B}")
+    if _is_tracing():
+        return  # the values live on the device; the kernels clamp to [0, T]
+    # One host read: the values decide whether the call is valid at all.
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if bounds[-1] != T:
+        raise ValueError(f"cu_seqlens must end at the packed length T={T}, got {bounds[-1]}")
+
+
+def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
+    """Checks every argument (naming it in the error) and returns contiguous tensors."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
+    if q.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    if g.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"g must be float32 or q's dtype {q.dtype}, got {g.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if g.shape != q.shape:
+        raise ValueError(f"g must have q's shape {tuple(q.shape)}, got {tuple(g.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H {tuple(q.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    named = [("k", k), ("v", v), ("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)]
+    for name, x in named:
+        if isinstance(x, Tensor) and x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, B, T)
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+    if scale is None:
+        scale = K ** -0.5  # may be symbolic under torch.compile(dynamic=True); always finite
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, Real):
+            raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+    if initial_state is not None:
+        if not isinstance(initial_state, Tensor):
+            raise TypeError(f"initial_state must be a Tensor, got {type(initial_state).__name__}")
+        state_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+        if initial_state.dtype not in state_dtypes:
+            raise TypeError(f"initial_state must be float32, got {initial_state.dtype}")
+        if tuple(initial_state.shape) != (N, H, K, V):
+            raise ValueError(f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)}, "
+                             f"got {tuple(initial_state.shape)}")
+        initial_state = initial_state.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    return q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, initial_state, cu_seqlens
+
+
+def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+    q, k, v, g, scale, initial_state, cu_seqlens = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    backend = dispatch.requested_backend(backend)
+    o, final_state = op(q, k, v, g, scale, initial_state, bool(output_final_state), cu_seqlens, backend)
+    return o, (final_state if output_final_state else None)
+
+
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
+              initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+              cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None):
+    """Gated linear attention in the chunkwise-parallel form.
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log-space forget gate (g <= 0).
+    Returns (o [B, T, H, V] in v's dtype, final state float32 [N, H, K, V] or None).
+    backend: "cuda", "triton", "reference" or None/"auto" (default: $GLA_BACKEND or auto).
+    """
+    return _call(torch.ops.gla.chunk_fwd, q, k, v, g, scale, initial_state, output_final_state,
+                 cu_seqlens, backend)
+
+
+def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
+                        initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                        cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None):
+    """Gated linear attention as a step-by-step recurrence (decoding, short inputs).
+
+    Same arguments and results as chunk_gla.
+    """
+    return _call(torch.ops.gla.recurrent_fwd, q, k, v, g, scale, initial_state, output_final_state,
+                 cu_seqlens, backend)
+
+
+def explain_backend(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tensor] = None,
+                    cu_seqlens: Optional[Tensor] = None, op: str = "chunk_fwd",
+                    backend: Optional[str] = None) -> dispatch.Choice:
+    """Which backend would run ``op`` (chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd)
+    on these inputs, and why each other backend would not. ``print()`` it for a table."""
+    return dispatch.choose(op, q, k, v, g, initial_state, cu_seqlens, backend)

@@ -1,0 +1,26 @@
+"""Backends: each module here implements the same four functions.
+
+    chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        -> (o, final_state or None)
+    chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
+        -> (dq, dk, dv, dg, dh0 or None)
+    recurrent_fwd / recurrent_bwd: the same signatures, for the recurrent ops.
+    unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> None or a short reason
+        (op is one of OPS; gla_cuda.dispatch asks it before choosing the backend)
+
+What the caller (gla_cuda.ops) guarantees:
+  * q, k, g: [B, T, H, K]; v: [B, T, H, V]; all contiguous and on one device.
+  * q, k, v share one dtype (float16, bfloat16 or float32; float64 only for the
+    reference); g is float32 or that dtype. scale is a finite Python float.
+  * initial_state: None or float32 contiguous [N, H, K, V]; dht likewise.
+  * cu_seqlens: None, or a contiguous int32/int64 [N + 1] tensor on q's device,
+    starting at 0, non-decreasing, ending at T, with B == 1. N = B otherwise.
+  * do: [B, T, H, V] in v's dtype, contiguous.
+
+What a backend returns: o in v's dtype; final_state and dh0 float32 [N, H, K, V]
+(final_state only when output_final_state, dh0 only when initial_state is given);
+dq, dk, dv, dg in the dtypes and shapes of q, k, v, g. A backend running on the GPU
+never synchronises with the host (no .item() / .tolist() on device tensors).
+"""
+
+OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd")

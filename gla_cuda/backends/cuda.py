@@ -1,0 +1,45 @@
+"""Compiled CUDA backend: the kernels in csrc/, registered by gla_cuda._C.
+
+The extension registers CUDA implementations of the private kernel ops
+(``gla::cuda_*``, schemas in gla_cuda/ops.py); this module only asks it whether
+a kernel covers the inputs and calls the op.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    from gla_cuda import _C  # noqa: F401  (importing registers the kernels)
+    IMPORT_ERROR = None
+except ImportError as e:
+    _C = None
+    IMPORT_ERROR = f"the compiled extension gla_cuda._C is not available ({e})"
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+# Ops with a compiled kernel; the rest are answered "no CUDA kernel yet" below.
+KERNEL_OPS = ("chunk_fwd",)
+
+
+def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
+    if IMPORT_ERROR:
+        return IMPORT_ERROR
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}, not a CUDA GPU"
+    if op not in KERNEL_OPS:
+        return f"no compiled kernel for {op} yet"
+    if q.dtype not in _DTYPE_NAMES or g.dtype not in _DTYPE_NAMES:
+        return f"dtype {q.dtype} is not supported"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return _C.unsupported(op, q.shape[-1], v.shape[-1], _DTYPE_NAMES[q.dtype],
+                          _DTYPE_NAMES[g.dtype], major, minor)
+
+
+def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32)  # on the device: no host sync
+    o, ht = torch.ops.gla.cuda_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state,
+                                         cu_seqlens)
+    return o, (ht if output_final_state else None)

@@ -1,0 +1,233 @@
+"""PyTorch reference: the ground truth and the CPU kernel.
+
+Two implementations of the same contract (see ``gla_cuda/backends/__init__.py``):
+
+* ``naive_*``: the recurrence of DESIGN §1 written step by step. Run on float64
+  inputs it is the test oracle; it is also the CPU kernel of the recurrent ops.
+* ``chunk_*``: the chunked form of DESIGN §2 (chunks of ``CHUNK`` tokens), the
+  CPU kernel of the chunked ops. Intra-chunk scores are computed element-wise
+  with every exponent ``<= 0`` (masked before ``exp``), so any finite ``g <= 0``
+  is safe.
+
+Everything is computed in float32 (float64 for float64 inputs) in the layout
+``[B, H, T, D]``; outputs are cast back to the contract's dtypes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+CHUNK = 64
+
+
+def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
+    return None  # runs anything on any device
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _sequences(q: Tensor, cu_seqlens: Optional[Tensor]):
+    """Yields (n, batch index or None, start, end) for every sequence.
+
+    The reference is allowed to synchronise with the host: it reads cu_seqlens.
+    """
+    if cu_seqlens is None:
+        for n in range(q.shape[0]):
+            yield n, n, 0, q.shape[1]
+    else:
+        bounds = cu_seqlens.tolist()
+        for n in range(len(bounds) - 1):
+            yield n, 0, bounds[n], bounds[n + 1]
+
+
+def _heads_first(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """[T, H, D] -> [H, T, D] in the accumulation dtype."""
+    return x.transpose(0, 1).to(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Naive recurrence
+# ----------------------------------------------------------------------------
+
+def _naive_seq_fwd(q, k, v, g, scale, h0):
+    """One sequence, [H, T, D] inputs. Returns o [H, T, V] and S_T [H, K, V]."""
+    H, T, K = q.shape
+    S = h0.clone() if h0 is not None else q.new_zeros(H, K, v.shape[-1])
+    o = q.new_empty(H, T, v.shape[-1])
+    for t in range(T):
+        S = g[:, t, :, None].exp() * S + k[:, t, :, None] * v[:, t, None, :]
+        o[:, t] = scale * torch.einsum("hk,hkv->hv", q[:, t], S)
+    return o, S
+
+
+def naive_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    acc = _acc_dtype(q)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    o = torch.empty(B, T, H, V, dtype=acc, device=q.device)
+    ht = []
+    for n, b, s, e in _sequences(q, cu_seqlens):
+        h0 = initial_state[n].to(acc) if initial_state is not None else None
+        o_n, S = _naive_seq_fwd(*(_heads_first(x[b, s:e], acc) for x in (q, k, v, g)), scale, h0)
+        o[b, s:e] = o_n.transpose(0, 1)
+        ht.append(S)
+    final = torch.stack(ht) if output_final_state else None  # float32 (float64 inputs: float64)
+    return o.to(v.dtype), final
+
+
+def _naive_seq_bwd(q, k, v, g, scale, h0, do, dht):
+    """One sequence, [H, T, D] inputs. Returns dq, dk, dv, dg, dh0 (DESIGN §1 formulas)."""
+    H, T, K = q.shape
+    V = v.shape[-1]
+    # forward sweep: dq_t = scale * S_t do_t, keeping S_{t-1} for dg
+    S = h0.clone() if h0 is not None else q.new_zeros(H, K, V)
+    dq = torch.empty_like(q)
+    prev = []
+    for t in range(T):
+        prev.append(S)
+        S = g[:, t, :, None].exp() * S + k[:, t, :, None] * v[:, t, None, :]
+        dq[:, t] = scale * torch.einsum("hkv,hv->hk", S, do[:, t])
+    # reverse sweep over the state gradient dS_t
+    dS = dht.clone() if dht is not None else q.new_zeros(H, K, V)
+    dk, dv, dg = torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    for t in reversed(range(T)):
+        dS = dS + scale * q[:, t, :, None] * do[:, t, None, :]
+        dk[:, t] = torch.einsum("hkv,hv->hk", dS, v[:, t])
+        dv[:, t] = torch.einsum("hkv,hk->hv", dS, k[:, t])
+        # exact, no cancellation: dg_t = exp(g_t) * rowsum(dS_t * S_{t-1})
+        dg[:, t] = g[:, t].exp() * (dS * prev[t]).sum(-1)
+        dS = g[:, t, :, None].exp() * dS
+    return dq, dk, dv, dg, dS
+
+
+def _bwd_driver(seq_bwd, q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+    """Runs a per-sequence backward over every sequence and casts the results."""
+    acc = _acc_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk, dg = torch.zeros_like(dq), torch.zeros_like(dq)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    dh0 = torch.zeros_like(initial_state) if initial_state is not None else None
+    for n, b, s, e in _sequences(q, cu_seqlens):
+        h0 = initial_state[n].to(acc) if initial_state is not None else None
+        dht_n = dht[n].to(acc) if dht is not None else None
+        ins = (_heads_first(x[b, s:e], acc) for x in (q, k, v, g, do))
+        grads = seq_bwd(*ins, scale=scale, h0=h0, dht=dht_n)
+        for dst, src in zip((dq, dk, dv, dg), grads[:4]):
+            dst[b, s:e] = src.transpose(0, 1)
+        if dh0 is not None:
+            dh0[n] = grads[4]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0
+
+
+def naive_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+    def seq(q, k, v, g, do, scale, h0, dht):
+        return _naive_seq_bwd(q, k, v, g, scale, h0, do, dht)
+    return _bwd_driver(seq, q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
+
+
+# ----------------------------------------------------------------------------
+# Chunked form
+# ----------------------------------------------------------------------------
+
+def _chunk_views(x: Tensor, C: int) -> list[Tensor]:
+    return list(torch.split(x, C, dim=1)) if x.shape[1] else []
+
+
+def _intra_decay(bc: Tensor) -> Tensor:
+    """exp(b_t - b_s) for s <= t, 0 above the diagonal: [H, C, C, K].
+
+    Masking the exponent before exp keeps every exponent <= 0 (b is non-increasing).
+    """
+    C = bc.shape[1]
+    diff = bc[:, :, None, :] - bc[:, None, :, :]
+    causal = torch.ones(C, C, dtype=torch.bool, device=bc.device).tril()
+    return diff.masked_fill(~causal[None, :, :, None], float("-inf")).exp()
+
+
+def _chunk_seq_fwd(q, k, v, g, scale, h0, C=CHUNK):
+    """One sequence, [H, T, D] inputs. Returns o, S_T and the state entering each chunk."""
+    H, T, K = q.shape
+    S = h0.clone() if h0 is not None else q.new_zeros(H, K, v.shape[-1])
+    outs, states = [], []
+    for qc, kc, vc, gc in zip(*(_chunk_views(x, C) for x in (q, k, v, g))):
+        states.append(S)
+        bc = gc.cumsum(1)
+        gamma = bc[:, -1]
+        scores = torch.einsum("htk,hsk,htsk->hts", qc, kc, _intra_decay(bc))
+        outs.append(scale * (scores @ vc + (qc * bc.exp()) @ S))
+        S = gamma.exp()[:, :, None] * S + (kc * (gamma[:, None] - bc).exp()).transpose(1, 2) @ vc
+    o = torch.cat(outs, 1) if outs else q.new_empty(H, 0, v.shape[-1])
+    return o, S, states
+
+
+def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    acc = _acc_dtype(q)
+    B, T, H, K = q.shape
+    o = torch.empty(B, T, H, v.shape[-1], dtype=acc, device=q.device)
+    ht = []
+    for n, b, s, e in _sequences(q, cu_seqlens):
+        h0 = initial_state[n].to(acc) if initial_state is not None else None
+        o_n, S, _ = _chunk_seq_fwd(*(_heads_first(x[b, s:e], acc) for x in (q, k, v, g)), scale, h0)
+        o[b, s:e] = o_n.transpose(0, 1)
+        ht.append(S)
+    final = torch.stack(ht) if output_final_state else None  # float32 (float64 inputs: float64)
+    return o.to(v.dtype), final
+
+
+def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
+    """sum over indices < i (not cumsum - x, which cancels when x dominates)."""
+    shifted = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim)
+    return shifted.cumsum(dim)
+
+
+def _chunk_seq_bwd(q, k, v, g, do, scale, h0, dht, C=CHUNK):
+    """One sequence, [H, T, D] inputs; recomputes the chunk states, then walks back.
+
+    dg_t sums every product whose decay spans step t (a pair s < t <= u), so no
+    large terms cancel: reverse cumsums of q*dq - k*dk would lose dg to rounding
+    when gates are strong.
+    """
+    H, T, K = q.shape
+    _, _, states = _chunk_seq_fwd(q, k, v, g, scale, h0, C)
+    dS = dht.clone() if dht is not None else q.new_zeros(H, K, v.shape[-1])
+    dq, dk, dv, dg = [], [], [], []
+    chunks = list(zip(*(_chunk_views(x, C) for x in (q, k, v, g, do))))
+    for (qc, kc, vc, gc, doc), S in zip(reversed(chunks), reversed(states)):
+        n = qc.shape[1]
+        bc = gc.cumsum(1)
+        gamma = bc[:, -1]
+        decay = _intra_decay(bc)                            # [H, u, s, K]
+        dov = scale * doc @ vc.transpose(1, 2)              # [H, u, s]: scale <do_u, v_s>
+        scores = torch.einsum("htk,hsk,htsk->hts", qc, kc, decay)
+        state_decay = (gamma[:, None] - bc).exp()           # exp(Γ - b_s)
+        dq_inter = scale * (doc @ S.transpose(1, 2)) * bc.exp()
+        dk_state = (vc @ dS.transpose(1, 2)) * state_decay
+        dq.append(torch.einsum("hts,hsk,htsk->htk", dov, kc, decay) + dq_inter)
+        dk.append(torch.einsum("hts,htk,htsk->hsk", dov, qc, decay) + dk_state)
+        dv.append(scale * scores.transpose(1, 2) @ doc + (kc * state_decay) @ dS)
+        # dg_t: pairs (u >= t, s < t) inside the chunk, S -> o_u for u >= t,
+        # k_s -> S_end for s < t, and S -> S_end.
+        pair = dov[..., None] * qc[:, :, None] * kc[:, None] * decay       # [H, u, s, K]
+        before_t = _exclusive_cumsum(pair, 2)                               # sum over s < t
+        upper = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # u >= t
+        cross = (before_t * upper[None, :, :, None]).sum(1)
+        from_state = (qc * dq_inter).flip(1).cumsum(1).flip(1)
+        to_state = _exclusive_cumsum(kc * dk_state, 1)
+        through = (gamma.exp()[:, :, None] * S * dS).sum(-1)[:, None]
+        dg.append(cross + from_state + to_state + through)
+        dS = gamma.exp()[:, :, None] * dS + scale * (qc * bc.exp()).transpose(1, 2) @ doc
+    cat = lambda xs, like: torch.cat(xs[::-1], 1) if xs else torch.empty_like(like)
+    return cat(dq, q), cat(dk, k), cat(dv, v), cat(dg, g), dS
+
+
+def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+    return _bwd_driver(_chunk_seq_bwd, q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
+
+
+# The recurrent ops share the contract; on the reference backend they run the naive loop.
+recurrent_fwd = naive_fwd
+recurrent_bwd = naive_bwd

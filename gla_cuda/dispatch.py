@@ -1,0 +1,82 @@
+"""Which backend runs an op, and why the others do not.
+
+Order of preference: the compiled CUDA kernels, then Triton, then the PyTorch
+reference. On CPU tensors "auto" means the reference; Triton runs CPU tensors
+only when forced under TRITON_INTERPRET=1 (how CI tests it).
+A backend is forced with the ``backend=`` argument or the GLA_BACKEND variable.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from gla_cuda.backends import OPS
+
+BACKENDS = ("cuda", "triton", "reference")
+_MODULES = {name: f"gla_cuda.backends.{name}" for name in BACKENDS}
+
+
+def backend_module(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """The argument, else $GLA_BACKEND, else "auto"; validated."""
+    name = backend if backend is not None else os.environ.get("GLA_BACKEND", "auto")
+    if not isinstance(name, str) or name not in BACKENDS + ("auto",):
+        source = "backend" if backend is not None else "GLA_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+@dataclass
+class Choice:
+    op: str
+    requested: str
+    backend: Optional[str]                      # None: nothing can run
+    reasons: dict = field(default_factory=dict)  # backend -> why it does not run (None: it can)
+
+    def __str__(self) -> str:
+        lines = [f"gla.{self.op}: requested {self.requested!r} -> "
+                 f"{self.backend or 'no backend can run these inputs'}"]
+        for name in BACKENDS:
+            why = self.reasons.get(name)
+            state = "runs" if name == self.backend else ("available" if why is None else why)
+            lines.append(f"  {name:<10} {state}")
+        return "\n".join(lines)
+
+
+def _reason(name, op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
+    if q.dtype.is_floating_point and q.dtype.itemsize == 8 and name != "reference":
+        return "float64 runs only on the reference"
+    try:
+        module = backend_module(name)
+    except Exception as e:  # a broken optional backend must not break the others
+        return f"failed to import ({type(e).__name__}: {e})"
+    return module.unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens)
+
+
+def choose(op, q, k, v, g, initial_state=None, cu_seqlens=None, backend=None) -> Choice:
+    """Picks the backend for ``op`` on these inputs (shapes, dtypes and device only)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    requested = requested_backend(backend)
+    reasons = {name: _reason(name, op, q, k, v, g, initial_state, cu_seqlens) for name in BACKENDS}
+    if requested != "auto":
+        return Choice(op, requested, requested if reasons[requested] is None else None, reasons)
+    order = BACKENDS if q.device.type == "cuda" else ("reference",)
+    for name in BACKENDS:
+        if name not in order and reasons[name] is None:
+            reasons[name] = f"not chosen automatically for {q.device.type} tensors"
+    chosen = next((name for name in order if reasons[name] is None), None)
+    return Choice(op, requested, chosen, reasons)
+
+
+def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
+    """Runs ``op`` on the chosen backend; raises, saying why, if none can run."""
+    choice = choose(op, q, k, v, g, initial_state, cu_seqlens, backend)
+    if choice.backend is None:
+        raise RuntimeError(f"gla_cuda: cannot run {op} with backend {choice.requested!r}:\n{choice}")
+    return getattr(backend_module(choice.backend), op)(q, k, v, g, *args)

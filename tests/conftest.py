@@ -1,0 +1,74 @@
+"""Shared test helpers: devices, backends, thresholds, inputs and the float64 oracle.
+
+Without a GPU the Triton kernels run on CPU tensors under TRITON_INTERPRET=1, set
+here before anything imports Triton.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import gla_cuda  # noqa: E402
+from gla_cuda import dispatch  # noqa: E402
+from gla_cuda.backends import reference  # noqa: E402
+
+# Relative error thresholds ‖out − ref‖ / ‖ref‖ against the float64 oracle, per input dtype.
+# float32 allows TF32 tensor-core products on the GPU.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))]
+BACKENDS = list(dispatch.BACKENDS)
+MODES = {"chunk": gla_cuda.chunk_gla, "recurrent": gla_cuda.fused_recurrent_gla}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    denom = ref.norm()
+    return float((out - ref).norm() / denom) if denom > 0 else float(out.norm())
+
+
+def make_inputs(B, T, H, K, V, dtype=torch.float32, device="cpu", g_dtype=None, gate="normal",
+                h0=False, N=None, seed=None):
+    """Fresh random inputs. gate: 'normal' (logsigmoid/16), 'zero' (g = 0), 'strong' (≈ −20)."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
+    if gate == "normal":
+        g = torch.nn.functional.logsigmoid(r(B, T, H, K)) / 16
+    elif gate == "zero":
+        g = torch.zeros(B, T, H, K, dtype=torch.float64)
+    elif gate == "strong":
+        g = -20 + r(B, T, H, K).abs().neg()
+    else:
+        raise ValueError(gate)
+    to = lambda x, dt: x.to(dtype=dt, device=device)
+    ins = dict(q=to(q, dtype), k=to(k, dtype), v=to(v, dtype), g=to(g, g_dtype or dtype))
+    if h0:
+        ins["initial_state"] = to(r(N or B, H, K, V), torch.float64 if dtype == torch.float64 else torch.float32)
+    return ins
+
+
+def oracle(ins, scale=None, cu_seqlens=None, do=None, dht=None):
+    """float64 naive recurrence: (o, ht) and, given do, the gradients (dq, dk, dv, dg, dh0)."""
+    d = {k: v.detach().double().cpu() for k, v in ins.items()}
+    K = d["q"].shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    cu = cu_seqlens.cpu() if cu_seqlens is not None else None
+    o, ht = reference.naive_fwd(d["q"], d["k"], d["v"], d["g"], scale, d.get("initial_state"), True, cu)
+    if do is None:
+        return o, ht
+    grads = reference.naive_bwd(d["q"], d["k"], d["v"], d["g"], scale, d.get("initial_state"), cu,
+                                do.double().cpu(), None if dht is None else dht.double().cpu())
+    return o, ht, grads
+
+
+def skip_unless_runs(op, backend, ins, cu_seqlens=None):
+    choice = dispatch.choose(op, ins["q"], ins["k"], ins["v"], ins["g"], ins.get("initial_state"),
+                             cu_seqlens, backend)
+    if choice.backend is None:
+        pytest.skip(f"{backend} cannot run {op}: {choice.reasons.get(backend)}")

@@ -1,0 +1,101 @@
+"""Every backend against the float64 naive recurrence: o, final state and every gradient."""
+import pytest
+import torch
+
+from conftest import BACKENDS, DEVICES, MODES, TOL, make_inputs, oracle, rel_err, skip_unless_runs
+
+GRAD_NAMES = ("q", "k", "v", "g", "initial_state")
+
+
+def check(mode, backend, ins, cu_seqlens=None, output_final_state=True, dht=True, scale=None, tol=None):
+    """Runs forward and backward on `backend` and compares everything with the oracle."""
+    skip_unless_runs(f"{mode}_fwd", backend, ins, cu_seqlens)
+    skip_unless_runs(f"{mode}_bwd", backend, ins, cu_seqlens)
+    tol = tol or TOL[ins["q"].dtype]
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+    o, ht = MODES[mode](**leaves, scale=scale, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens, backend=backend)
+    assert o.dtype == ins["v"].dtype and o.shape == ins["v"].shape
+    assert (ht is not None) == output_final_state
+
+    do = torch.randn_like(o)
+    dht_t = torch.randn_like(ht) if (ht is not None and dht) else None
+    ref_o, ref_ht, ref_grads = oracle(ins, scale, cu_seqlens, do, dht_t)
+    errors = {"o": rel_err(o, ref_o)}
+    if ht is not None:
+        assert ht.dtype == torch.float32
+        errors["ht"] = rel_err(ht, ref_ht)
+
+    loss = (o * do).sum() + ((ht * dht_t).sum() if dht_t is not None else 0)
+    loss.backward()
+    for name, ref in zip(GRAD_NAMES, ref_grads):
+        if name in leaves:
+            grad = leaves[name].grad
+            assert grad is not None and grad.dtype == ins[name].dtype, name
+            errors[f"d{name}"] = rel_err(grad, ref)
+    bad = {k: e for k, e in errors.items() if not e <= tol}
+    assert not bad, f"errors over {tol}: {bad} (all: {errors})"
+    return errors
+
+
+SHAPES = [(T, K, V) for T in (1, 63, 64, 65, 300) for K, V in ((16, 16), (64, 64), (128, 64), (100, 200))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T,K,V", SHAPES)
+def test_shapes(device, backend, mode, T, K, V):
+    ins = make_inputs(2, T, 2, K, V, device=device, h0=True)
+    check(mode, backend, ins)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g_fp32", [True, False])
+@pytest.mark.parametrize("h0", [True, False])
+def test_dtypes(device, backend, mode, dtype, g_fp32, h0):
+    ins = make_inputs(2, 65, 2, 64, 64, dtype=dtype, device=device, h0=h0,
+                      g_dtype=torch.float32 if g_fp32 else dtype)
+    check(mode, backend, ins)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h0", [True, False])
+def test_varlen(device, backend, mode, dtype, h0):
+    """Packed sequences of lengths 0, 1, 69, 130 and 60, each from its own state."""
+    cu = torch.tensor([0, 0, 1, 70, 200, 260], dtype=torch.int32, device=device)
+    ins = make_inputs(1, 260, 2, 32, 48, dtype=dtype, device=device, h0=h0, N=5)
+    check(mode, backend, ins, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gate", ["zero", "strong"])
+def test_extreme_gates(device, backend, mode, gate):
+    """g = 0 (no decay) and g ≈ −20 per step (every exponent must stay <= 0)."""
+    ins = make_inputs(2, 130, 2, 32, 32, device=device, h0=True, gate=gate)
+    check(mode, backend, ins)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_without_final_state(device, backend, mode):
+    ins = make_inputs(2, 100, 2, 32, 32, device=device)
+    check(mode, backend, ins, output_final_state=False, scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_chunk_matches_recurrent_int64_offsets(device, mode):
+    """int64 cu_seqlens and the default backend choice."""
+    cu = torch.tensor([0, 5, 5, 77], dtype=torch.int64, device=device)
+    ins = make_inputs(1, 77, 3, 16, 24, device=device, h0=True, N=3)
+    check(mode, None, ins, cu_seqlens=cu)

@@ -1,0 +1,100 @@
+"""The torch.ops.gla operators: opcheck, gradcheck and torch.compile."""
+import pytest
+import torch
+
+import gla_cuda
+from conftest import DEVICES, HAS_CUDA, MODES, TOL, make_inputs, rel_err, skip_unless_runs
+
+
+def _op_args(ins, with_h0, cu=None, backend="auto"):
+    q, k, v, g = ins["q"], ins["k"], ins["v"], ins["g"]
+    return q, k, v, g, 0.25, ins.get("initial_state") if with_h0 else None, True, cu, backend
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_h0", [True, False])
+@pytest.mark.parametrize("varlen", [True, False])
+def test_opcheck(device, mode, with_h0, varlen):
+    cu = torch.tensor([0, 3, 19], dtype=torch.int32, device=device) if varlen else None
+    ins = make_inputs(1 if varlen else 2, 19, 2, 16, 8, device=device, h0=True, N=2)
+    for x in ins.values():
+        x.requires_grad_()
+    fwd_args = _op_args(ins, with_h0, cu)
+    torch.library.opcheck(getattr(torch.ops.gla, f"{mode}_fwd"), fwd_args)
+
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args]
+    q, k, v, g, scale, h0, _, cu, backend = detached
+    do = torch.randn_like(v)
+    dht = torch.randn(2, 2, 16, 8, device=device)
+    torch.library.opcheck(getattr(torch.ops.gla, f"{mode}_bwd"), (q, k, v, g, scale, h0, cu, do, dht, backend))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("varlen", [True, False])
+def test_opcheck_cuda_kernel_op(varlen):
+    cu = torch.tensor([0, 3, 130], dtype=torch.int32, device="cuda") if varlen else None
+    ins = make_inputs(1 if varlen else 2, 130, 2, 64, 64, dtype=torch.bfloat16, device="cuda", h0=True, N=2)
+    skip_unless_runs("chunk_fwd", "cuda", ins, cu)
+    args = _op_args(ins, True, cu)[:-1]
+    torch.library.opcheck(torch.ops.gla.cuda_chunk_fwd, args)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("varlen", [True, False])
+def test_gradcheck_float64(mode, varlen):
+    """Through the reference path, every differentiable input, incl. the final-state gradient."""
+    cu = torch.tensor([0, 2, 2, 9], dtype=torch.int64) if varlen else None
+    N = 3 if varlen else 2
+    ins = make_inputs(1 if varlen else 2, 9, 2, 3, 4, dtype=torch.float64, h0=True, N=N)
+    names = ("q", "k", "v", "g", "initial_state")
+    leaves = [ins[n].clone().requires_grad_() for n in names]
+
+    def f(q, k, v, g, h0):
+        o, ht = MODES[mode](q, k, v, g, scale=0.7, initial_state=h0, output_final_state=True,
+                            cu_seqlens=cu, backend="reference")
+        return o, ht
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+def _loss(q, k, v, g, h0):
+    o, ht = gla_cuda.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    return (o.float() ** 2).sum() + ht.sum()
+
+
+def _grads(loss_fn, ins):
+    """Loss and gradients; with a compiled loss_fn, AOTAutograd compiles the backward too."""
+    leaves = [ins[n].detach().clone().requires_grad_() for n in ("q", "k", "v", "g", "initial_state")]
+    loss = loss_fn(*leaves)
+    loss.backward()
+    return [loss] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph(device, dynamic):
+    """Forward and backward compile with no graph break and match eager, also over T."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss, fullgraph=True, dynamic=dynamic)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for T in (40, 70, 100) if dynamic else (70,):
+        ins = make_inputs(2, T, 2, 64, 64, dtype=dtype, device=device, h0=True)
+        for a, b in zip(_grads(compiled, ins), _grads(_loss, ins)):
+            assert rel_err(a, b) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_varlen_recurrent(device):
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 4, 30, 31], dtype=torch.int32, device=device)
+    ins = make_inputs(1, 31, 2, 16, 16, device=device, h0=True, N=3)
+
+    def f(q, k, v, g, h0):
+        o, ht = gla_cuda.fused_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                                             cu_seqlens=cu)
+        return o, ht
+
+    args = [ins[n] for n in ("q", "k", "v", "g", "initial_state")]
+    for a, b in zip(torch.compile(f, fullgraph=True)(*args), f(*args)):
+        assert rel_err(a, b) <= TOL[torch.float32]

@@ -1,0 +1,127 @@
+"""Bad input gets a Python exception that names the argument; odd layouts still work."""
+import pytest
+import torch
+
+import gla_cuda
+from conftest import DEVICES, HAS_CUDA, MODES, TOL, make_inputs, oracle, rel_err
+
+
+def good(B=2, T=10, H=2, K=8, V=6, **kw):
+    return make_inputs(B, T, H, K, V, **kw)
+
+
+def call(fn=gla_cuda.chunk_gla, **kw):
+    args = good()
+    args.update(kw)
+    return fn(**args)
+
+
+@pytest.mark.parametrize("fn", MODES.values())
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(q=torch.randn(2, 10, 8)), ValueError, "q must be 4-D"),
+    (dict(k=torch.randn(2, 10, 2, 7)), ValueError, "k must have q's shape"),
+    (dict(g=torch.randn(2, 11, 2, 8)), ValueError, "g must have q's shape"),
+    (dict(v=torch.randn(2, 10, 3, 6)), ValueError, "v must be"),
+    (dict(v=torch.randn(2, 10, 2)), ValueError, "v must be 4-D"),
+    (dict(k=torch.randn(2, 10, 2, 8, dtype=torch.float16)), TypeError, "k must have q's dtype"),
+    (dict(v=torch.randn(2, 10, 2, 6, dtype=torch.bfloat16)), TypeError, "v must have q's dtype"),
+    (dict(g=torch.randn(2, 10, 2, 8, dtype=torch.float16)), TypeError, "g must be float32 or q's dtype"),
+    (dict(q=torch.randint(0, 3, (2, 10, 2, 8))), TypeError, "q must be float16"),
+    (dict(q="x"), TypeError, "q must be a Tensor"),
+    (dict(initial_state=torch.randn(2, 2, 8, 5)), ValueError, "initial_state must have shape"),
+    (dict(initial_state=torch.randn(2, 2, 8, 6, dtype=torch.float16)), TypeError, "initial_state must be float32"),
+    (dict(initial_state=torch.randn(2, 2, 8, 6, dtype=torch.float64)), TypeError, "initial_state must be float32"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(scale=float("inf")), ValueError, "scale must be finite"),
+    (dict(scale="0.5"), TypeError, "scale must be a real number"),
+    (dict(cu_seqlens=torch.tensor([0, 10])), ValueError, "batch size 1"),
+    (dict(backend="flash"), ValueError, "backend must be one of"),
+])
+def test_bad_arguments(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        call(fn, **kwargs)
+
+
+@pytest.mark.parametrize("fn", MODES.values())
+@pytest.mark.parametrize("cu,match", [
+    (torch.tensor([[0, 10]]), "1-D int32 or int64"),
+    (torch.tensor([0.0, 10.0]), "1-D int32 or int64"),
+    (torch.tensor([1, 10]), "must start at 0"),
+    (torch.tensor([0, 6, 4, 10]), "non-decreasing"),
+    (torch.tensor([0, 4, 9]), "must end at the packed length"),
+    (torch.tensor([], dtype=torch.int64), "at least one offset"),
+    ([0, 10], "cu_seqlens must be a Tensor"),
+])
+def test_bad_cu_seqlens(fn, cu, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fn(**good(B=1), cu_seqlens=cu)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
+def test_mixed_devices():
+    ins = good()
+    ins["v"] = ins["v"].cuda()
+    with pytest.raises(ValueError, match="v is on cuda"):
+        gla_cuda.chunk_gla(**ins)
+
+
+def test_mixed_devices_meta():
+    """Mixed devices are refused before any kernel runs (meta stands in for a second device)."""
+    ins = good()
+    ins["g"] = ins["g"].to("meta")
+    with pytest.raises(ValueError, match="g is on meta"):
+        gla_cuda.chunk_gla(**ins)
+
+
+def test_forced_backend_that_cannot_run_says_why():
+    ins = good()
+    with pytest.raises(RuntimeError, match="cannot run chunk_fwd with backend 'cuda'"):
+        gla_cuda.chunk_gla(**ins, backend="cuda")
+
+
+def test_env_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("GLA_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        call()
+    monkeypatch.setenv("GLA_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="GLA_BACKEND must be one of"):
+        call()
+    monkeypatch.setenv("GLA_BACKEND", "reference")
+    assert gla_cuda.explain_backend(**{k: v for k, v in good().items()}).backend == "reference"
+
+
+def test_explain_backend_names_every_backend():
+    ins = good()
+    choice = gla_cuda.explain_backend(ins["q"], ins["k"], ins["v"], ins["g"])
+    assert choice.backend == "reference"
+    assert set(choice.reasons) == set(gla_cuda.BACKENDS)
+    assert choice.reasons["cuda"]  # a CPU tensor never runs the CUDA kernels; the reason is given
+    text = str(choice)
+    for name in gla_cuda.BACKENDS:
+        assert name in text
+    with pytest.raises(ValueError, match="op must be one of"):
+        gla_cuda.explain_backend(**ins, op="nope")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", MODES.values())
+def test_non_contiguous_inputs(device, fn):
+    """Transposed, strided views give the same result as contiguous copies."""
+    base = make_inputs(2, 70, 2, 16, 16, device=device, h0=True)
+    # [B, H, T, D] storage viewed as [B, T, H, D]; every other channel of a wider v
+    q, k, g = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (base["q"], base["k"], base["g"]))
+    v = torch.cat([base["v"], base["v"]], -1)[..., ::2]
+    h0 = base["initial_state"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not (q.is_contiguous() or v.is_contiguous() or h0.is_contiguous())
+    o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=True)
+    ref_o, ref_ht = oracle(dict(q=q, k=k, v=v, g=g, initial_state=h0))
+    assert rel_err(o, ref_o) < TOL[torch.float32] and rel_err(ht, ref_ht) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("fn", MODES.values())
+def test_empty_sequence_batch(fn):
+    """T = 0: an empty output, and the final state is the initial state."""
+    ins = make_inputs(2, 0, 2, 8, 8, h0=True)
+    o, ht = fn(**ins, output_final_state=True)
+    assert o.shape == (2, 0, 2, 8)
+    torch.testing.assert_close(ht, ins["initial_state"])
