@@ -20,7 +20,10 @@ from gla_cuda.backends import reference  # noqa: E402
 # float32 allows TF32 tensor-core products on the GPU.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))]
+# GLA_TEST_DEVICES=cuda runs only the GPU half (the device script does; CI covers the CPU half).
+_ALL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))]
+_WANTED = os.environ.get("GLA_TEST_DEVICES", "cpu,cuda").split(",")
+DEVICES = [d for d in _ALL_DEVICES if (d if isinstance(d, str) else d.values[0]) in _WANTED]
 BACKENDS = list(dispatch.BACKENDS)
 MODES = {"chunk": gla_cuda.chunk_gla, "recurrent": gla_cuda.fused_recurrent_gla}
 
