@@ -90,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
 // For gla_cuda.backends.cuda: nullptr-or-reason, without building tensors.
 std::optional<std::string> unsupported(const std::string& op, int K, int V, const std::string& dtype,
                                        const std::string& g_dtype, int sm_major, int sm_minor) {
-  FwdParams p{};
+  FwdParams p{};  // one sequence of one token and one head: only the static checks bite
+  p.B = p.N = p.T = p.H = 1;
   p.K = K; p.V = V;
   p.dtype = dtype_from_name(dtype);
   p.g_dtype = dtype_from_name(g_dtype);

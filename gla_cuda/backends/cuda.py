@@ -32,6 +32,9 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
         return f"no compiled kernel for {op} yet"
     if q.dtype not in _DTYPE_NAMES or g.dtype not in _DTYPE_NAMES:
         return f"dtype {q.dtype} is not supported"
+    tensors = (q, k, v, g, initial_state)
+    if any(x is not None and x.data_ptr() % 16 for x in tensors):
+        return "the kernels need 16-byte aligned tensors (a view with an odd offset is not)"
     major, minor = torch.cuda.get_device_capability(q.device)
     return _C.unsupported(op, q.shape[-1], v.shape[-1], _DTYPE_NAMES[q.dtype],
                           _DTYPE_NAMES[g.dtype], major, minor)
