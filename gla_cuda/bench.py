@@ -66,7 +66,7 @@ def _sdpa(kind):
 
 
 def candidates(device):
-    out = {}
+    out = {"auto": (_ours(None), None)}  # what a user gets: each op on its best backend
     for name in dispatch.BACKENDS:
         out[name] = (_ours(name), None)
     if device == "cuda":
@@ -192,11 +192,19 @@ def accuracy(fn, device, shape=(2, 300, 2, 64, 64), gate="normal", grads=True, s
 # Driver
 # ----------------------------------------------------------------------------
 
+def _has_backward(name, device):
+    """Whether one of our backends runs chunk_bwd on the benchmark's inputs (fla: yes)."""
+    if name not in dispatch.BACKENDS:
+        return True
+    x = torch.empty(1, 1, 1, 64, device=device, dtype=torch.bfloat16)
+    return dispatch.choose("chunk_bwd", x, x, x, x, backend=name).backend is not None
+
+
 def _fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
-def run(shapes, device, modes=MODES, out_dir=None, log=print):
+def run(shapes, device, modes=MODES, out_dir=None, log=lambda *a: print(*a, flush=True)):
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": [], "accuracy": {}}
     bw = copy_bandwidth(device) if device == "cuda" else None
@@ -204,7 +212,7 @@ def run(shapes, device, modes=MODES, out_dir=None, log=print):
     if bw:
         log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     cands = candidates(device)
-    usable = {}
+    usable = {}  # name -> (fn, modes it can run)
     log("accuracy vs float64 reference (relative error norms), (2, 300, 2, 64, 64) bf16; "
         "then (2, 300, 2, 64, 64) with g ≈ -20")
     for name, (fn, why) in cands.items():
@@ -212,10 +220,11 @@ def run(shapes, device, modes=MODES, out_dir=None, log=print):
             if why:
                 log(f"  {name:<11} skipped: {why}")
             if fn is not None:
-                usable[name] = fn
+                usable[name] = (fn, modes)
             continue
+        has_bwd = _has_backward(name, device)
         try:
-            errs = accuracy(fn, device)
+            errs = accuracy(fn, device, grads=has_bwd)
             strong = accuracy(fn, device, gate="strong", grads=False)
         except Exception as e:
             log(f"  {name:<11} cannot run: {str(e).splitlines()[0][:150]}")
@@ -225,23 +234,29 @@ def run(shapes, device, modes=MODES, out_dir=None, log=print):
         ok = worst < 5e-2 and max(strong.values()) < 5e-2
         log(f"  {name:<11} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
             + " | g=-20: " + " ".join(f"{k}={v:.2e}" for k, v in strong.items())
-            + ("" if ok else "  -> FAILS, not timed"))
+            + ("" if ok else "  -> FAILS, not timed") + ("" if has_bwd else "  (forward only)"))
         if ok:
-            usable[name] = fn
+            usable[name] = (fn, modes if has_bwd else [m for m in modes if m == "fwd"])
     for shape in shapes:
-        for name, fn in usable.items():
+        t0 = time.perf_counter()
+        x = torch.empty(*shape[:4], device=device, dtype=torch.bfloat16)
+        picks = {op: dispatch.choose(op, x, x, x, x).backend for op in ("chunk_fwd", "chunk_bwd")}
+        del x
+        for name, (fn, cand_modes) in usable.items():
             B, T, H, K, V = shape
             if name.startswith("sdpa") and K != V:
                 continue
             if name == "reference" and device == "cuda" and B * T * H > 2 ** 16:
                 continue  # the reference is for small sizes
             try:
-                times, peak = time_candidate(fn, shape, device, modes)
+                times, peak = time_candidate(fn, shape, device, cand_modes)
             except Exception as e:
                 log(f"{shape} {name}: failed: {str(e).splitlines()[0][:150]}")
                 continue
             results["rows"].append({"shape": shape, "backend": name, "ms": times, "peak_bytes": peak})
         _print_shape(results, shape, bw, log)
+        log(f"auto ran chunk_fwd on {picks['chunk_fwd']}, chunk_bwd on {picks['chunk_bwd']}; "
+            f"{time.perf_counter() - t0:.0f} s for this shape")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "bench.json"), "w") as f:

@@ -22,13 +22,13 @@ for step in $steps; do
       grep -E "gla_cuda:|registers|spill|error" "$OUT/build.log" | grep -v "^$" | sort -u | head -60
       echo "build took $(( $(date +%s) - start )) s" ;;
     test)
-      GLA_TEST_DEVICES=cuda timeout 420 python3 -m pytest tests -q -x -rs -p no:cacheprovider \
-        --durations=10 > "$OUT/pytest.log" 2>&1 || status=1
+      GLA_TEST_DEVICES=cuda timeout ${TEST_TIMEOUT:-420} python3 -m pytest ${PYTEST_ARGS:-tests} -q -rs \
+        -p no:cacheprovider --durations=10 > "$OUT/pytest.log" 2>&1 || status=1
       tail -30 "$OUT/pytest.log" ;;
     main)
       timeout 200 python3 -m gla_cuda 2>&1 | tee "$OUT/main.log" || status=1 ;;
     bench)
-      timeout 400 python3 -m gla_cuda.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+      timeout 400 python3 -m gla_cuda.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
         timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_case.py \

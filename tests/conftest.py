@@ -29,7 +29,7 @@ MODES = {"chunk": gla_cuda.chunk_gla, "recurrent": gla_cuda.fused_recurrent_gla}
 
 
 def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     assert torch.isfinite(out).all(), "non-finite values in the output"
     denom = ref.norm()
     return float((out - ref).norm() / denom) if denom > 0 else float(out.norm())

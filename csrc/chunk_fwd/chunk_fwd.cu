@@ -1,0 +1,103 @@
+// Host-side coverage check and dispatch of the fused chunked forward.
+#include "chunk_fwd.h"
+
+#include <cstdint>
+
+#include <cute/numeric/numeric_types.hpp>
+
+#include "chunk_fwd_config.h"
+
+namespace gla {
+
+namespace {
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+template <class T, int K, int BV>
+cudaError_t dispatch_g(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
+  if (p.g_dtype == DType::kFloat32) return run_chunk_fwd<T, float, K, BV>(p, sp, stream);
+  return run_chunk_fwd<T, T, K, BV>(p, sp, stream);
+}
+
+template <class T>
+cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
+  switch (p.K) {
+    case 64: return dispatch_g<T, 64, 64>(p, sp, stream);
+    case 128:
+      if (chunk_fwd_cfg::block_v(128, p.V) == 128) return dispatch_g<T, 128, 128>(p, sp, stream);
+      return dispatch_g<T, 128, 64>(p, sp, stream);
+    case 256: return dispatch_g<T, 256, 64>(p, sp, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Segment plan: split only when the (sequence, head, V-tile) CTAs fill at most half the GPU
+// and segments stay at least 256 tokens long; never more CTAs than SMs.
+chunk_fwd_cfg::Split plan_split(const FwdParams& p) {
+  chunk_fwd_cfg::Split sp;
+  const long long ctas = (long long)p.N * p.H * (p.V / chunk_fwd_cfg::block_v(p.K, p.V));
+  if (ctas <= 0 || p.num_sms <= 0 || 2 * ctas > p.num_sms) return sp;
+  long long nseg = p.num_sms / ctas;
+  if (nseg > p.T / 256) nseg = p.T / 256;
+  if (nseg < 2) return sp;
+  const int C = chunk_fwd_cfg::kChunk;
+  const long long per = (p.T + nseg - 1) / nseg;
+  const long long seg_len = (per + C - 1) / C * C;
+  nseg = (p.T + seg_len - 1) / seg_len;
+  if (nseg < 2) return sp;
+  sp.seg_len = int(seg_len);
+  sp.nseg = int(nseg);
+  return sp;
+}
+
+}  // namespace
+
+const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor) {
+  (void)sm_minor;
+  if (sm_major < 8) return "chunk_fwd needs sm_80 or newer";
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16)
+    return "chunk_fwd needs bfloat16 or float16 q/k/v";
+  if (p.g_dtype != DType::kFloat32 && p.g_dtype != p.dtype)
+    return "chunk_fwd needs g in float32 or in the dtype of q/k/v";
+  if (p.K != 64 && p.K != 128 && p.K != 256) return "chunk_fwd needs K in {64, 128, 256}";
+  if (p.V != 64 && p.V != 128 && p.V != 256 && p.V != 512)
+    return "chunk_fwd needs V in {64, 128, 256, 512}";
+  if (p.H <= 0 || p.N < 0 || p.T < 0) return "chunk_fwd: bad sizes";
+  if (p.cu_seqlens != nullptr && p.B != 1) return "chunk_fwd: cu_seqlens needs B == 1";
+  if (p.cu_seqlens == nullptr && p.N != p.B) return "chunk_fwd: N must equal B without cu_seqlens";
+  if (int64_t(p.N) * p.H > 0x7fffffffLL) return "chunk_fwd: too many (sequence, head) pairs";
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.g) || !aligned16(p.o))
+    return "chunk_fwd needs 16-byte aligned q, k, v, g, o";
+  if ((p.h0 != nullptr && !aligned16(p.h0)) || (p.ht != nullptr && !aligned16(p.ht)))
+    return "chunk_fwd needs 16-byte aligned states";
+  const int smem = chunk_fwd_cfg::smem_bytes(p.K, chunk_fwd_cfg::block_v(p.K, p.V));  // the larger tile
+  int dev = 0, max_smem = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return "chunk_fwd: cannot query the device";
+  if (smem > max_smem) return "chunk_fwd needs more shared memory per block than this GPU has";
+  return nullptr;
+}
+
+cudaError_t chunk_fwd(const FwdParams& p, cudaStream_t stream) {
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  chunk_fwd_cfg::Split sp = plan_split(p);
+  void* ws = nullptr;
+  if (sp.seg_len > 0) {
+    // Stream-ordered workspace for the segment states (no host synchronisation).
+    const size_t states = size_t(p.N) * p.H * sp.nseg * p.K;
+    cudaError_t err = cudaMallocAsync(&ws, states * (size_t(p.V) + 1) * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+    sp.ws_state = static_cast<float*>(ws);
+    sp.ws_decay = sp.ws_state + states * p.V;
+  }
+  cudaError_t err = p.dtype == DType::kBFloat16 ? dispatch_k<cute::bfloat16_t>(p, sp, stream)
+                                                 : dispatch_k<cute::half_t>(p, sp, stream);
+  if (ws != nullptr) {
+    cudaError_t err2 = cudaFreeAsync(ws, stream);
+    if (err == cudaSuccess) err = err2;
+  }
+  return err;
+}
+
+}  // namespace gla

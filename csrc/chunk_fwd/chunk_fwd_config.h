@@ -1,0 +1,68 @@
+// Tile configuration of the fused chunked forward, shared by the kernel, the launch
+// template and the host-side dispatch. Plain C++ (no CuTe) so the dispatch file compiles fast.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "gla_params.h"
+
+namespace gla {
+namespace chunk_fwd_cfg {
+
+constexpr int kChunk = 64;     // tokens per chunk (C)
+constexpr int kThreads = 256;  // 8 warps per CTA
+
+// V-tile width: the K x BV float32 state lives in registers, at most 64 floats per thread.
+// K = 128 uses BV = 128 when it can: the intra-chunk scores are then computed once per head.
+constexpr int block_v(int K, int V) { return K == 128 && V % 128 == 0 ? 128 : 64; }
+
+// Segment splitting, for when (sequence, head, V-tile) CTAs are too few for the GPU: each
+// sequence is cut into segments of seg_len tokens (a multiple of the chunk). Pass 1
+// (state_only) runs every segment but the last from a zero state and stores its end state
+// and its total decay exp(sum g) in the workspace; pass 2 runs every segment, starting
+// from h0 (or zero) composed with the stored states of the segments before it.
+struct Split {
+  int seg_len = 0;          // 0: no splitting (one segment per sequence)
+  int nseg = 1;             // segments per sequence (of the longest possible sequence, T)
+  int state_only = 0;       // set by the launcher for pass 1
+  float* ws_state = nullptr;  // [N * H, nseg, K, V] float32
+  float* ws_decay = nullptr;  // [N * H, nseg, K] float32
+};
+
+// Shared-memory layout (bytes). Rows are padded by 16 bytes so ldmatrix and the
+// per-thread fragment loads are free of bank conflicts.
+struct Smem {
+  int K, BV;
+  constexpr int ldq() const { return K + 8; }       // q, k: [C][K+8] (input dtype)
+  constexpr int ldb() const { return K + 8; }       // b = log2(e) * cumsum(g): [C][K+8] float
+  constexpr int ldv() const { return BV + 8; }      // v: [C][BV+8]
+  constexpr int ldkt() const { return kChunk + 8; } // (k * exp(G - b))^T: [K][C+8]
+  constexpr int lda() const { return kChunk + 8; }  // intra-chunk scores: [C][C+8]
+  constexpr int ldst() const { return K + 8; }      // state^T (input dtype): [BV][K+8]
+  constexpr int tpc() const { return kThreads / K; } // threads per channel in the cumsum
+  // exp(g) per step (float, [C][K+8]) for the diagonal sub-blocks; stored when it fits.
+  constexpr bool has_e() const { return K <= 128; }
+  constexpr int off_q() const { return 0; }
+  constexpr int off_k() const { return off_q() + kChunk * ldq() * 2; }
+  constexpr int off_v() const { return off_k() + kChunk * ldq() * 2; }
+  constexpr int off_b() const { return off_v() + kChunk * ldv() * 2; }  // raw g is staged here too
+  constexpr int off_kt() const { return off_b() + kChunk * ldb() * 4; }
+  constexpr int off_a() const { return off_kt() + K * ldkt() * 2; }
+  constexpr int off_st() const { return off_a() + kChunk * lda() * 2; }
+  constexpr int off_gam() const { return off_st() + BV * ldst() * 2; }
+  constexpr int off_tot() const { return off_gam() + K * 4; }
+  constexpr int off_e() const { return off_tot() + tpc() * K * 4; }
+  constexpr int bytes() const { return off_e() + (has_e() ? kChunk * ldb() * 4 : 0); }
+};
+
+constexpr int smem_bytes(int K, int BV) { return Smem{K, BV}.bytes(); }
+
+}  // namespace chunk_fwd_cfg
+
+// One instantiation per (input dtype, gate dtype, K, BV); runs both passes when split.seg_len > 0.
+// Defined in chunk_fwd_launch.cuh,
+// instantiated in chunk_fwd_<dtype>_k<K>.cu. T/GT are cute::bfloat16_t, cute::half_t or float.
+template <class T, class GT, int K, int BV>
+cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
+
+}  // namespace gla

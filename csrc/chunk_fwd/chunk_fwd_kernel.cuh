@@ -1,0 +1,563 @@
+// Fused chunked GLA forward: main loop.
+//
+// One CTA (8 warps) per (sequence, head, V-tile of BV columns). The CTA walks the
+// sequence in chunks of C = 64 tokens and keeps the K x BV state S in float32
+// registers (MMA accumulator layout) the whole time; nothing but o and the final
+// state goes back to device memory. Per chunk (b = log2(e) * inclusive cumsum of g
+// inside the chunk, G = b of the last row, every exp2 argument below is <= 0):
+//
+//   load    q, k, g (K wide) and v (BV wide) with cp.async (16-byte pieces) into smem;
+//           rows past the sequence end are clamped copies and masked below.
+//   prep    per channel: b (float32, smem), exp(G) (smem), kg^T = (k * exp2(G - b))^T
+//           (smem, input dtype, the A operand of the state update) and, for K <= 128,
+//           the per-step factors e_t = exp2(b_t - b_{t-1}) (float32, smem).
+//   scores  A = scale * tril(q k^T gated), 64 x 64, written to smem in the input dtype:
+//           - 16 x 16 sub-blocks below the diagonal (query block i > key block j) by
+//             tensor-core MMA on operands built in registers with reference row r = 16 i:
+//             q~ = q * exp2(b_t - b_r), k~ = k * exp2(b_r - b_s);
+//           - the 4 diagonal sub-blocks element-wise in float32; the weight
+//             exp2(b_t - b_s) is a running product of the factors e (walking s down
+//             from t), or exp2(b_t - b_s) itself for K = 256.
+//   output  o = (scale * q * exp2(b)) S + A v   (two MMAs into one accumulator; the
+//           gated q is built in registers; S^T comes from smem in the input dtype).
+//   update  S = exp2(G) * S + kg^T v            (MMA into the register-resident state),
+//           then S^T is written to smem (input dtype) for the next chunk's output MMA.
+//
+// Segment splitting (chunk_fwd_config.h, Split): blockIdx.z is the segment; pass 1
+// (state_only) skips scores and output and stores the segment's end state and decay.
+//
+// MMAs: SM80_16x8x16_F32{BF16,F16}{BF16,F16}F32_TN; smem->register copies with
+// ldmatrix (SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T for v); global->smem with cp.async
+// (SM80_CP_ASYNC_CACHEGLOBAL). The next chunk is prefetched into L2 at the top of
+// each chunk, and its q/k/g (then v) cp.async loads are issued as soon as the
+// buffers they overwrite are no longer read.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/copy_atom.hpp>
+#include <cute/arch/copy_sm80.hpp>
+
+#include "gla_params.h"
+#include "chunk_fwd_config.h"
+
+namespace gla {
+namespace chunk_fwd_detail {
+
+using namespace cute;
+
+template <class T> struct MmaAtomFor;
+template <> struct MmaAtomFor<cute::bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
+template <> struct MmaAtomFor<cute::half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
+
+// 2^x for x <= 0 (flushes to 0 far below; never overflows).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One 16-byte global->shared cp.async through CuTe's copy op.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(gmem_src),
+      *reinterpret_cast<cute::uint128_t*>(smem_dst));
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  T x[2] = {T(a), T(b)};
+  uint32_t r;
+  memcpy(&r, x, 4);
+  return r;
+}
+
+template <class T>
+__device__ __forceinline__ float2 load_pair(const T* ptr) {
+  const uint32_t u = *reinterpret_cast<const uint32_t*>(ptr);
+  T x[2];
+  memcpy(x, &u, 4);
+  return make_float2(float(x[0]), float(x[1]));
+}
+
+
+template <class T_, class GT_, int K_, int BV_>
+struct Kernel {
+  using T = T_;
+  using GT = GT_;
+  static constexpr int K = K_;
+  static constexpr int BV = BV_;
+  static constexpr int C = chunk_fwd_cfg::kChunk;
+  static constexpr int NT = chunk_fwd_cfg::kThreads;
+  static constexpr chunk_fwd_cfg::Smem L{K, BV};
+  static constexpr int LDQ = L.ldq(), LDB = L.ldb(), LDV = L.ldv(), LDKT = L.ldkt(),
+                       LDA = L.lda(), LDST = L.ldst(), TPC = L.tpc(), RPT = C / TPC;
+  static constexpr int kSmem = L.bytes();
+  static constexpr bool kHasE = L.has_e();
+  static constexpr int NCH = K / 64;  // 8-channel pieces per lane in the diagonal blocks
+  static_assert(C == 64 && NT == 256, "warp roles assume 8 warps and 64-token chunks");
+  static_assert(K % 64 == 0 && NT % K == 0 && RPT % 2 == 0, "K in {64, 128, 256}");
+  static_assert(BV % 64 == 0, "BV multiple of 64");
+
+  using Atom = MMA_Atom<typename MmaAtomFor<T>::type>;
+  // Output tile 64 x BV: 4 warps along the chunk (warp w%4 owns query rows 16*(w%4)..),
+  // 2 along V.
+  using MmaO = decltype(make_tiled_mma(Atom{}, Layout<Shape<_4, _2, _1>>{}, Tile<_64, _32, _16>{}));
+  // State tile K x BV.
+  static constexpr int WM = K >= 256 ? 8 : 4;
+  static constexpr int WN = 8 / WM;
+  using MmaU = decltype(make_tiled_mma(Atom{}, Layout<Shape<Int<WM>, Int<WN>, _1>>{},
+                                       Tile<Int<16 * WM>, Int<16 * WN>, _16>{}));
+  // One warp, one 16 x 16 score sub-block.
+  using MmaS = decltype(make_tiled_mma(Atom{}, Layout<Shape<_1, _1, _1>>{}, Tile<_16, _16, _16>{}));
+
+  static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, unsigned char* smem) {
+    T* sQ = reinterpret_cast<T*>(smem + L.off_q());
+    T* sK = reinterpret_cast<T*>(smem + L.off_k());
+    T* sV = reinterpret_cast<T*>(smem + L.off_v());
+    float* sB = reinterpret_cast<float*>(smem + L.off_b());
+    GT* sG = reinterpret_cast<GT*>(smem + L.off_b());  // raw g staged in the b buffer
+    T* sKT = reinterpret_cast<T*>(smem + L.off_kt());
+    T* sA = reinterpret_cast<T*>(smem + L.off_a());
+    T* sST = reinterpret_cast<T*>(smem + L.off_st());
+    float* sGam = reinterpret_cast<float*>(smem + L.off_gam());
+    float* sTot = reinterpret_cast<float*>(smem + L.off_tot());
+    float* sE = reinterpret_cast<float*>(smem + L.off_e());  // only with kHasE
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int n = blockIdx.x / p.H, h = blockIdx.x % p.H, vt = blockIdx.y;
+    int64_t bos, eos;
+    if (p.cu_seqlens != nullptr) {
+      bos = p.cu_seqlens[n];
+      eos = p.cu_seqlens[n + 1];
+    } else {
+      bos = int64_t(n) * p.T;
+      eos = bos + p.T;
+    }
+    int64_t len = eos > bos ? eos - bos : 0;
+    // this CTA's segment of the sequence
+    const int seg = blockIdx.z;
+    const bool state_only = sp.state_only != 0;
+    int last_seg = 0;
+    if (sp.seg_len > 0) {
+      last_seg = len > 0 ? int((len - 1) / sp.seg_len) : 0;
+      if (seg > last_seg || (state_only && seg == last_seg)) return;
+      const int64_t s0 = int64_t(seg) * sp.seg_len;
+      bos += s0;
+      len = (len - s0 < sp.seg_len) ? len - s0 : sp.seg_len;
+    }
+    const int64_t nh = int64_t(n) * p.H + h;
+    const int nchunks = int((len + C - 1) / C);
+    const int64_t HK = int64_t(p.H) * K, HV = int64_t(p.H) * p.V;
+    const T* qb = static_cast<const T*>(p.q) + bos * HK + int64_t(h) * K;
+    const T* kb = static_cast<const T*>(p.k) + bos * HK + int64_t(h) * K;
+    const GT* gb = static_cast<const GT*>(p.g) + bos * HK + int64_t(h) * K;
+    const T* vb = static_cast<const T*>(p.v) + bos * HV + int64_t(h) * p.V + vt * BV;
+    T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + vt * BV;
+    const float scale = p.scale;
+    constexpr float kLog2e = 1.4426950408889634f;
+
+    auto rows_in = [&](int c) { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); };
+
+    // ---- global -> shared (cp.async, 16-byte pieces; rows past the end clamp to the last row)
+    auto load_qkg = [&](int c) {
+      const int64_t t0 = int64_t(c) * C;
+      const int Lr = rows_in(c);
+      constexpr int PQ = K / 8;
+      for (int i = tid; i < C * PQ; i += NT) {
+        const int r = i / PQ, cc = (i % PQ) * 8;
+        const int64_t src = (t0 + (r < Lr ? r : Lr - 1)) * HK + cc;
+        if (!state_only) cp_async16(sQ + r * LDQ + cc, qb + src);
+        cp_async16(sK + r * LDQ + cc, kb + src);
+      }
+      constexpr int GP = 16 / int(sizeof(GT));
+      constexpr int PG = K / GP;
+      for (int i = tid; i < C * PG; i += NT) {
+        const int r = i / PG, cc = (i % PG) * GP;
+        cp_async16(sG + r * K + cc, gb + (t0 + (r < Lr ? r : Lr - 1)) * HK + cc);
+      }
+    };
+    auto load_v = [&](int c) {
+      const int64_t t0 = int64_t(c) * C;
+      const int Lr = rows_in(c);
+      constexpr int PV = BV / 8;
+      for (int i = tid; i < C * PV; i += NT) {
+        const int r = i / PV, cc = (i % PV) * 8;
+        cp_async16(sV + r * LDV + cc, vb + (t0 + (r < Lr ? r : Lr - 1)) * HV + cc);
+      }
+    };
+    auto prefetch_chunk = [&](int c) {
+      const int64_t t0 = int64_t(c) * C;
+      const int Lr = rows_in(c);
+      constexpr int LQ = K * 2 / 128, LG = K * int(sizeof(GT)) / 128, LV = BV * 2 / 128;
+      constexpr int per_row = 2 * LQ + LG + LV;
+      for (int i = tid; i < Lr * per_row; i += NT) {
+        const int r = i / per_row, j = i % per_row;
+        if (state_only && j < LQ) continue;  // pass 1 reads no q
+        const int64_t t = t0 + r;
+        const char* ptr;
+        if (j < LQ) ptr = reinterpret_cast<const char*>(qb + t * HK) + 128 * j;
+        else if (j < 2 * LQ) ptr = reinterpret_cast<const char*>(kb + t * HK) + 128 * (j - LQ);
+        else if (j < 2 * LQ + LG) ptr = reinterpret_cast<const char*>(gb + t * HK) + 128 * (j - 2 * LQ);
+        else ptr = reinterpret_cast<const char*>(vb + t * HV) + 128 * (j - 2 * LQ - LG);
+        prefetch_l2(ptr);
+      }
+    };
+
+    // ---- the state, float32 in registers
+    MmaU mmaU;
+    auto thrU = mmaU.get_thread_slice(tid);
+    Tensor rS = partition_fragment_C(mmaU, Shape<Int<K>, Int<BV>>{});
+    Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<K>, Int<BV>>{}));
+    // S^T in smem viewed as (K, BV)
+    Tensor sSkv = make_tensor(make_smem_ptr(sST),
+                              make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(_1{}, Int<LDST>{})));
+    Tensor tUsS = thrU.partition_C(sSkv);
+    const int64_t state_off = nh * K * p.V + int64_t(vt) * BV;
+    if (p.h0 != nullptr && !state_only) {
+      const float* h0 = p.h0 + state_off;
+      CUTE_UNROLL
+      for (int i = 0; i < size(rS); i += 2) {
+        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
+        const float2 x = *reinterpret_cast<const float2*>(h0 + int64_t(kk) * p.V + vv);
+        rS(i) = x.x;
+        rS(i + 1) = x.y;
+      }
+    } else {
+      clear(rS);
+    }
+    // pass 2 of a split: compose the end states of the segments before this one
+    for (int j = 0; j < (state_only ? 0 : seg); ++j) {
+      const float* Sj = sp.ws_state + (nh * sp.nseg + j) * K * p.V + int64_t(vt) * BV;
+      const float* Dj = sp.ws_decay + (nh * sp.nseg + j) * K;
+      CUTE_UNROLL
+      for (int i = 0; i < size(rS); i += 2) {
+        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
+        const float dk = Dj[kk];
+        const float2 x = *reinterpret_cast<const float2*>(Sj + int64_t(kk) * p.V + vv);
+        rS(i) = dk * rS(i) + x.x;
+        rS(i + 1) = dk * rS(i + 1) + x.y;
+      }
+    }
+    float decay = 1.f;  // pass 1: this segment's exp(sum g) for channel tid (tid < K)
+    CUTE_UNROLL
+    for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
+
+    if (nchunks > 0) {
+      load_qkg(0);
+      load_v(0);
+      cp_async_fence();
+    }
+
+    for (int c = 0; c < nchunks; ++c) {
+      const int Lr = rows_in(c);
+      cp_async_wait<0>();
+      __syncthreads();
+      if (c + 1 < nchunks) prefetch_chunk(c + 1);
+
+      // ---------------- prep: cumsum of g per channel, exp(G), kg^T ----------------
+      {
+        const int ch = tid % K, seg = tid / K;
+        float gv[RPT];
+        CUTE_UNROLL
+        for (int r = 0; r < RPT; ++r) {
+          const int t = seg * RPT + r;
+          const float x = t < Lr ? float(sG[t * K + ch]) : 0.f;
+          gv[r] = r ? gv[r - 1] + x : x;
+        }
+        sTot[seg * K + ch] = gv[RPT - 1];
+        __syncthreads();  // totals visible; every read of the raw g is done
+        float off = 0.f, gam = 0.f;
+        CUTE_UNROLL
+        for (int s = 0; s < TPC; ++s) {
+          if (s == seg) off = gam;
+          gam += sTot[s * K + ch];
+        }
+        const float gam2 = gam * kLog2e;
+        if (seg == 0) sGam[ch] = ex2(gam2);
+        float bprev = off * kLog2e;  // b of the row before this segment (== its last b)
+        CUTE_UNROLL
+        for (int r = 0; r < RPT; r += 2) {
+          const int t = seg * RPT + r;
+          const float b0 = (gv[r] + off) * kLog2e, b1 = (gv[r + 1] + off) * kLog2e;
+          sB[t * LDB + ch] = b0;
+          sB[(t + 1) * LDB + ch] = b1;
+          if constexpr (kHasE) {
+            // e_t = exp(b_t - b_{t-1}) <= 1 (e_0 is never read)
+            sE[t * LDB + ch] = ex2(b0 - bprev);
+            sE[(t + 1) * LDB + ch] = ex2(b1 - b0);
+            bprev = b1;
+          }
+          const float k0 = t < Lr ? float(sK[t * LDQ + ch]) * ex2(gam2 - b0) : 0.f;
+          const float k1 = t + 1 < Lr ? float(sK[(t + 1) * LDQ + ch]) * ex2(gam2 - b1) : 0.f;
+          *reinterpret_cast<uint32_t*>(sKT + ch * LDKT + t) = pack2<T>(k0, k1);
+        }
+      }
+      __syncthreads();
+
+      if (!state_only) {
+      // ---------------- intra-chunk scores -> sA ----------------
+      {
+        // Diagonal 16 x 16 sub-blocks, element-wise in float32. Warp pair (2d, 2d+1) owns
+        // block d; a group of 8 lanes owns query rows ta and 15 - ta (17 pairs s <= t in all),
+        // each lane NCH pieces of 8 channels; the group reduces with shuffles. For each row
+        // the keys are walked from s = t down to 0 with w = exp(b_t - b_s) per channel, kept
+        // as a running product of the per-step factors e (no exp, every factor <= 1), or,
+        // where e is not stored, as exp2(b_t - b_s) directly.
+        const int d = warp >> 1, gq = lane >> 3, li = lane & 7;
+        const int ta = (warp & 1) * 4 + gq, tb = 15 - ta;
+        float qf[NCH * 8], w[NCH * 8], bt[kHasE ? 1 : NCH * 8];
+        for (int pp = 0; pp < 17; ++pp) {
+          const bool first = pp == 0 || pp == ta + 1;
+          const int t = pp <= ta ? ta : tb;
+          const int s = pp <= ta ? ta - pp : tb - (pp - ta - 1);
+          const int rt = 16 * d + t, rs = 16 * d + s;
+          if (first) {
+            CUTE_UNROLL
+            for (int m = 0; m < NCH; ++m) {
+              const int cc = (li + 8 * m) * 8;
+              const uint4 qa = *reinterpret_cast<const uint4*>(sQ + rt * LDQ + cc);
+              const T* qe = reinterpret_cast<const T*>(&qa);
+              CUTE_UNROLL
+              for (int e = 0; e < 8; ++e) qf[m * 8 + e] = float(qe[e]);
+              if constexpr (!kHasE) {
+                const float4 b0 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc);
+                const float4 b1 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc + 4);
+                bt[m * 8 + 0] = b0.x; bt[m * 8 + 1] = b0.y; bt[m * 8 + 2] = b0.z; bt[m * 8 + 3] = b0.w;
+                bt[m * 8 + 4] = b1.x; bt[m * 8 + 5] = b1.y; bt[m * 8 + 6] = b1.z; bt[m * 8 + 7] = b1.w;
+              }
+            }
+          }
+          float acc = 0.f;
+          CUTE_UNROLL
+          for (int m = 0; m < NCH; ++m) {
+            const int cc = (li + 8 * m) * 8;
+            const uint4 ka = *reinterpret_cast<const uint4*>(sK + rs * LDQ + cc);
+            const T* ke = reinterpret_cast<const T*>(&ka);
+            float f[8];
+            if constexpr (kHasE) {
+              // w(t, s) = w(t, s + 1) * e_{s+1}; the row index is clamped when unused (first)
+              const int re = first ? rs : rs + 1;
+              const float4 e0 = *reinterpret_cast<const float4*>(sE + re * LDB + cc);
+              const float4 e1 = *reinterpret_cast<const float4*>(sE + re * LDB + cc + 4);
+              const float ev[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
+              CUTE_UNROLL
+              for (int e = 0; e < 8; ++e) {
+                w[m * 8 + e] = first ? 1.f : w[m * 8 + e] * ev[e];
+                f[e] = w[m * 8 + e];
+              }
+            } else {
+              const float4 b0 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc);
+              const float4 b1 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc + 4);
+              const float bs[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+              CUTE_UNROLL
+              for (int e = 0; e < 8; ++e) f[e] = ex2(bt[m * 8 + e] - bs[e]);
+            }
+            CUTE_UNROLL
+            for (int e = 0; e < 8; ++e) acc += qf[m * 8 + e] * float(ke[e]) * f[e];
+          }
+          acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+          acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+          acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+          if (li == 0) sA[rt * LDA + rs] = T(acc * scale);
+        }
+        for (int s = ta + 1 + li; s < 16; s += 8) sA[(16 * d + ta) * LDA + 16 * d + s] = T(0.f);
+        for (int s = tb + 1 + li; s < 16; s += 8) sA[(16 * d + tb) * LDA + 16 * d + s] = T(0.f);
+
+        // Sub-blocks below the diagonal: warp w < 6 owns block (bi, bj).
+        if (warp < 6) {
+          const int bi = warp < 1 ? 1 : (warp < 3 ? 2 : 3);
+          const int bj = warp < 1 ? 0 : (warp < 3 ? warp - 1 : warp - 3);
+          MmaS mmaS;
+          auto thr = mmaS.get_thread_slice(lane);
+          auto lq = make_layout(Shape<_16, Int<K>>{}, make_stride(Int<LDQ>{}, _1{}));
+          auto lb = make_layout(Shape<_16, Int<K>>{}, make_stride(Int<LDB>{}, _1{}));
+          auto lr = make_layout(Shape<_16, Int<K>>{}, make_stride(_0{}, _1{}));  // row r broadcast
+          Tensor sQi = make_tensor(make_smem_ptr(sQ + 16 * bi * LDQ), lq);
+          Tensor sBi = make_tensor(make_smem_ptr(sB + 16 * bi * LDB), lb);
+          Tensor sBr = make_tensor(make_smem_ptr(sB + 16 * bi * LDB), lr);
+          Tensor sKj = make_tensor(make_smem_ptr(sK + 16 * bj * LDQ), lq);
+          Tensor sBj = make_tensor(make_smem_ptr(sB + 16 * bj * LDB), lb);
+          Tensor tAq = thr.partition_A(sQi);
+          Tensor tAb = thr.partition_A(sBi);
+          Tensor tAr = thr.partition_A(sBr);
+          Tensor tBk = thr.partition_B(sKj);
+          Tensor tBb = thr.partition_B(sBj);
+          Tensor tBr = thr.partition_B(sBr);
+          Tensor rA = thr.partition_fragment_A(sQi);
+          Tensor rB = thr.partition_fragment_B(sKj);
+          Tensor acc = partition_fragment_C(mmaS, Shape<_16, _16>{});
+          clear(acc);
+          CUTE_UNROLL
+          for (int kk = 0; kk < size<2>(rA); ++kk) {
+            // fragment values (i, i+1) are adjacent channels: 32-bit / 64-bit smem loads
+            CUTE_UNROLL
+            for (int i = 0; i < size<0>(rA); i += 2) {
+              const float2 x = load_pair(&tAq(i, 0, kk));
+              const float2 b = *reinterpret_cast<const float2*>(&tAb(i, 0, kk));
+              const float2 r = *reinterpret_cast<const float2*>(&tAr(i, 0, kk));
+              rA(i, 0, kk) = T(x.x * ex2(b.x - r.x));
+              rA(i + 1, 0, kk) = T(x.y * ex2(b.y - r.y));
+            }
+            CUTE_UNROLL
+            for (int nn = 0; nn < size<1>(rB); ++nn)
+              CUTE_UNROLL
+              for (int i = 0; i < size<0>(rB); i += 2) {
+                const float2 x = load_pair(&tBk(i, nn, kk));
+                const float2 b = *reinterpret_cast<const float2*>(&tBb(i, nn, kk));
+                const float2 r = *reinterpret_cast<const float2*>(&tBr(i, nn, kk));
+                rB(i, nn, kk) = T(x.x * ex2(r.x - b.x));
+                rB(i + 1, nn, kk) = T(x.y * ex2(r.y - b.y));
+              }
+            gemm(mmaS, acc, rA(_, _, kk), rB(_, _, kk), acc);
+          }
+          Tensor sAij = make_tensor(make_smem_ptr(sA + 16 * bi * LDA + 16 * bj),
+                                    make_layout(Shape<_16, _16>{}, make_stride(Int<LDA>{}, _1{})));
+          Tensor tC = thr.partition_C(sAij);
+          CUTE_UNROLL
+          for (int i = 0; i < size(acc); i += 2)
+            *reinterpret_cast<uint32_t*>(&tC(i)) = pack2<T>(acc(i) * scale, acc(i + 1) * scale);
+        }
+      }
+      __syncthreads();
+
+      // ---------------- output: o = (scale q exp2(b)) S + A v ----------------
+      {
+        MmaO mmaO;
+        auto thr = mmaO.get_thread_slice(tid);
+        Tensor sQf = make_tensor(make_smem_ptr(sQ), make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDQ>{}, _1{})));
+        Tensor sBf = make_tensor(make_smem_ptr(sB), make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDB>{}, _1{})));
+        Tensor sSt = make_tensor(make_smem_ptr(sST), make_layout(Shape<Int<BV>, Int<K>>{}, make_stride(Int<LDST>{}, _1{})));
+        Tensor sAf = make_tensor(make_smem_ptr(sA), make_layout(Shape<Int<C>, Int<C>>{}, make_stride(Int<LDA>{}, _1{})));
+        Tensor sVt = make_tensor(make_smem_ptr(sV), make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
+
+        Tensor acc = partition_fragment_C(mmaO, Shape<Int<C>, Int<BV>>{});
+        clear(acc);
+
+        // inter-chunk
+        Tensor tAq = thr.partition_A(sQf);
+        Tensor tAb = thr.partition_A(sBf);
+        Tensor rQg = thr.partition_fragment_A(sQf);
+        Tensor rSt = thr.partition_fragment_B(sSt);
+        auto s2rS = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
+        auto ts2rS = s2rS.get_thread_slice(tid);
+        Tensor tXsS = ts2rS.partition_S(sSt);
+        Tensor tXrS = ts2rS.retile_D(rSt);
+        CUTE_UNROLL
+        for (int kk = 0; kk < size<2>(rQg); ++kk) {
+          copy(s2rS, tXsS(_, _, kk), tXrS(_, _, kk));
+          CUTE_UNROLL
+          for (int i = 0; i < size<0>(rQg); i += 2) {
+            const float2 x = load_pair(&tAq(i, 0, kk));
+            const float2 b = *reinterpret_cast<const float2*>(&tAb(i, 0, kk));
+            rQg(i, 0, kk) = T(x.x * scale * ex2(b.x));
+            rQg(i + 1, 0, kk) = T(x.y * scale * ex2(b.y));
+          }
+          gemm(mmaO, acc, rQg(_, _, kk), rSt(_, _, kk), acc);
+        }
+
+        // intra-chunk: key blocks 0..wi only (the scores above the diagonal are zero)
+        const int wi = warp % 4;
+        Tensor rA = thr.partition_fragment_A(sAf);
+        Tensor rV = thr.partition_fragment_B(sVt);
+        auto s2rA = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
+        auto ts2rA = s2rA.get_thread_slice(tid);
+        Tensor tXsA = ts2rA.partition_S(sAf);
+        Tensor tXrA = ts2rA.retile_D(rA);
+        auto s2rV = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mmaO);
+        auto ts2rV = s2rV.get_thread_slice(tid);
+        Tensor tXsV = ts2rV.partition_S(sVt);
+        Tensor tXrV = ts2rV.retile_D(rV);
+        CUTE_UNROLL
+        for (int kk = 0; kk < C / 16; ++kk) {
+          if (kk <= wi) {
+            copy(s2rA, tXsA(_, _, kk), tXrA(_, _, kk));
+            copy(s2rV, tXsV(_, _, kk), tXrV(_, _, kk));
+            gemm(mmaO, acc, rA(_, _, kk), rV(_, _, kk), acc);
+          }
+        }
+
+        // store the rows inside the sequence, two columns per 32-bit store
+        Tensor gO = make_tensor(make_gmem_ptr(ob + int64_t(c) * C * HV),
+                                make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(HV, _1{})));
+        Tensor tOg = thr.partition_C(gO);
+        Tensor tOc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc); i += 2)
+          if (get<0>(tOc(i)) < Lr)
+            *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
+      }
+      }  // !state_only
+      __syncthreads();  // q, k, b/g, A, S^T no longer read
+      if (c + 1 < nchunks) {
+        load_qkg(c + 1);
+        cp_async_fence();
+      }
+
+      // ---------------- state update: S = exp(G) S + kg^T v ----------------
+      {
+        CUTE_UNROLL
+        for (int i = 0; i < size(rS); ++i) rS(i) *= sGam[get<0>(tUc(i))];
+        if (tid < K) decay *= sGam[tid];
+        Tensor sKTf = make_tensor(make_smem_ptr(sKT), make_layout(Shape<Int<K>, Int<C>>{}, make_stride(Int<LDKT>{}, _1{})));
+        Tensor sVt = make_tensor(make_smem_ptr(sV), make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
+        Tensor rKT = thrU.partition_fragment_A(sKTf);
+        Tensor rV = thrU.partition_fragment_B(sVt);
+        auto s2rK = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaU);
+        auto ts2rK = s2rK.get_thread_slice(tid);
+        Tensor tXsK = ts2rK.partition_S(sKTf);
+        Tensor tXrK = ts2rK.retile_D(rKT);
+        auto s2rV = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mmaU);
+        auto ts2rV = s2rV.get_thread_slice(tid);
+        Tensor tXsV = ts2rV.partition_S(sVt);
+        Tensor tXrV = ts2rV.retile_D(rV);
+        CUTE_UNROLL
+        for (int kk = 0; kk < C / 16; ++kk) {
+          copy(s2rK, tXsK(_, _, kk), tXrK(_, _, kk));
+          copy(s2rV, tXsV(_, _, kk), tXrV(_, _, kk));
+          gemm(mmaU, rS, rKT(_, _, kk), rV(_, _, kk), rS);
+        }
+        CUTE_UNROLL
+        for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
+      }
+      __syncthreads();  // v no longer read; S^T written
+      if (c + 1 < nchunks) {
+        load_v(c + 1);
+        cp_async_fence();
+      }
+    }
+
+    if (state_only) {
+      float* Sj = sp.ws_state + (nh * sp.nseg + seg) * K * p.V + int64_t(vt) * BV;
+      CUTE_UNROLL
+      for (int i = 0; i < size(rS); i += 2) {
+        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
+        *reinterpret_cast<float2*>(Sj + int64_t(kk) * p.V + vv) = make_float2(rS(i), rS(i + 1));
+      }
+      if (vt == 0 && tid < K) sp.ws_decay[(nh * sp.nseg + seg) * K + tid] = decay;
+    } else if (p.ht != nullptr && seg == last_seg) {
+      float* ht = p.ht + state_off;
+      CUTE_UNROLL
+      for (int i = 0; i < size(rS); i += 2) {
+        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
+        *reinterpret_cast<float2*>(ht + int64_t(kk) * p.V + vv) = make_float2(rS(i), rS(i + 1));
+      }
+    }
+  }
+};
+
+template <class T, class GT, int K, int BV>
+__global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
+    chunk_fwd_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  Kernel<T, GT, K, BV>::run(p, sp, smem);
+}
+
+}  // namespace chunk_fwd_detail
+}  // namespace gla

@@ -1,0 +1,35 @@
+// Launch template of the fused chunked forward: grid, block, dynamic shared memory.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "chunk_fwd_config.h"
+#include "chunk_fwd_kernel.cuh"
+
+namespace gla {
+
+template <class T, class GT, int K, int BV>
+cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
+  using Kern = chunk_fwd_detail::Kernel<T, GT, K, BV>;
+  auto kernel = &chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV>;
+  constexpr int smem = Kern::kSmem;
+  static_assert(smem == chunk_fwd_cfg::smem_bytes(K, BV), "smem layout mismatch");
+  // One CTA per (sequence, head) in x, per V-tile in y, per segment in z.
+  const unsigned nseg = split.seg_len > 0 ? unsigned(split.nseg) : 1u;
+  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), nseg);
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  chunk_fwd_cfg::Split sp = split;
+  if (split.seg_len > 0 && nseg > 1) {
+    sp.state_only = 1;  // pass 1: end states of all segments but the last
+    kernel<<<dim3(grid.x, grid.y, nseg - 1), chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  sp.state_only = 0;
+  kernel<<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
+  return cudaGetLastError();
+}
+
+}  // namespace gla
