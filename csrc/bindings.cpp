@@ -9,6 +9,8 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -60,8 +62,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
   cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, device.index());
   cudaDeviceGetAttribute(&sm_minor, cudaDevAttrComputeCapabilityMinor, device.index());
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device.index());
-  if (const char* why = chunk_fwd_unsupported(p, sm_major, sm_minor))
-    TORCH_CHECK(false, "cuda_chunk_fwd: ", why);
 
   at::Tensor o = at::empty(v.sizes(), v.options());
   at::Tensor ht = output_final_state
@@ -80,6 +80,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr();
   p.o = o.data_ptr();
   p.ht = output_final_state ? ht.data_ptr<float>() : nullptr;
+  if (const char* why = chunk_fwd_unsupported(p, sm_major, sm_minor))
+    TORCH_CHECK(false, "cuda_chunk_fwd: ", why);
+  if (std::getenv("GLA_DEBUG_POISON")) {  // tests: any element the kernel misses stays NaN
+    o.fill_(std::numeric_limits<float>::quiet_NaN());
+    ht.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
   if (p.B * p.T > 0 || output_final_state) {
     cudaError_t err = chunk_fwd(p, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "cuda_chunk_fwd launch failed: ", cudaGetErrorString(err));

@@ -140,7 +140,7 @@ def time_candidate(fn, shape, device, modes):
         res["bwd"] = _bench(lambda: o.backward(do, retain_graph=True), device, grad_to_none=leaves)
         del o
     peak = None
-    if device == "cuda":
+    if device == "cuda" and "fwdbwd" in modes:
         for x in leaves:
             x.grad = None
         torch.cuda.synchronize()
@@ -242,18 +242,26 @@ def run(shapes, device, modes=MODES, out_dir=None, log=lambda *a: print(*a, flus
         x = torch.empty(*shape[:4], device=device, dtype=torch.bfloat16)
         picks = {op: dispatch.choose(op, x, x, x, x).backend for op in ("chunk_fwd", "chunk_bwd")}
         del x
+        log(f"\n(B, T, H, K, V) = {tuple(shape)}, bf16")
+        log(f"{'backend':<11} {'mode':<7} {'ms':>8} {'vs fla':>7} {'vs cuDNN':>8} {'floor %':>7} "
+            f"{'peak MiB':>9}   (first call s)")
         for name, (fn, cand_modes) in usable.items():
             B, T, H, K, V = shape
             if name.startswith("sdpa") and K != V:
                 continue
             if name == "reference" and device == "cuda" and B * T * H > 2 ** 16:
                 continue  # the reference is for small sizes
+            t1 = time.perf_counter()
             try:
                 times, peak = time_candidate(fn, shape, device, cand_modes)
             except Exception as e:
-                log(f"{shape} {name}: failed: {str(e).splitlines()[0][:150]}")
+                log(f"{name:<11} failed: {str(e).splitlines()[0][:150]}")
                 continue
-            results["rows"].append({"shape": shape, "backend": name, "ms": times, "peak_bytes": peak})
+            row = {"shape": shape, "backend": name, "ms": times, "peak_bytes": peak,
+                   "seconds": time.perf_counter() - t1}
+            results["rows"].append(row)
+            _print_row(results, row, bw, log)
+        # ratios against baselines measured after a row was printed
         _print_shape(results, shape, bw, log)
         log(f"auto ran chunk_fwd on {picks['chunk_fwd']}, chunk_bwd on {picks['chunk_bwd']}; "
             f"{time.perf_counter() - t0:.0f} s for this shape")
@@ -270,20 +278,24 @@ def run(shapes, device, modes=MODES, out_dir=None, log=lambda *a: print(*a, flus
     return results
 
 
+def _print_row(results, r, bw, log, show_seconds=True):
+    same = {x["backend"]: x for x in results["rows"] if tuple(x["shape"]) == tuple(r["shape"])}
+    for mode, ms in r["ms"].items():
+        fla = same.get("fla", {}).get("ms", {}).get(mode)
+        cudnn = same.get("sdpa_cudnn", {}).get("ms", {}).get(mode)
+        floor = floor_bytes(*r["shape"], mode) / bw * 1e3 if bw else None
+        peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None and mode == "fwdbwd" else None
+        log(f"{r['backend']:<11} {mode:<7} {ms:>8.3f} {_fmt(fla and fla / ms, '.2f'):>7} "
+            f"{_fmt(cudnn and cudnn / ms, '.2f'):>8} {_fmt(floor and 100 * floor / ms, '.0f'):>7} "
+            f"{_fmt(peak, '.0f'):>9}" + (f"   ({r['seconds']:.0f} s)" if show_seconds else ""))
+
+
 def _print_shape(results, shape, bw, log):
-    rows = [r for r in results["rows"] if tuple(r["shape"]) == tuple(shape)]
-    by = {r["backend"]: r for r in rows}
-    log(f"\n(B, T, H, K, V) = {tuple(shape)}, bf16")
-    log(f"{'backend':<11} {'mode':<7} {'ms':>8} {'vs fla':>7} {'vs cuDNN':>8} {'floor %':>7} {'peak MiB':>9}")
-    for r in rows:
-        for mode, ms in r["ms"].items():
-            fla = by.get("fla", {}).get("ms", {}).get(mode)
-            cudnn = by.get("sdpa_cudnn", {}).get("ms", {}).get(mode)
-            floor = floor_bytes(*shape, mode) / bw * 1e3 if bw else None
-            peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None and mode == "fwdbwd" else None
-            log(f"{r['backend']:<11} {mode:<7} {ms:>8.3f} {_fmt(fla and fla / ms, '.2f'):>7} "
-                f"{_fmt(cudnn and cudnn / ms, '.2f'):>8} {_fmt(floor and 100 * floor / ms, '.0f'):>7} "
-                f"{_fmt(peak, '.0f'):>9}")
+    """The shape's table again, with every ratio (fla and cuDNN run after ours)."""
+    log(f"summary {tuple(shape)}:")
+    for r in results["rows"]:
+        if tuple(r["shape"]) == tuple(shape):
+            _print_row(results, r, bw, log, show_seconds=False)
 
 
 def _shape(text):

@@ -26,12 +26,12 @@ for step in $steps; do
         -p no:cacheprovider --durations=10 > "$OUT/pytest.log" 2>&1 || status=1
       tail -30 "$OUT/pytest.log" ;;
     main)
-      timeout 200 python3 -m gla_cuda 2>&1 | tee "$OUT/main.log" || status=1 ;;
+      timeout 200 python3 -m gla_cuda ${MAIN_ARGS:-} 2>&1 | tee "$OUT/main.log" || status=1 ;;
     bench)
       timeout 400 python3 -m gla_cuda.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
-        timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_case.py \
+        timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_case.py ${SANITIZE_BACKENDS:-} \
           > "$OUT/sanitize_$tool.log" 2>&1; echo "$tool exit $?"; tail -3 "$OUT/sanitize_$tool.log"
       done ;;
     *) echo "unknown step $step"; status=1 ;;

@@ -1,4 +1,7 @@
-"""A small varlen case for compute-sanitizer: every GPU backend, forward and backward."""
+"""A small varlen case for compute-sanitizer: the GPU backends named on the command
+line (default: cuda and triton), forward and backward."""
+import sys
+
 import torch
 
 import gla_cuda
@@ -9,7 +12,7 @@ T, H, K, V = 263, 2, 64, 64
 q, k, v = (torch.randn(1, T, H, d, device="cuda", dtype=torch.bfloat16) for d in (K, K, V))
 g = (torch.nn.functional.logsigmoid(torch.randn(1, T, H, K, device="cuda")) / 16).bfloat16()
 h0 = torch.randn(5, H, K, V, device="cuda")
-for backend in ("cuda", "triton"):
+for backend in sys.argv[1:] or ("cuda", "triton"):
     for form, fn in (("chunk", gla_cuda.chunk_gla), ("recurrent", gla_cuda.fused_recurrent_gla)):
         if dispatch.choose(f"{form}_fwd", q, k, v, g, h0, cu, backend).backend is None:
             continue

@@ -11,6 +11,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The compiled kernels fill their outputs with NaN before each launch: unwritten elements fail.
+os.environ.setdefault("GLA_DEBUG_POISON", "1")
+# The CPU cases are small: one thread avoids oversubscription, which slows them many times over.
+torch.set_num_threads(1)
 
 import gla_cuda  # noqa: E402
 from gla_cuda import dispatch  # noqa: E402
@@ -70,8 +74,16 @@ def oracle(ins, scale=None, cu_seqlens=None, do=None, dht=None):
     return o, ht, grads
 
 
+def _choice(op, backend, ins, cu_seqlens):
+    return dispatch.choose(op, ins["q"], ins["k"], ins["v"], ins["g"], ins.get("initial_state"),
+                           cu_seqlens, backend)
+
+
+def runs(op, backend, ins, cu_seqlens=None) -> bool:
+    return _choice(op, backend, ins, cu_seqlens).backend is not None
+
+
 def skip_unless_runs(op, backend, ins, cu_seqlens=None):
-    choice = dispatch.choose(op, ins["q"], ins["k"], ins["v"], ins["g"], ins.get("initial_state"),
-                             cu_seqlens, backend)
+    choice = _choice(op, backend, ins, cu_seqlens)
     if choice.backend is None:
         pytest.skip(f"{backend} cannot run {op}: {choice.reasons.get(backend)}")

@@ -1,0 +1,278 @@
+"""Dev benchmark of the Triton chunked GLA kernels against fla-core's chunk_gla.
+
+    python scripts/dev_triton_chunk_bench.py [--no-check] [--no-sweep] [--budget SECONDS]
+    python scripts/dev_triton_chunk_bench.py --warm ITEM   # check:0..5 graph shape:0..3 sweep:KEY
+
+Compiling every kernel variant takes minutes in one process; start the --warm items in
+parallel first (they fill Triton's cache), then run the main script.
+
+1. correctness on CUDA against the float64 oracle (reference.naive_*), CUDA-graph capture;
+2. bf16 timings (triton.testing.do_bench median) of forward and forward+backward at the
+   DESIGN §3 shapes, side by side with fla.ops.gla.chunk_gla, plus a per-kernel breakdown;
+3. an optional sweep of launch parameters (chunk.TUNE) while the time budget lasts.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import warnings
+
+warnings.filterwarnings("ignore")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name, rel):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+R = _load("gla_ref", "gla_cuda/backends/reference.py")
+M = _load("gla_triton_chunk", "gla_cuda/backends/triton/chunk.py")
+T0 = time.time()
+
+
+def rel(a, b):
+    if a is None and b is None:
+        return 0.0
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    d = b.norm().item()
+    return (a - b).norm().item() / d if d > 0 else (a - b).norm().item()
+
+
+def make(B, T, H, K, V, dtype, gmode="ls", N=None, dev="cuda", seed=0):
+    torch.manual_seed(seed)
+    N = N or B
+    q = torch.randn(B, T, H, K, device=dev).to(dtype)
+    k = torch.randn(B, T, H, K, device=dev).to(dtype)
+    v = torch.randn(B, T, H, V, device=dev).to(dtype)
+    if gmode == "ls":
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=dev)) / 16
+    elif gmode == "neg20":
+        g = -20 + 0.5 * torch.rand(B, T, H, K, device=dev)
+    else:
+        g = torch.zeros(B, T, H, K, device=dev)
+    do = torch.randn(B, T, H, V, device=dev).to(dtype)
+    h0 = torch.randn(N, H, K, V, device=dev)
+    dht = torch.randn(N, H, K, V, device=dev)
+    return q, k, v, g.to(dtype), do, h0, dht
+
+
+def check(only=None):
+    cases = [  # H, K, V chosen so that most compilations are shared with the timings
+        dict(B=2, T=300, H=16, K=128, V=128, dtype=torch.bfloat16),
+        dict(B=2, T=300, H=16, K=64, V=64, dtype=torch.bfloat16, gmode="neg20"),
+        dict(B=2, T=200, H=4, K=256, V=512, dtype=torch.bfloat16),
+        dict(B=1, T=260, H=2, K=100, V=200, dtype=torch.float32, cu=[0, 0, 1, 70, 200, 260]),
+        dict(B=2, T=300, H=2, K=64, V=64, dtype=torch.float32, gmode="neg20"),
+        dict(B=2, T=130, H=2, K=64, V=64, dtype=torch.float16),
+    ]
+    ok = True
+    if only is not None:
+        cases = [cases[only]]
+    for cs in cases:
+        try:
+            ok &= check_case(cs)
+        except Exception as ex:
+            ok = False
+            print("ERROR", cs, type(ex).__name__, str(ex)[:1500], flush=True)
+    return ok if only is not None else (check_graph() and ok)
+
+
+def check_case(cs):
+    if True:
+        cs = dict(cs)
+        cu = cs.pop("cu", None)
+        dtype = cs["dtype"]
+        cus = torch.tensor(cu, device="cuda", dtype=torch.int32) if cu else None
+        q, k, v, g, do, h0, dht = make(**cs, N=len(cu) - 1 if cu else None)
+        scale = cs["K"] ** -0.5
+        d = lambda x: x.double()
+        ro, rht = R.naive_fwd(d(q), d(k), d(v), d(g), scale, d(h0), True, cus)
+        rg = R.naive_bwd(d(q), d(k), d(v), d(g), scale, d(h0), cus, d(do), d(dht))
+        o, ht = M.chunk_fwd(q, k, v, g, scale, h0, True, cus)
+        gr = M.chunk_bwd(q, k, v, g, scale, h0, cus, do, dht)
+        e = dict(o=rel(o, ro), ht=rel(ht, rht))
+        e.update({n: rel(a, b) for n, a, b in zip(["dq", "dk", "dv", "dg", "dh0"], gr, rg)})
+        tol = 1e-4 if dtype == torch.float32 else 1.5e-2
+        bad = [n for n, x in e.items() if not x <= tol]
+        tag = {kk: (str(vv).split(".")[-1] if kk == "dtype" else vv) for kk, vv in cs.items()}
+        print("FAIL" if bad else "ok  ", tag, "cu" if cu else "", " ".join(f"{n}={x:.1e}" for n, x in e.items()), flush=True)
+        return not bad
+
+
+def check_graph():
+    # CUDA graph capture of a varlen forward+backward
+    ok = True
+    try:
+        q, k, v, g, do, h0, dht = make(1, 260, 2, 64, 64, torch.bfloat16, N=5)
+        cus = torch.tensor([0, 0, 1, 70, 200, 260], device="cuda", dtype=torch.int32)
+        run = lambda: (M.chunk_fwd(q, k, v, g, 0.125, h0, True, cus), M.chunk_bwd(q, k, v, g, 0.125, h0, cus, do, dht))
+        ref = run()
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        graph.replay()
+        torch.cuda.synchronize()
+        err = max(rel(out[0][0], ref[0][0]), rel(out[1][3], ref[1][3]))
+        print(f"cuda graph capture ok, replay vs eager rel={err:.1e}", flush=True)
+    except Exception as ex:  # pragma: no cover
+        ok = False
+        print("cuda graph capture FAILED:", type(ex).__name__, ex, flush=True)
+    return ok
+
+
+SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (32, 2048, 16, 64, 64), (8, 2048, 4, 256, 512)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ours_fns(B, T, H, K, V):
+    q, k, v, g, do, _, _ = make(B, T, H, K, V, torch.bfloat16)
+    scale = K ** -0.5
+    fwd = lambda: M.chunk_fwd(q, k, v, g, scale, None, False, None)
+    fb = lambda: (M.chunk_fwd(q, k, v, g, scale, None, False, None), M.chunk_bwd(q, k, v, g, scale, None, None, do, None))
+    return fwd, fb, (q, k, v, g, do, scale)
+
+
+def timings(with_fla=True):
+    chunk_gla = None
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception as ex:
+        print("fla not importable:", ex)
+        with_fla = False
+    for shape in SHAPES:
+        try:
+            timing_shape(shape, with_fla, chunk_gla if with_fla else None)
+        except Exception as ex:
+            print("ERROR timing", shape, type(ex).__name__, str(ex)[:1500], flush=True)
+
+
+def timing_shape(shape, with_fla, chunk_gla):
+    if True:
+        fwd, fb, (q, k, v, g, do, scale) = ours_fns(*shape)
+        t_f, t_fb = bench(fwd), bench(fb)
+        line = f"{shape}: ours fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms"
+        if with_fla:
+            qs, ks, vs, gs = (x.detach().clone().requires_grad_() for x in (q, k, v, g))
+            with torch.no_grad():
+                f_f = bench(lambda: chunk_gla(q, k, v, g, scale=scale, initial_state=None, output_final_state=False))
+
+            def fla_fb():
+                o, _ = chunk_gla(qs, ks, vs, gs, scale=scale, initial_state=None, output_final_state=False)
+                o.backward(do)
+            f_fb = triton.testing.do_bench(fla_fb, warmup=25, rep=100, return_mode="median", grad_to_none=[qs, ks, vs, gs])
+            line += f" | fla fwd {f_f:.3f} fwd+bwd {f_fb:.3f} | ratio fwd {t_f / f_f:.2f} fb {t_fb / f_fb:.2f}"
+            # agreement with fla (both bf16)
+            o_f, _ = chunk_gla(qs, ks, vs, gs, scale=scale)
+            for x in (qs, ks, vs, gs):
+                x.grad = None
+            o_f.backward(do)
+            o_m, _ = M.chunk_fwd(q, k, v, g, scale, None, False, None)
+            gm = M.chunk_bwd(q, k, v, g, scale, None, None, do, None)
+            line += " | vs fla: " + " ".join(f"{n}={rel(a, b.grad if hasattr(b, 'grad') and b.grad is not None else b):.1e}"
+                                             for n, a, b in zip(["o", "dq", "dk", "dv", "dg"], (o_m,) + gm[:4], (o_f, qs, ks, vs, gs)))
+        print(line, flush=True)
+        # per-kernel breakdown
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fb()
+            torch.cuda.synchronize()
+        rows = []
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if t > 0:
+                rows.append((t / 3 / 1000, ev.key[:40]))
+        rows.sort(reverse=True)
+        print("   kernels (ms/iter): " + ", ".join(f"{n} {t:.3f}" for t, n in rows[:9]), flush=True)
+
+
+def sweep(budget, only=None):
+    variants = {
+        "fwd": [dict(BK=64, BV=64, num_warps=8), dict(BV=64), dict(BV=16), dict(num_warps=4)],
+        "dqk": [dict(BK=64, num_warps=8), dict(BK=32, num_warps=4), dict(BK=16, num_warps=4)],
+        "A": [dict(num_warps=4), dict(BK=32, num_warps=4)],
+        "bstate": [dict(BV=64, num_warps=8), dict(BV=16, num_warps=4)],
+        "hstate": [dict(BK=32, BV=64, num_warps=4), dict(BV=32, num_warps=4)],
+    }
+    for key, vs in variants.items():
+      if only is not None and key != only:
+          continue
+      for shape in SHAPES[:3] if key != "hstate" else SHAPES:
+        fwd, fb, _ = ours_fns(*shape)
+        if True:
+            if time.time() - T0 > budget:
+                print("sweep: out of time")
+                return
+            if shape[3] > 128 and key in ("fwd",) and False:
+                continue
+            res = []
+            for var in vs:
+                M.TUNE.clear()
+                M.TUNE[key] = var
+                try:
+                    fn = fwd if key in ("fwd",) else fb
+                    res.append(f"{var}:{bench(fn):.3f}")
+                except Exception as ex:
+                    res.append(f"{var}:ERR {type(ex).__name__}")
+            M.TUNE.clear()
+            print(f"sweep {shape} {key}: " + "  ".join(res), flush=True)
+
+
+def warm(item):
+    """Compile one group of kernels (run several of these in parallel to fill the cache)."""
+    kind, _, arg = item.partition(":")
+    if kind == "check":
+        check(int(arg))
+    elif kind == "graph":
+        check_graph()
+    elif kind == "shape":
+        fwd, fb, _ = ours_fns(*SHAPES[int(arg)])
+        fwd(), fb()
+    elif kind == "sweep":
+        global bench
+        bench = lambda fn: (fn(), 0.0)[1]
+        sweep(1e9, only=arg)
+    torch.cuda.synchronize()
+    print(f"warm {item} done in {time.time() - T0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--warm", default=None)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--budget", type=float, default=330)
+    a = ap.parse_args()
+    if a.warm:
+        import warnings
+        warnings.filterwarnings("ignore")
+        warm(a.warm)
+        sys.exit(0)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    if not a.no_check:
+        check()
+        print(f"[check done at {time.time() - T0:.0f}s]", flush=True)
+    timings()
+    print(f"[timings done at {time.time() - T0:.0f}s]", flush=True)
+    if not a.no_sweep:
+        sweep(a.budget)
