@@ -12,14 +12,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from gla_cuda.backends import OPS
 
 BACKENDS = ("cuda", "triton", "reference")
-_MODULES = {name: f"gla_cuda.backends.{name}" for name in BACKENDS}
 
 
 def backend_module(name: str):
-    return importlib.import_module(_MODULES[name])
+    return importlib.import_module(f"gla_cuda.backends.{name}")
 
 
 def requested_backend(backend: Optional[str]) -> str:
@@ -49,7 +50,7 @@ class Choice:
 
 
 def _reason(name, op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
-    if q.dtype.is_floating_point and q.dtype.itemsize == 8 and name != "reference":
+    if q.dtype == torch.float64 and name != "reference":
         return "float64 runs only on the reference"
     try:
         module = backend_module(name)

@@ -2,10 +2,16 @@
 # One call on the GPU machine: build with every core, run the GPU tests, the main job
 # and the benchmark; logs go to $OUT (or ./gpu_logs). Carry .whl (nvidia-cutlass and
 # fla-core wheels; see README "Developing on the GPU machine").
-#   bash scripts/gpu_check.sh [build|test|bench|sanitize ...]   (default: all but sanitize)
+#   bash scripts/gpu_check.sh [build|warm|test|main|sanitize|bench ...]
+#   (default: build warm test main bench). warm compiles the benchmark's kernels in the
+#   background while the steps after it run; bench waits for it. Every step fits in
+#   DEADLINE_S seconds from the start (default 580: the device tool's call limit is 600).
 set -uo pipefail
+deadline=$(( $(date +%s) + ${DEADLINE_S:-580} ))
+left() { echo $(( deadline - $(date +%s) )); }
 OUT=${OUT:-$PWD/gpu_logs}; mkdir -p "$OUT"
-steps=${*:-build test main bench}
+steps=${*:-build warm test main bench}
+SHAPES=${SHAPES:-8,2048,16,128,128 2,8192,16,128,128 32,2048,16,64,64 8,2048,4,256,512}
 export PYTHONUNBUFFERED=1 MAX_JOBS=$(nproc) GLA_PTXAS_VERBOSE=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -22,16 +28,23 @@ for step in $steps; do
       grep -E "gla_cuda:|registers|spill|error" "$OUT/build.log" | grep -v "^$" | sort -u | head -60
       echo "build took $(( $(date +%s) - start )) s" ;;
     test)
-      GLA_TEST_DEVICES=cuda timeout ${TEST_TIMEOUT:-420} python3 -m pytest ${PYTEST_ARGS:-tests} -q -rs \
+      GLA_TEST_DEVICES=cuda timeout $(( $(left) < ${TEST_TIMEOUT:-420} ? $(left) : ${TEST_TIMEOUT:-420} )) python3 -m pytest ${PYTEST_ARGS:-tests} -q -rs \
         -p no:cacheprovider --durations=10 > "$OUT/pytest.log" 2>&1 || status=1
       tail -30 "$OUT/pytest.log" ;;
     main)
       timeout 200 python3 -m gla_cuda ${MAIN_ARGS:-} 2>&1 | tee "$OUT/main.log" || status=1 ;;
+    warm)
+      # compile (and let fla autotune) every benchmark shape in parallel processes
+      for s in $SHAPES; do
+        timeout $(( $(left) < 300 ? $(left) : 300 )) python3 -c "import sys; from gla_cuda import bench; bench.warm(tuple(map(int, sys.argv[1].split(','))))" $s \
+          >> "$OUT/warm.log" 2>&1 &
+      done ;;
     bench)
-      timeout 400 python3 -m gla_cuda.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+      wait; echo "warm-up done ($(date +%T))"
+      timeout $(left) python3 -m gla_cuda.bench --out "$OUT" --shapes $SHAPES ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
-        timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_case.py ${SANITIZE_BACKENDS:-} \
+        timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_case.py ${SANITIZE_BACKENDS:-} \
           > "$OUT/sanitize_$tool.log" 2>&1; echo "$tool exit $?"; tail -3 "$OUT/sanitize_$tool.log"
       done ;;
     *) echo "unknown step $step"; status=1 ;;

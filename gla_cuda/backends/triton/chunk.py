@@ -39,14 +39,12 @@ Token indices are int32 inside the kernels (B*T < 2**31), addresses int64.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-C_CHUNK = 64   # tokens per chunk
-SUB = 16       # tokens per sub-block (secondary chunking)
+C_CHUNK = 64   # tokens per chunk; sub-blocks of 16 tokens (secondary chunking)
 
 
 def _interpreting() -> bool:
@@ -168,10 +166,15 @@ def _state_fwd_kernel(q, k, v, g, A, o, h, h0, ht, cu, chunk_off, scale, N, H, K
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                       FUSE_O: tl.constexpr, STORE_H: tl.constexpr, USE_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, IEEE: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1).to(tl.int64)
-    kt = tl.program_id(2) // NV
-    vt = tl.program_id(2) % NV
+    # program id -> (sequence, head, K tile, V tile); the tiles of one (sequence, head)
+    # are neighbours, so they run together and share q/k/g/v through L2
+    NT = tl.cdiv(K, BK) * NV
+    pid = tl.program_id(0)
+    tile = pid % NT
+    n = (pid // NT // H).to(tl.int64)
+    hh = (pid // NT % H).to(tl.int64)
+    kt = tile // NV
+    vt = tile % NV
     DT = q.dtype.element_ty
     if IEEE:
         DT = tl.float32
@@ -225,9 +228,10 @@ def _state_fwd_kernel(q, k, v, g, A, o, h, h0, ht, cu, chunk_off, scale, N, H, K
 @triton.jit
 def _out_kernel(q, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    slot = tl.program_id(0).to(tl.int64)
+    NVT = tl.cdiv(V, BV)
+    slot = (tl.program_id(0) // NVT).to(tl.int64)
+    vt = tl.program_id(0) % NVT
     hh = tl.program_id(1).to(tl.int64)
-    vt = tl.program_id(2)
     n, t0, nrow, _ = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = q.dtype.element_ty
     if IEEE:
@@ -267,10 +271,15 @@ def _state_bwd_kernel(q, k, g, do, A, dv, dh, dht, dh0, cu, chunk_off, scale, N,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                       FUSE_DV: tl.constexpr, STORE_DH: tl.constexpr, USE_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1).to(tl.int64)
-    kt = tl.program_id(2) // NV
-    vt = tl.program_id(2) % NV
+    # program id -> (sequence, head, K tile, V tile); the tiles of one (sequence, head)
+    # are neighbours, so they run together and share q/k/g/v through L2
+    NT = tl.cdiv(K, BK) * NV
+    pid = tl.program_id(0)
+    tile = pid % NT
+    n = (pid // NT // H).to(tl.int64)
+    hh = (pid // NT % H).to(tl.int64)
+    kt = tile // NV
+    vt = tile % NV
     DT = q.dtype.element_ty
     if IEEE:
         DT = tl.float32
@@ -325,9 +334,10 @@ def _state_bwd_kernel(q, k, g, do, A, dv, dh, dht, dh0, cu, chunk_off, scale, N,
 @triton.jit
 def _dv_kernel(k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, N, H, K, V,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    slot = tl.program_id(0).to(tl.int64)
+    NVT = tl.cdiv(V, BV)
+    slot = (tl.program_id(0) // NVT).to(tl.int64)
+    vt = tl.program_id(0) % NVT
     hh = tl.program_id(1).to(tl.int64)
-    vt = tl.program_id(2)
     n, t0, nrow, _ = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = k.dtype.element_ty
     if IEEE:
@@ -363,9 +373,10 @@ def _dv_kernel(k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, N, H, K, V,
 def _dqk_kernel(q, k, v, g, do, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
                 N, H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 IEEE: tl.constexpr):
-    slot = tl.program_id(0).to(tl.int64)
+    NKT = tl.cdiv(K, BK)
+    slot = (tl.program_id(0) // NKT).to(tl.int64)
+    kt = tl.program_id(0) % NKT
     hh = tl.program_id(1).to(tl.int64)
-    kt = tl.program_id(2)
     n, t0, nrow, _ = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = q.dtype.element_ty
     if IEEE:
@@ -555,7 +566,7 @@ def _state_walk(q, k, v, g, A, o, h, h0, ht, meta, scale, IEEE, c, fuse_o, store
     B, T, H, K = q.shape
     V = v.shape[-1]
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
-    _state_fwd_kernel[(meta.N, H, NK * NV)](
+    _state_fwd_kernel[(meta.N * H * NK * NV,)](
         q, k, v, g, A, o, h, h0 if h0 is not None else q, ht, meta.cu, meta.chunk_off, scale,
         meta.N, H, K, V, C=C_CHUNK, BK=c["BK"], BV=c["BV"], NV=NV, FUSE_O=fuse_o,
         STORE_H=not fuse_o, USE_H0=h0 is not None, STORE_HT=store_ht, IEEE=IEEE, **_launch(c))
@@ -581,7 +592,7 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
                 IEEE, cfg["fwd"] if fuse else cfg["hstate"], fuse, output_final_state)
     if not fuse and meta.NC > 0:
         c = cfg["out"]
-        _out_kernel[(meta.NC, H, triton.cdiv(V, c["BV"]))](
+        _out_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
             q, v, g, A, o, hbuf, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
             C=C_CHUNK, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
     return o, ht
@@ -616,18 +627,18 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
     c = cfg["bstate"]
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
     fuse_dv = NK == 1
-    _state_bwd_kernel[(N, H, NK * NV)](
+    _state_bwd_kernel[(N * H * NK * NV,)](
         q, k, g, do, A, dv, dhb, dht if dht is not None else q, dh0 if dh0 is not None else q,
         meta.cu, meta.chunk_off, scale, N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], NV=NV,
         FUSE_DV=fuse_dv, STORE_DH=True, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
         IEEE=IEEE, **_launch(c))
     if not fuse_dv:
         c = cfg["dv"]
-        _dv_kernel[(meta.NC, H, triton.cdiv(V, c["BV"]))](
+        _dv_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
             k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, N, H, K, V,
             C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
     c = cfg["dqk"]
-    _dqk_kernel[(meta.NC, H, triton.cdiv(K, c["BK"]))](
+    _dqk_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, g, do, h, dhb, dq, dk, dg, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
         N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
     return dq, dk, dv, dg, dh0
