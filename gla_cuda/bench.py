@@ -152,6 +152,23 @@ def time_candidate(fn, shape, device, modes):
     return res, peak
 
 
+def warm(shape, device="cuda"):
+    """Runs every candidate's forward and backward once on ``shape``, filling Triton's
+    on-disk compile cache (fla autotunes many configs); several shapes warm in parallel
+    processes before a timed run."""
+    for name, (fn, _) in candidates(device).items():
+        if fn is None or name == "reference" or (name.startswith("sdpa") and shape[3] != shape[4]):
+            continue
+        try:
+            q, k, v, g = make_inputs(*shape, device, requires_grad=_has_backward(name, device))
+            o, _ = fn(q, k, v, g)
+            if q.requires_grad:
+                o.backward(torch.randn_like(o))
+            torch.cuda.synchronize()
+        except Exception as e:
+            print(f"warm {shape} {name}: {str(e).splitlines()[0][:120]}")
+
+
 # ----------------------------------------------------------------------------
 # Accuracy against the float64 reference
 # ----------------------------------------------------------------------------
@@ -249,7 +266,7 @@ def run(shapes, device, modes=MODES, out_dir=None, log=lambda *a: print(*a, flus
             B, T, H, K, V = shape
             if name.startswith("sdpa") and K != V:
                 continue
-            if name == "reference" and device == "cuda" and B * T * H > 2 ** 16:
+            if name == "reference" and device == "cuda" and B * T * H > 2 ** 12:
                 continue  # the reference is for small sizes
             t1 = time.perf_counter()
             try:
@@ -265,17 +282,21 @@ def run(shapes, device, modes=MODES, out_dir=None, log=lambda *a: print(*a, flus
         _print_shape(results, shape, bw, log)
         log(f"auto ran chunk_fwd on {picks['chunk_fwd']}, chunk_bwd on {picks['chunk_bwd']}; "
             f"{time.perf_counter() - t0:.0f} s for this shape")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(out_dir, "bench.csv"), "w") as f:
-            f.write("B,T,H,K,V,backend,mode,ms,peak_MiB\n")
-            for r in results["rows"]:
-                for mode, ms in r["ms"].items():
-                    peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else ""
-                    f.write(",".join(map(str, list(r["shape"]) + [r["backend"], mode, ms, peak])) + "\n")
+        if out_dir:  # after every shape: a run cut short keeps what it measured
+            _save(results, out_dir)
     return results
+
+
+def _save(results, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "bench.csv"), "w") as f:
+        f.write("B,T,H,K,V,backend,mode,ms,peak_MiB\n")
+        for r in results["rows"]:
+            for mode, ms in r["ms"].items():
+                peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else ""
+                f.write(",".join(map(str, list(r["shape"]) + [r["backend"], mode, ms, peak])) + "\n")
 
 
 def _print_row(results, r, bw, log, show_seconds=True):
@@ -311,12 +332,29 @@ def main(argv=None):
     p.add_argument("--shapes", type=_shape, nargs="+", help="B,T,H,K,V ...")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--out", help="directory for bench.json and bench.csv")
+    p.add_argument("--sweep", action="store_true",
+                   help="T from 1024 to 32768 at 16384 tokens per batch, H=16, K=V=128")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
+                   help="PNG plots into --out (default: on when --out is given)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         print("no CUDA GPU: timing the reference on CPU shapes only")
     shapes = args.shapes or (CPU_SHAPES if device == "cpu" else QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    run(shapes, device, args.modes, args.out)
+    if args.sweep:  # constant tokens per batch: linear attention's time should stay flat in T
+        shapes = [(max(1, 16384 // T), T, 16, 128, 128) for T in (1024, 2048, 4096, 8192, 16384, 32768)]
+    results = run(shapes, device, args.modes, args.out)
+    if args.out and args.plots is not False:
+        from gla_cuda import plots
+        try:
+            for path in plots.plot(results, args.out):
+                print(f"plot: {path}")
+        except ImportError as e:
+            if args.plots:  # asked for explicitly: fail; by default only say why there are none
+                raise
+            print(f"no plots: {e}")
+    elif args.plots:
+        print("--plots needs --out DIR")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build with every core, run the GPU tests, the main job
-# and the benchmark; logs go to $OUT (or ./gpu_logs). Carry .whl (nvidia-cutlass and
-# fla-core wheels; see README "Developing on the GPU machine").
+# and the benchmark; logs go to $OUT (or ./gpu_logs). Wheels in .whl/ (nvidia-cutlass,
+# fla-core) are installed first, for machines without network (README: Layout).
 #   bash scripts/gpu_check.sh [build|warm|test|main|sanitize|bench ...]
 #   (default: build warm test main bench). warm compiles the benchmark's kernels in the
 #   background while the steps after it run; bench waits for it. Every step fits in
