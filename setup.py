@@ -16,6 +16,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -57,14 +58,19 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
 
 
-CUDA_HOME = None if os.environ.get("GLA_CUDA_BUILD", "1") == "0" else find_cuda_home()
-if CUDA_HOME is None:
-    why = "GLA_CUDA_BUILD=0" if os.environ.get("GLA_CUDA_BUILD") == "0" else "no CUDA toolkit found"
-    print(f"gla_cuda: {why}: installing pure Python (Triton and reference backends only, "
-          "no compiled CUDA kernels)", file=sys.stderr)
-    ext_modules = []
-else:
-    print(f"gla_cuda: building the CUDA extension with the toolkit at {CUDA_HOME}", file=sys.stderr)
-    ext_modules = [CMakeExtension("gla_cuda._C")]
+class BuildPy(build_py):
+    """Says once, while building, what this install holds (setup.py itself runs per hook)."""
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
+    def run(self):
+        if CUDA_HOME is None:
+            why = "GLA_CUDA_BUILD=0" if os.environ.get("GLA_CUDA_BUILD") == "0" else "no CUDA toolkit found"
+            print(f"gla_cuda: {why}: installing pure Python (Triton and reference backends only, "
+                  "no compiled CUDA kernels)", file=sys.stderr)
+        else:
+            print(f"gla_cuda: building the CUDA extension with the toolkit at {CUDA_HOME}", file=sys.stderr)
+        super().run()
+
+
+CUDA_HOME = None if os.environ.get("GLA_CUDA_BUILD", "1") == "0" else find_cuda_home()
+ext_modules = [] if CUDA_HOME is None else [CMakeExtension("gla_cuda._C")]
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy})
