@@ -132,3 +132,158 @@ torch.library.register_autograd("gla::chunk_fwd", _backward(torch.ops.gla.chunk_
                                 setup_context=_setup_context)
 torch.library.register_autograd("gla::recurrent_fwd", _backward(torch.ops.gla.recurrent_bwd),
                                 setup_context=_setup_context)
+
+
+# ============================================================================
+# Fused swish-gated RMSNorm (the GLA layer's output norm; issue #6)
+#
+#   gla::rms_norm_gated(Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) -> Tensor y
+#   gla::rms_norm_gated_bwd(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, float eps,
+#                           str backend) -> (Tensor dx, Tensor dgate, Tensor dweight)
+#
+# y = x * rsqrt(mean(x^2) + eps) * weight * silu(gate) over the last dim, float32 math, y in x's
+# dtype, contiguous. dgate / dweight are empty [0] without a gate / weight. backend: "auto"
+# (Triton for CUDA tensors it can run, else the PyTorch reference), "triton" or "reference";
+# under "auto", GLA_BACKEND=triton|reference forces one too (GLA_BACKEND=cuda: there is no
+# compiled norm kernel, so "auto"). The Triton kernels: gla_cuda/backends/triton/norm.py.
+# ============================================================================
+
+torch.library.define("gla::rms_norm_gated",
+                     "(Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) -> Tensor")
+torch.library.define("gla::rms_norm_gated_bwd",
+                     "(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) "
+                     "-> (Tensor dx, Tensor dgate, Tensor dweight)")
+
+import os as _os  # noqa: E402
+
+NORM_BACKENDS = ("triton", "reference")
+
+
+def rms_norm_gated_reference(x, gate, weight, eps):
+    """The PyTorch math (float32; float64 stays float64): the CPU kernel and the fallback."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(ct)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(ct)
+    if gate is not None:
+        y = y * torch.nn.functional.silu(gate.to(ct))
+    return y.to(x.dtype).contiguous()
+
+
+def rms_norm_gated_bwd_reference(dy, x, gate, weight, eps):
+    """(dx, dgate or None, dweight or None) of rms_norm_gated_reference, same precision."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, dyf = x.to(ct), dy.to(ct)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xh = xf * rstd
+    w = weight.to(ct) if weight is not None else None
+    dgate = None
+    if gate is not None:
+        gf = gate.to(ct)
+        sg = torch.sigmoid(gf)
+        dgate = dyf * (xh if w is None else xh * w) * sg * (1 + gf * (1 - sg))
+        dyf = dyf * gf * sg
+    dweight = (dyf * xh).reshape(-1, x.shape[-1]).sum(0) if w is not None else None
+    dxh = dyf if w is None else dyf * w
+    dx = rstd * (dxh - xh * (dxh * xh).mean(-1, keepdim=True))
+    return (dx.to(x.dtype).contiguous(),
+            None if dgate is None else dgate.to(gate.dtype).contiguous(),
+            None if dweight is None else dweight.to(weight.dtype))
+
+
+def _norm_triton_reason(x, gate, weight):
+    """Why the Triton norm cannot run these tensors, or None."""
+    from gla_cuda.backends import triton as triton_backend
+    if triton_backend.IMPORT_ERROR:
+        return triton_backend.IMPORT_ERROR
+    if x.device.type == "cpu" and not triton_backend.interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"device type {x.device.type} is not supported"
+    tensors = [t for t in (x, gate, weight) if t is not None]
+    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
+        return "dtypes other than float16, bfloat16, float32 run only on the reference"
+    if x.device.type == "cuda" and any(t.dtype == torch.bfloat16 for t in tensors):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return f"bfloat16 needs sm_80 or newer, the GPU is sm_{major}{minor}"
+    from gla_cuda.backends.triton.norm import MAX_D
+    if x.shape[-1] > MAX_D:
+        return f"D={x.shape[-1]} is larger than {MAX_D}"
+    return None
+
+
+def rms_norm_gated_backend(x, gate=None, weight=None, backend="auto") -> str:
+    """The backend that runs rms_norm_gated on these tensors; raises, saying why, if a forced
+    one cannot."""
+    if backend == "auto":
+        env = _os.environ.get("GLA_BACKEND", "auto")
+        backend = env if env in NORM_BACKENDS else "auto"
+    if backend not in NORM_BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {NORM_BACKENDS + ('auto',)}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    why = _norm_triton_reason(x, gate, weight)
+    if backend == "triton" and why is not None:
+        raise RuntimeError(f"gla_cuda: cannot run rms_norm_gated with backend 'triton': {why}")
+    return "triton" if why is None and (backend == "triton" or x.device.type == "cuda") else "reference"
+
+
+def _norm_shapes(x, gate, weight, dy=None):
+    D = x.shape[-1]
+    if dy is not None and dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if weight is not None and tuple(weight.shape) != (D,):
+        raise ValueError(f"weight must have shape ({D},), got {tuple(weight.shape)}")
+
+
+@torch.library.register_fake("gla::rms_norm_gated")
+def _rms_norm_gated_fake(x, gate, weight, eps, backend):
+    _norm_shapes(x, gate, weight)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("gla::rms_norm_gated_bwd")
+def _rms_norm_gated_bwd_fake(dy, x, gate, weight, eps, backend):
+    dgate = gate.new_empty(gate.shape) if gate is not None else x.new_empty(0)
+    dweight = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
+    return x.new_empty(x.shape), dgate, dweight
+
+
+@torch.library.impl("gla::rms_norm_gated", ("cpu", "cuda"))
+def _rms_norm_gated_impl(x, gate, weight, eps, backend):
+    _norm_shapes(x, gate, weight)
+    if rms_norm_gated_backend(x, gate, weight, backend) == "triton":
+        from gla_cuda.backends.triton.norm import rms_norm_gated_fwd
+        return rms_norm_gated_fwd(x, gate, weight, eps)
+    return rms_norm_gated_reference(x, gate, weight, eps)
+
+
+@torch.library.impl("gla::rms_norm_gated_bwd", ("cpu", "cuda"))
+def _rms_norm_gated_bwd_impl(dy, x, gate, weight, eps, backend):
+    _norm_shapes(x, gate, weight, dy)
+    if rms_norm_gated_backend(x, gate, weight, backend) == "triton":
+        from gla_cuda.backends.triton.norm import rms_norm_gated_bwd
+        dx, dgate, dweight = rms_norm_gated_bwd(dy, x, gate, weight, eps)
+    else:
+        dx, dgate, dweight = rms_norm_gated_bwd_reference(dy, x, gate, weight, eps)
+    return (dx, x.new_empty(0) if dgate is None else dgate,  # two empties: outputs must not alias
+            x.new_empty(0) if dweight is None else dweight)
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, gate, weight, eps, backend = inputs
+    ctx.save_for_backward(x, gate, weight)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _norm_backward(ctx, dy):
+    x, gate, weight = ctx.saved_tensors
+    dx, dgate, dweight = torch.ops.gla.rms_norm_gated_bwd(dy, x, gate, weight, ctx.eps, ctx.backend)
+    return dx, dgate if gate is not None else None, dweight if weight is not None else None, None, None
+
+
+torch.library.register_autograd("gla::rms_norm_gated", _norm_backward, setup_context=_norm_setup_context)
