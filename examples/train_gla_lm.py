@@ -6,11 +6,13 @@ Each sequence lists key-value pairs, then asks for the values of some keys again
 
 The loss is only on predicting each answer a from its query q, so it measures recall, the
 thing a fixed-size recurrent state finds hard and softmax attention finds easy.
---attn sdpa trains the same model with causal softmax attention, to compare loss and speed.
+It prints loss, answer accuracy and tokens/s as it trains, then times the same training step
+(same model, same batches) with causal softmax attention (SDPA) for comparison;
+--attn sdpa trains the softmax model instead (and times GLA's step).
 
-    python examples/train_gla_lm.py                     # GPU: d_model 256, seq 256, 400 steps
+    python examples/train_gla_lm.py --bf16              # GPU: d_model 256, seq 256, 400 steps
     python examples/train_gla_lm.py --attn sdpa --bf16
-    python examples/train_gla_lm.py --tiny --device cpu # seconds on a laptop
+    python examples/train_gla_lm.py --tiny --device cpu # CPU: seconds
 """
 from __future__ import annotations
 
@@ -22,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gla_cuda
+try:
+    import gla_cuda
+except ImportError:  # run from a checkout without installing: the repository root
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gla_cuda
 
 IGNORE = -100
 
@@ -170,14 +178,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--log-every", type=int)
+    p.add_argument("--compare-steps", type=int,
+                   help="then time this many steps of the same model with the other mixer (SDPA for GLA); "
+                        "0: skip (default 10 tiny, 30 GPU)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default on the CPU: 1)")
     args = p.parse_args(argv)
     # Unset options take the tiny or the GPU default.
     # softmax attention diverges at GLA's learning rate on the GPU config: each gets one that works
-    lr = 1e-2 if args.attn == "gla" else 3e-3
+    # (unset --lr: 1e-2 for GLA, 3e-3 for SDPA, in train())
     tiny = dict(steps=60, batch=16, seq_len=32, vocab=64, d_model=64, layers=2, heads=2,
-                lr=lr, log_every=10)
+                log_every=10, compare_steps=10)
     full = dict(steps=400, batch=64, seq_len=256, vocab=8192, d_model=256, layers=2,
-                heads=2, lr=lr, log_every=50)
+                heads=2, log_every=50, compare_steps=30)
     for k, v in (tiny if args.tiny else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -186,29 +198,29 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    """Trains, prints progress and a summary; returns {"losses", "final_loss", "accuracy", "tokens_per_s"}."""
-    args = parse_args(argv)
+def build(args, attn, device):
+    return LM(args.vocab, args.d_model, args.layers, args.heads, attn, args.seq_len, tied=not args.untied,
+              short_conv=args.short_conv, gate_norm=args.gate_norm).to(device)
+
+
+def train(args, attn, steps, device, log_every=None):
+    """Trains a fresh model with mixer ``attn`` for ``steps`` steps on the seed's batches; returns
+    {"losses", "accuracies", "step_ms"} (step_ms leaves out the first step: warm-up)."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # data on the CPU: same batches on any device
-    device = torch.device(args.device)
-    model = LM(args.vocab, args.d_model, args.layers, args.heads, args.attn, args.seq_len,
-               tied=not args.untied, short_conv=args.short_conv, gate_norm=args.gate_norm).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.attn} LM: {n_params / 1e6:.2f}M parameters, d_model {args.d_model}, {args.layers} layers, "
-          f"{args.heads} heads | MQAR: seq {args.seq_len}, {args.num_kv} pairs, vocab {args.vocab}, "
-          f"batch {args.batch} | {device}{', bf16' if args.bf16 else ''}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, args.steps // 10)
+    model = build(args, attn, device)
+    lr = args.lr if args.lr is not None else (1e-2 if attn == "gla" else 3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 10)
     # linear warm-up, then cosine decay to a tenth
-    decay = max(1, args.steps - warmup)
+    decay = max(1, steps - warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / decay))))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    losses, accs, speeds = [], [], []
-    for step in range(1, args.steps + 1):
+    losses, accs, step_ms = [], [], []
+    for step in range(1, steps + 1):
         inputs, labels = mqar_batch(args.batch, args.seq_len, args.vocab, args.num_kv, gen, device)
         sync()
         t0 = time.perf_counter()
@@ -223,21 +235,67 @@ def main(argv=None):
         sync()
         dt = time.perf_counter() - t0
         if step > 1:  # the first step pays for warm-up (allocations, kernel compilation)
-            speeds.append(inputs.numel() / dt)
+            step_ms.append(dt * 1e3)
         mask = labels != IGNORE
         acc = (logits.argmax(-1)[mask] == labels[mask]).float().mean().item()
         losses.append(loss.item())
         accs.append(acc)
-        if step % args.log_every == 0 or step == 1 or step == args.steps:
-            tps = speeds[-1] if speeds else inputs.numel() / dt
-            print(f"step {step:5d}  loss {losses[-1]:.4f}  answer acc {acc:.3f}  {tps:,.0f} tok/s", flush=True)
+        if log_every and (step % log_every == 0 or step == 1 or step == steps):
+            print(f"step {step:5d}  loss {losses[-1]:.4f}  answer acc {acc:.3f}  "
+                  f"{inputs.numel() / dt:,.0f} tok/s", flush=True)
+    return {"losses": losses, "accuracies": accs, "step_ms": step_ms}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def main(argv=None):
+    """Trains, prints progress and a summary, then times the same training step with the other
+    mixer (--compare-steps). Returns {"losses", "final_loss", "accuracy", "tokens_per_s",
+    "compare": {mixer: {"ms_per_step", "tokens_per_s"}}}."""
+    args = parse_args(argv)
+    if args.device == "cpu":  # small tensors: more threads mostly contend (and slow down a busy machine)
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    n_params = sum(p.numel() for p in build(args, args.attn, "meta").parameters())
+    print(f"{args.attn} LM: {n_params / 1e6:.2f}M parameters, d_model {args.d_model}, {args.layers} layers, "
+          f"{args.heads} heads | MQAR: seq {args.seq_len}, {args.num_kv} pairs, vocab {args.vocab}, "
+          f"batch {args.batch} | {device}{', bf16' if args.bf16 else ''}", flush=True)
+    # which kernels the GLA layers run here (gla_cuda.explain_backend says why)
+    layer = gla_cuda.GatedLinearAttention(hidden_size=args.d_model, num_heads=args.heads)
+    x = torch.empty(args.batch, args.seq_len, args.heads, layer.head_k_dim, device=device,
+                    dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    y = x.new_empty(*x.shape[:3], layer.head_v_dim)
+    print("GLA runs chunk_fwd on " + gla_cuda.explain_backend(x, x, y, x, op="chunk_fwd").backend
+          + ", chunk_bwd on " + gla_cuda.explain_backend(x, x, y, x, op="chunk_bwd").backend, flush=True)
+    run = train(args, args.attn, args.steps, device, log_every=args.log_every)
+    losses, accs = run["losses"], run["accuracies"]
+    tokens = args.batch * args.seq_len
     # average the last few steps: one batch is noisy
     tail = max(1, min(10, len(losses) // 5))
     final_loss, accuracy = sum(losses[-tail:]) / tail, sum(accs[-tail:]) / tail
-    tokens_per_s = sum(speeds) / len(speeds) if speeds else float("nan")
+    ms = _median(run["step_ms"])
+    tokens_per_s = tokens / ms * 1e3
     print(f"summary: {args.attn} final loss {final_loss:.4f} (first {losses[0]:.4f}), "
-          f"answer accuracy {accuracy:.3f}, mean {tokens_per_s:,.0f} tokens/s")
-    return {"losses": losses, "final_loss": final_loss, "accuracy": accuracy, "tokens_per_s": tokens_per_s}
+          f"answer accuracy {accuracy:.3f}, {ms:.1f} ms per step, {tokens_per_s:,.0f} tokens/s (median step)")
+    compare = {args.attn: {"ms_per_step": ms, "tokens_per_s": tokens_per_s}}
+    other = "sdpa" if args.attn == "gla" else "gla"
+    if args.compare_steps > 1:
+        # the same model, batches and step with the other mixer; timed, not trained to the end
+        o = train(args, other, args.compare_steps, device)
+        o_ms = _median(o["step_ms"])
+        compare[other] = {"ms_per_step": o_ms, "tokens_per_s": tokens / o_ms * 1e3}
+        print(f"same training step with {'SDPA causal softmax attention' if other == 'sdpa' else 'GLA'} "
+              f"({args.compare_steps} steps, median):")
+        for name, c in compare.items():
+            print(f"  {name:<5} {c['ms_per_step']:8.1f} ms per step  {c['tokens_per_s']:>12,.0f} tokens/s")
+        print(f"  gla / sdpa time: {compare['gla']['ms_per_step'] / compare['sdpa']['ms_per_step']:.2f}x")
+    return {"losses": losses, "final_loss": final_loss, "accuracy": accuracy, "tokens_per_s": tokens_per_s,
+            "compare": compare}
 
 
 if __name__ == "__main__":

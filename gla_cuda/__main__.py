@@ -1,7 +1,9 @@
 """The main job: `python -m gla_cuda` (or `gla-cuda`).
 
-Prints what is installed, checks every backend against the float64 reference on
-fresh random inputs, and on a GPU times them side by side (gla_cuda.bench).
+Prints what is installed and which backend runs what, checks every backend against the
+float64 reference on fresh random inputs, then runs the one-minute benchmark
+(`gla-bench --quick`: every backend side by side with fla and SDPA on a GPU; the
+reference alone, said so, without one). `gla-bench` is the full sweep.
 """
 from __future__ import annotations
 
@@ -58,18 +60,17 @@ def _check(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--no-bench", action="store_true", help="skip the timings")
+    p.add_argument("--out", default="bench_results", help="where the benchmark writes JSON, CSV and plots")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _environment(device)
-    for op in ("chunk_fwd", "chunk_bwd"):
-        x = torch.empty(8, 2048, 16, 128, device=device, dtype=torch.bfloat16)
+    for op, T in (("chunk_fwd", 2048), ("chunk_bwd", 2048), ("recurrent_fwd", 1)):
+        x = torch.empty(8, T, 16, 128, device=device, dtype=torch.bfloat16)
         print(gla_cuda.explain_backend(x, x, x, x, op=op))
     failures = _check(device)
-    if device == "cuda" and not args.no_bench:
-        print("\ntimings (python -m gla_cuda.bench for the full benchmark):")
-        bench.run(bench.QUICK_SHAPES, device, modes=("fwd", "fwdbwd"))
-    elif device == "cpu":
-        print("\nno GPU: timings need one (python -m gla_cuda.bench runs the reference on CPU)")
+    if not args.no_bench:
+        print("\n== gla-bench --quick (about a minute; gla-bench runs the full sweep) ==", flush=True)
+        bench.main(["--quick", "--out", args.out])
     if failures:
         print(f"\nFAILED: {', '.join(failures)}")
         return 1

@@ -1,14 +1,24 @@
 """The benchmark: gla_cuda's backends side by side with fla and softmax attention.
 
-    python -m gla_cuda.bench [--quick] [--shapes 8,2048,16,128,128 ...] [--out DIR]
+    gla-bench                  # the sweep: T from 1K to 32K at 16K tokens per batch, for head dims
+                               # 64, 128 and 256x512, bf16; then one decode step
+    gla-bench --quick          # about a minute: one shape (8, 2048, 16, 128, 128), fwd, fwd+bwd, decode
+    gla-bench --shapes 8,2048,16,128,128 2,8192,16,128,128 --modes fwd decode --dtypes bf16 fp16
 
-For every shape it first checks each backend against the float64 reference on a
-small case (a backend that fails is not timed), then times forward, forward+backward
-and backward alone (median of triton.testing.do_bench, bf16, g bf16), and prints ms,
-the ratio to fla and to SDPA cuDNN, the fraction of the memory floor (bytes that must
-move over the copy bandwidth measured in the same run) and peak extra memory.
-fla (fla-core) is timed when importable; SDPA flash and cuDNN (causal, same head
-dim) are the softmax baselines.
+Each backend is first checked against the float64 reference on a small case, per dtype
+(o, final state and gradients; gates of -20 per step too); one that fails is not timed.
+Then, per shape: forward, forward+backward and backward alone, as the median of
+triton.testing.do_bench. The table gives ms, fla's time / ours and the best SDPA's time /
+ours (> 1: faster), the fraction of the memory floor reached (the bytes that must move,
+over the copy bandwidth measured in the same run) and the peak memory allocated by the
+call. decode times one recurrent step (T = 1) from a float32 state [B, H, K, V]; its floor
+is reading and writing that state once plus q, k, v, g and o.
+
+Candidates: ``auto`` (what a user gets), ``cuda``, ``triton``, ``reference`` (small sizes
+only), ``fla`` when fla-core is importable, and SDPA flash / cuDNN (causal softmax
+attention, same head dim). Without a GPU only the reference runs, on CPU-sized shapes.
+Results go to --out (default ./bench_results): bench.json, bench.csv and PNG plots (time
+vs T, one line per backend) when matplotlib is installed. A progress bar runs on stderr.
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -25,15 +36,30 @@ import gla_cuda
 from gla_cuda import dispatch
 from gla_cuda.backends import reference
 
-DEFAULT_SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (32, 2048, 16, 64, 64),
-                  (8, 2048, 4, 256, 512)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("fwd", "fwdbwd", "bwd", "decode")
+TRAIN_MODES = ("fwd", "fwdbwd", "bwd")
+QUICK_MODES = ("fwd", "fwdbwd", "decode")
+MODE_NAMES = {"fwd": "forward", "fwdbwd": "forward+backward", "bwd": "backward", "decode": "decode step"}
+
+# The sweep: T from 1K to 32K at constant tokens per batch (B = max(1, TOKENS // T)), so a
+# linear-time kernel's line stays flat while softmax attention's grows with T.
+SWEEP_T = (1024, 2048, 4096, 8192, 16384, 32768)
+TOKENS = 16384
+HEAD_DIMS = {"64": (16, 64, 64), "128": (16, 128, 128), "256x512": (4, 256, 512)}  # name: H, K, V
 QUICK_SHAPES = [(8, 2048, 16, 128, 128)]
 CPU_SHAPES = [(1, 256, 2, 64, 64)]
-MODES = ("fwd", "fwdbwd", "bwd")
+DECODE_SHAPES = [(64, 16, 128, 128)]  # B, H, K, V: one token per sequence
+QUICK_BUDGET_S = 50  # --quick stops starting measurements after this (imports and output come on top)
+REFERENCE_MAX_TOKENS = 4096  # B*T*H above which the reference is not timed on a GPU
+
+
+def sweep_shapes(head_dims=tuple(HEAD_DIMS), tokens=TOKENS, seq_lens=SWEEP_T):
+    return [(max(1, tokens // T), T, *HEAD_DIMS[hd]) for hd in head_dims for T in seq_lens]
 
 
 # ----------------------------------------------------------------------------
-# Candidates: name -> function(q, k, v, g) returning (o, final state or None)
+# Candidates for fwd / fwdbwd / bwd: name -> fn(q, k, v, g, h0=None, final=False) -> (o, ht)
 # ----------------------------------------------------------------------------
 
 def _ours(backend):
@@ -46,7 +72,7 @@ def _fla():
     try:
         from fla.ops.gla import chunk_gla
     except Exception as e:
-        return None, f"fla not importable ({type(e).__name__})"
+        return None, f"fla not importable ({type(e).__name__}); pip install fla-core to compare"
 
     def run(q, k, v, g, h0=None, final=False):
         return chunk_gla(q, k, v, g, scale=q.shape[-1] ** -0.5, initial_state=h0, output_final_state=final)
@@ -66,18 +92,61 @@ def _sdpa(kind):
 
 
 def candidates(device):
-    out = {"auto": (_ours(None), None)}  # what a user gets: each op on its best backend
+    """name -> (fn or None, why not). Baselines first: every row of ours then prints its ratios."""
+    if device != "cuda":
+        return {"reference": (_ours("reference"), None)}
+    out = {"sdpa_cudnn": (_sdpa("cudnn"), None), "sdpa_flash": (_sdpa("flash"), None), "fla": _fla(),
+           "auto": (_ours(None), None)}  # auto: what a user gets, each op on its best backend
     for name in dispatch.BACKENDS:
         out[name] = (_ours(name), None)
-    if device == "cuda":
-        out["fla"] = _fla()
-        out["sdpa_flash"] = (_sdpa("flash"), None)
-        out["sdpa_cudnn"] = (_sdpa("cudnn"), None)
     return out
 
 
 # ----------------------------------------------------------------------------
-# Inputs, floor, timing
+# Decode candidates: name -> fn(q, k, v, g, state, index) -> (o, state after the step).
+# q, k, v, g: [B, 1, H, *]; state: float32 [B, H, K, V] (a pooled op updates it in place);
+# index: int32 arange(B), the pool slot of each row. One line adds a candidate.
+# ----------------------------------------------------------------------------
+
+def _decode_ours(backend):
+    return lambda q, k, v, g, h, i: gla_cuda.fused_recurrent_gla(
+        q, k, v, g, initial_state=h, output_final_state=True, backend=backend)
+
+
+def _decode_pooled(backend):
+    def run(q, k, v, g, h, i):
+        if not hasattr(gla_cuda, "fused_recurrent_gla_pooled"):
+            raise NotImplementedError("gla_cuda.fused_recurrent_gla_pooled does not exist yet")
+        return gla_cuda.fused_recurrent_gla_pooled(q, k, v, g, h, i, check_index=False, backend=backend), h
+    return run
+
+
+def _decode_fla(q, k, v, g, h, i):
+    from fla.ops.gla import fused_recurrent_gla
+    return fused_recurrent_gla(q, k, v, gk=g, scale=q.shape[-1] ** -0.5, initial_state=h,
+                               output_final_state=True)
+
+
+DECODE_CANDIDATES = {
+    "fla": _decode_fla,
+    "auto": _decode_ours(None),
+    "cuda": _decode_ours("cuda"),
+    "triton": _decode_ours("triton"),
+    "reference": _decode_ours("reference"),
+    "cuda_pooled": _decode_pooled("cuda"),  # in place in a state pool (serving)
+}
+
+
+def decode_candidates(device):
+    if device != "cuda":
+        return {"reference": DECODE_CANDIDATES["reference"]}
+    names = [n for n in DECODE_CANDIDATES
+             if not (n.endswith("_pooled") and not hasattr(gla_cuda, "fused_recurrent_gla_pooled"))]
+    return {n: DECODE_CANDIDATES[n] for n in names}
+
+
+# ----------------------------------------------------------------------------
+# Inputs, memory floor, timing
 # ----------------------------------------------------------------------------
 
 def make_inputs(B, T, H, K, V, device, dtype=torch.bfloat16, gate="normal", requires_grad=False, seed=0):
@@ -85,17 +154,15 @@ def make_inputs(B, T, H, K, V, device, dtype=torch.bfloat16, gate="normal", requ
     r = lambda *s: torch.randn(*s, device=device, dtype=torch.float32, generator=gen)
     q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
     g = torch.nn.functional.logsigmoid(r(B, T, H, K)) / 16 if gate == "normal" else -20 - r(B, T, H, K).abs()
-    ins = [x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v, g)]
-    return ins
+    return [x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v, g)]
 
 
 def floor_bytes(B, T, H, K, V, mode, itemsize=2):
-    """Bytes that must move: fwd reads q, k, v, g and writes o; bwd reads q, k, v, g, do
-    and writes dq, dk, dv, dg."""
-    fwd = 3 * K + 2 * V
-    bwd = 6 * K + 3 * V
-    per = {"fwd": fwd, "fwdbwd": fwd + bwd, "bwd": bwd}[mode]
-    return B * T * H * per * itemsize
+    """Bytes that must move. fwd reads q, k, v, g and writes o; bwd reads q, k, v, g, do and
+    writes dq, dk, dv, dg; decode (T = 1) also reads and writes the float32 state once."""
+    per = {"fwd": 3 * K + 2 * V, "bwd": 6 * K + 3 * V, "fwdbwd": 9 * K + 5 * V, "decode": 3 * K + 2 * V}[mode]
+    state = 2 * B * H * K * V * 4 if mode == "decode" else 0
+    return B * T * H * per * itemsize + state
 
 
 def copy_bandwidth(device):
@@ -119,54 +186,106 @@ def _bench(fn, device, grad_to_none=None):
     return sorted(times)[1]
 
 
-def time_candidate(fn, shape, device, modes):
-    """{mode: ms} and the peak extra memory of a forward+backward in bytes."""
+def _peak(fn, device):
+    """Peak memory allocated during fn() above what was allocated before (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def time_candidate(fn, shape, device, modes, dtype=torch.bfloat16):
+    """({mode: ms}, {mode: peak bytes}) for the training modes."""
     B, T, H, K, V = shape
-    q, k, v, g = make_inputs(B, T, H, K, V, device, requires_grad=True)
+    q, k, v, g = make_inputs(B, T, H, K, V, device, dtype=dtype, requires_grad=True)
     leaves = [q, k, v, g]
-    res = {}
-    if "fwd" in modes:
+    res, peak = {}, {}
+
+    def fwd():
         with torch.no_grad():
-            res["fwd"] = _bench(lambda: fn(q, k, v, g), device)
-    do = torch.randn(B, T, H, V, device=device, dtype=q.dtype)
+            fn(q, k, v, g)
+    if "fwd" in modes:
+        res["fwd"] = _bench(fwd, device)
+        peak["fwd"] = _peak(fwd, device)
+    do = torch.randn(B, T, H, V, device=device, dtype=dtype)
 
     def fwdbwd():
         o, _ = fn(q, k, v, g)
         o.backward(do)
     if "fwdbwd" in modes:
         res["fwdbwd"] = _bench(fwdbwd, device, grad_to_none=leaves)
+        for x in leaves:
+            x.grad = None
+        peak["fwdbwd"] = _peak(fwdbwd, device)
     if "bwd" in modes:
         o, _ = fn(q, k, v, g)
         res["bwd"] = _bench(lambda: o.backward(do, retain_graph=True), device, grad_to_none=leaves)
         del o
-    peak = None
-    if device == "cuda" and "fwdbwd" in modes:
-        for x in leaves:
-            x.grad = None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fwdbwd()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
     return res, peak
 
 
-def warm(shape, device="cuda"):
+def time_decode(fn, shape, device, dtype=torch.bfloat16):
+    """(ms, peak bytes) of one decode step of fn at shape (B, H, K, V)."""
+    B, H, K, V = shape
+    q, k, v, g = make_inputs(B, 1, H, K, V, device, dtype=dtype)
+    h = torch.randn(B, H, K, V, device=device) * 0.1
+    index = torch.arange(B, device=device, dtype=torch.int32)
+    with torch.no_grad():
+        step = lambda: fn(q, k, v, g, h, index)
+        return _bench(step, device), _peak(step, device)
+
+
+def warm(shape, device="cuda", dtype="bf16"):
     """Runs every candidate's forward and backward once on ``shape``, filling Triton's
-    on-disk compile cache (fla autotunes many configs); several shapes warm in parallel
-    processes before a timed run."""
+    on-disk compile cache (fla compiles many configs to autotune). Several shapes warm in
+    parallel processes (``--warm``) before a timed run; their autotune timings are not kept
+    (they ran side by side), the timed run autotunes alone."""
+    os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
+    dt = DTYPES.get(dtype, dtype)
     for name, (fn, _) in candidates(device).items():
         if fn is None or name == "reference" or (name.startswith("sdpa") and shape[3] != shape[4]):
             continue
         try:
-            q, k, v, g = make_inputs(*shape, device, requires_grad=_has_backward(name, device))
+            q, k, v, g = make_inputs(*shape, device, dtype=dt, requires_grad=_has_backward(name, device))
             o, _ = fn(q, k, v, g)
             if q.requires_grad:
                 o.backward(torch.randn_like(o))
             torch.cuda.synchronize()
         except Exception as e:
-            print(f"warm {shape} {name}: {str(e).splitlines()[0][:120]}")
+            print(f"warm {shape} {name}: {_first_line(e)}")
+
+
+def warm_decode(shape, device="cuda", dtype="bf16"):
+    os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
+    B, H, K, V = shape
+    for name, fn in decode_candidates(device).items():
+        try:
+            q, k, v, g = make_inputs(B, 1, H, K, V, device, dtype=DTYPES.get(dtype, dtype))
+            fn(q, k, v, g, torch.zeros(B, H, K, V, device=device), torch.arange(B, device=device))
+            torch.cuda.synchronize()
+        except Exception as e:
+            print(f"warm decode {shape} {name}: {_first_line(e)}")
+
+
+def warm_parallel(shapes, decode_shapes, dtypes, jobs=None, log=print):
+    """Warms every (shape, dtype) in its own process, ``jobs`` at a time (default: one per
+    two CPU cores, at most 8): compiling is CPU-bound and processes do it side by side."""
+    jobs = jobs or max(1, min(8, (os.cpu_count() or 2) // 2))
+    todo = [("warm", s, d) for d in dtypes for s in shapes] + [("warm_decode", s, d) for d in dtypes for s in decode_shapes]
+    t0, running = time.perf_counter(), []
+    for fn, shape, dtype in todo:
+        while len(running) >= jobs:
+            time.sleep(0.2)
+            running = [p for p in running if p.poll() is None]
+        code = f"from gla_cuda import bench; bench.{fn}({tuple(shape)!r}, dtype={dtype!r})"
+        running.append(subprocess.Popen([sys.executable, "-c", code]))
+    for p in running:
+        p.wait()
+    log(f"warmed {len(todo)} shapes in {time.perf_counter() - t0:.0f} s ({jobs} processes)")
 
 
 # ----------------------------------------------------------------------------
@@ -205,6 +324,86 @@ def accuracy(fn, device, shape=(2, 300, 2, 64, 64), gate="normal", grads=True, s
     return errs
 
 
+def decode_accuracy(fn, device, B=8, H=4, K=128, V=128, dtype=torch.bfloat16, gate="normal", seed=2):
+    """Relative errors of o and of the state after one step vs float64."""
+    q, k, v, g = make_inputs(B, 1, H, K, V, device, dtype=dtype, gate=gate, seed=seed)
+    h0 = torch.randn(B, H, K, V, device=device)
+    with torch.no_grad():
+        o, ht = fn(q, k, v, g, h0.clone(), torch.arange(B, device=device, dtype=torch.int32))
+    if ht is None:
+        raise RuntimeError("returned no state")
+    ref_o, ref_ht = reference.naive_fwd(*(x.double() for x in (q, k, v, g)), K ** -0.5, h0.double(), True)
+    return {"o": _rel(o, ref_o), "ht": _rel(ht, ref_ht)}
+
+
+def _tolerance(dtype):
+    return 1e-2 if dtype == torch.float32 else 5e-2  # fp32 may use TF32 products on the GPU
+
+
+# ----------------------------------------------------------------------------
+# Progress bar
+# ----------------------------------------------------------------------------
+
+class Progress:
+    """A one-line bar on stderr: steps done of the total, what runs now, time spent and an
+    estimate of what is left. It is redrawn in place, so by default it is drawn only when
+    stderr is a terminal (a log file gets the table alone). ``write`` prints a line of the
+    table (stdout) above it."""
+
+    def __init__(self, total, enabled=None, stream=None, width=24):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total, self.done, self.width = max(1, total), 0, width
+        self.label, self.t0, self._len = "", time.perf_counter(), 0
+
+    def _clear(self):
+        if self.enabled and self._len:
+            self.stream.write("\r" + " " * self._len + "\r")
+            self.stream.flush()
+            self._len = 0
+
+    def _draw(self):
+        if not self.enabled:
+            return
+        frac = min(1.0, self.done / self.total)
+        fill = int(round(frac * self.width))
+        spent = time.perf_counter() - self.t0
+        left = f", ~{_clock(spent / self.done * (self.total - self.done))} left" if 0 < self.done < self.total else ""
+        text = (f"[{'#' * fill}{'.' * (self.width - fill)}] {self.done}/{self.total} {_clock(spent)}{left}"
+                f"  {self.label}")[:max(40, _columns() - 1)]
+        self.stream.write("\r" + text + " " * max(0, self._len - len(text)))
+        self.stream.flush()
+        self._len = len(text)
+
+    def start(self, label):
+        self.label = label
+        self._draw()
+
+    def advance(self, n=1):
+        self.done += n
+        self._draw()
+
+    def write(self, line=""):
+        self._clear()
+        print(line, flush=True)
+        self._draw()
+
+    def close(self):
+        self._clear()
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _columns():
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 100
+
+
 # ----------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------
@@ -217,106 +416,248 @@ def _has_backward(name, device):
     return dispatch.choose("chunk_bwd", x, x, x, x, backend=name).backend is not None
 
 
+def _first_line(e):
+    text = str(e).strip()
+    if text.startswith("gla_cuda: cannot run"):  # the dispatcher's table: keep the reason itself
+        reasons = [l.strip() for l in text.splitlines()[2:] if l.strip() and "available" not in l]
+        text = text.splitlines()[0] + (" (" + "; ".join(reasons) + ")" if reasons else "")
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+
+
 def _fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
-def run(shapes, device, modes=MODES, out_dir=None, log=lambda *a: print(*a, flush=True)):
+def _dtype_name(dtype):
+    return next(n for n, d in DTYPES.items() if d == dtype)
+
+
+def derived(results, row):
+    """{mode: {"vs_fla", "vs_sdpa", "floor"}} for one row: fla's ms / ours, the best SDPA's
+    ms / ours and floor ms / ours, from rows of the same shape and dtype (None if missing)."""
+    same = {r["backend"]: r for r in results["rows"]
+            if tuple(r["shape"]) == tuple(row["shape"]) and r["dtype"] == row["dtype"]}
+    bw = results.get("copy_bandwidth_GBps")
+    itemsize = DTYPES[row["dtype"]].itemsize
+    out = {}
+    for mode, ms in row["ms"].items():
+        fla = same.get("fla", {}).get("ms", {}).get(mode)
+        sdpa = [same[n]["ms"][mode] for n in ("sdpa_flash", "sdpa_cudnn") if mode in same.get(n, {}).get("ms", {})]
+        floor = floor_bytes(*row["shape"], mode, itemsize) / (bw * 1e9) * 1e3 if bw else None
+        out[mode] = {"vs_fla": fla / ms if fla else None, "vs_sdpa": min(sdpa) / ms if sdpa else None,
+                     "floor": floor / ms if floor else None}
+    return out
+
+
+def _row_line(results, r, mode):
+    d = derived(results, r)[mode]
+    peak = (r.get("peak_bytes") or {}).get(mode)
+    return (f"{r['backend']:<11} {mode:<7} {r['ms'][mode]:>9.3f} {_fmt(d['vs_fla'], '.2f'):>7} "
+            f"{_fmt(d['vs_sdpa'], '.2f'):>8} {_fmt(d['floor'] and 100 * d['floor'], '.0f'):>7} "
+            f"{_fmt(peak and peak / 2**20, '.0f'):>9}")
+
+
+HEADER = (f"{'backend':<11} {'mode':<7} {'ms':>9} {'vs fla':>7} {'vs SDPA':>8} {'floor %':>7} {'peak MiB':>9}")
+
+
+def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), decode_shapes=None,
+        budget_s=None, progress=None):
+    """Checks, then times every candidate; returns the results dict (also saved to out_dir
+    after every shape, so a run cut short keeps what it measured). budget_s: no measurement
+    starts after that many seconds (those left are listed as skipped)."""
+    t_start = time.perf_counter()
+    dtypes = [d if isinstance(d, str) else _dtype_name(d) for d in dtypes]
+    train_modes = [m for m in modes if m in TRAIN_MODES]
+    decode_shapes = (DECODE_SHAPES if decode_shapes is None else decode_shapes) if "decode" in modes else []
+    shapes = shapes if train_modes else []
+    cands = candidates(device) if shapes else {}
+    dcands = decode_candidates(device) if decode_shapes else {}
+    total = len(dtypes) * (len(cands) * (1 + len(shapes)) + len(dcands) * (1 + len(decode_shapes)))
+    bar = progress or Progress(total, enabled=False)
+    bar.total = max(1, total)
+    log = log or bar.write
+    versions = {"torch": torch.__version__, "gla_cuda": gla_cuda.__version__}
+    for mod in ("triton", "fla"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            pass
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": [], "accuracy": {}}
+               "date": time.strftime("%Y-%m-%d"), "versions": versions, "rows": [], "accuracy": {},
+               "skipped": [], "torch": torch.__version__}
     bw = copy_bandwidth(device) if device == "cuda" else None
     results["copy_bandwidth_GBps"] = bw and bw / 1e9
     if bw:
-        log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    cands = candidates(device)
-    usable = {}  # name -> (fn, modes it can run)
-    log("accuracy vs float64 reference (relative error norms), (2, 300, 2, 64, 64) bf16; "
-        "then (2, 300, 2, 64, 64) with g ≈ -20")
-    for name, (fn, why) in cands.items():
-        if fn is None or name.startswith("sdpa"):
-            if why:
-                log(f"  {name:<11} skipped: {why}")
-            if fn is not None:
-                usable[name] = (fn, modes)
-            continue
-        has_bwd = _has_backward(name, device)
-        try:
-            errs = accuracy(fn, device, grads=has_bwd)
-            strong = accuracy(fn, device, gate="strong", grads=False)
-        except Exception as e:
-            log(f"  {name:<11} cannot run: {str(e).splitlines()[0][:150]}")
-            continue
-        results["accuracy"][name] = {"normal": errs, "strong_gates": strong}
-        worst = max(errs.values())
-        ok = worst < 5e-2 and max(strong.values()) < 5e-2
-        log(f"  {name:<11} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
-            + " | g=-20: " + " ".join(f"{k}={v:.2e}" for k, v in strong.items())
-            + ("" if ok else "  -> FAILS, not timed") + ("" if has_bwd else "  (forward only)"))
-        if ok:
-            usable[name] = (fn, modes if has_bwd else [m for m in modes if m == "fwd"])
-    for shape in shapes:
-        t0 = time.perf_counter()
-        x = torch.empty(*shape[:4], device=device, dtype=torch.bfloat16)
-        picks = {op: dispatch.choose(op, x, x, x, x).backend for op in ("chunk_fwd", "chunk_bwd")}
-        del x
-        log(f"\n(B, T, H, K, V) = {tuple(shape)}, bf16")
-        log(f"{'backend':<11} {'mode':<7} {'ms':>8} {'vs fla':>7} {'vs cuDNN':>8} {'floor %':>7} "
-            f"{'peak MiB':>9}   (first call s)")
-        for name, (fn, cand_modes) in usable.items():
+        log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write): the memory floor's speed")
+
+    def over_budget(what):
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            results["skipped"].append(what)
+            return True
+        return False
+
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        usable = _check(cands, device, dtype, dname, results, log, bar, over_budget)
+        for shape in shapes:
+            t0 = time.perf_counter()
             B, T, H, K, V = shape
-            if name.startswith("sdpa") and K != V:
-                continue
-            if name == "reference" and device == "cuda" and B * T * H > 2 ** 12:
-                continue  # the reference is for small sizes
-            t1 = time.perf_counter()
-            try:
-                times, peak = time_candidate(fn, shape, device, cand_modes)
-            except Exception as e:
-                log(f"{name:<11} failed: {str(e).splitlines()[0][:150]}")
-                continue
-            row = {"shape": shape, "backend": name, "ms": times, "peak_bytes": peak,
-                   "seconds": time.perf_counter() - t1}
-            results["rows"].append(row)
-            _print_row(results, row, bw, log)
-        # ratios against baselines measured after a row was printed
-        _print_shape(results, shape, bw, log)
-        log(f"auto ran chunk_fwd on {picks['chunk_fwd']}, chunk_bwd on {picks['chunk_bwd']}; "
-            f"{time.perf_counter() - t0:.0f} s for this shape")
-        if out_dir:  # after every shape: a run cut short keeps what it measured
-            _save(results, out_dir)
+            floors = "; ".join(f"{m} {floor_bytes(*shape, m, dtype.itemsize) / bw * 1e3:.3f} ms"
+                               for m in train_modes) if bw else "no GPU: no floor"
+            log(f"\n(B, T, H, K, V) = {tuple(shape)}, {dname}; memory floor {floors}")
+            log(HEADER)
+            for name in cands:
+                bar.start(f"{shape} {dname} {name}")
+                if name not in usable or (name.startswith("sdpa") and K != V) or \
+                        (name == "reference" and device == "cuda" and B * T * H > REFERENCE_MAX_TOKENS) or \
+                        over_budget(f"{name} {shape} {dname}"):
+                    bar.advance()
+                    continue
+                t1 = time.perf_counter()
+                try:
+                    times, peak = time_candidate(usable[name], shape, device, usable_modes(name, device, train_modes),
+                                                 dtype)
+                except Exception as e:
+                    log(f"{name:<11} failed: {_first_line(e)}")
+                    bar.advance()
+                    continue
+                finally:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                row = {"shape": list(shape), "dtype": dname, "backend": name, "ms": times, "peak_bytes": peak,
+                       "seconds": time.perf_counter() - t1}
+                results["rows"].append(row)
+                for mode in times:
+                    log(_row_line(results, row, mode))
+                bar.advance()
+            if device == "cuda":
+                x = torch.empty(B, T, H, K, device=device, dtype=dtype)
+                picks = {op: dispatch.choose(op, x, x, x, x).backend for op in ("chunk_fwd", "chunk_bwd")}
+                del x
+                log(f"auto ran chunk_fwd on {picks['chunk_fwd']}, chunk_bwd on {picks['chunk_bwd']}; "
+                    f"{time.perf_counter() - t0:.0f} s for this shape")
+            if out_dir:
+                save(results, out_dir)
+        _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over_budget)
+        if out_dir:
+            save(results, out_dir)
+    if results["skipped"]:
+        log(f"\n{len(results['skipped'])} measurements not started: the time budget ({budget_s} s) ran out "
+            f"(run without --quick for all): " + ", ".join(results["skipped"][:6])
+            + (" ..." if len(results["skipped"]) > 6 else ""))
+    results["seconds"] = time.perf_counter() - t_start
     return results
 
 
-def _save(results, out_dir):
+def usable_modes(name, device, modes):
+    return modes if _has_backward(name, device) else [m for m in modes if m == "fwd"]
+
+
+def _check(cands, device, dtype, dname, results, log, bar, over_budget):
+    """Accuracy of every GLA candidate in dtype; returns {name: fn} of those that pass."""
+    usable = {}
+    if not cands:
+        return usable
+    tol = _tolerance(dtype)
+    log(f"\naccuracy vs the float64 reference, {dname}: relative error norms at (2, 300, 2, 64, 64), "
+        f"then with gates of -20 per step; above {tol:g} fails and is not timed")
+    for name, (fn, why) in cands.items():
+        bar.start(f"accuracy {dname} {name}")
+        if fn is None:
+            log(f"  {name:<11} skipped: {why}")
+        elif name.startswith("sdpa"):
+            try:  # softmax attention: a different function, nothing to compare; can it run at all?
+                q = make_inputs(1, 128, 1, 64, 64, device, dtype=dtype)[0]
+                fn(q, q, q, q)
+                usable[name] = fn
+                log(f"  {name:<11} softmax attention (the baseline): no accuracy check")
+            except Exception as e:
+                log(f"  {name:<11} cannot run {dname}: {_first_line(e)}")
+        elif not over_budget(f"accuracy {name} {dname}"):
+            has_bwd = _has_backward(name, device)
+            try:
+                errs = accuracy(fn, device, grads=has_bwd, dtype=dtype)
+                strong = accuracy(fn, device, gate="strong", grads=False, dtype=dtype)
+            except Exception as e:
+                log(f"  {name:<11} cannot run: {_first_line(e)}")
+            else:
+                results["accuracy"].setdefault(dname, {})[name] = {"normal": errs, "strong_gates": strong}
+                ok = max(errs.values()) < tol and max(strong.values()) < tol
+                log(f"  {name:<11} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                    + " | g=-20: " + " ".join(f"{k}={v:.1e}" for k, v in strong.items())
+                    + ("" if ok else "  -> FAILS, not timed") + ("" if has_bwd else "  (forward only)"))
+                if ok:
+                    usable[name] = fn
+        bar.advance()
+    return usable
+
+
+def _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over_budget):
+    if not decode_shapes:
+        return
+    tol = _tolerance(dtype)
+    usable = {}
+    K, V = decode_shapes[0][2:]
+    log(f"\ndecode: one step from a float32 state, {dname} q/k/v/g; accuracy vs float64 at (B, H, K, V) = "
+        f"(8, 4, {K}, {V}), o and the state after the step")
+    for name, fn in dcands.items():
+        bar.start(f"decode accuracy {dname} {name}")
+        if not over_budget(f"decode accuracy {name} {dname}"):
+            try:
+                errs = decode_accuracy(fn, device, K=K, V=V, dtype=dtype)
+            except Exception as e:
+                log(f"  {name:<11} cannot run: {_first_line(e)}")
+            else:
+                ok = max(errs.values()) < tol
+                results["accuracy"].setdefault(dname, {})[f"decode/{name}"] = errs
+                log(f"  {name:<11} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                    + ("" if ok else "  -> FAILS, not timed"))
+                if ok:
+                    usable[name] = fn
+        bar.advance()
+    bw = results["copy_bandwidth_GBps"]
+    for B, H, K, V in decode_shapes:
+        shape = (B, 1, H, K, V)
+        floor = floor_bytes(*shape, "decode", dtype.itemsize)
+        log(f"\ndecode step (B, H, K, V) = {(B, H, K, V)}, {dname}, float32 state {2 * B * H * K * V * 4 / 2**20:.0f} "
+            f"MiB read + written; memory floor " + (f"{floor / (bw * 1e9) * 1e3:.4f} ms" if bw else "— (no GPU)"))
+        log(HEADER)
+        for name, fn in dcands.items():
+            bar.start(f"decode {(B, H, K, V)} {dname} {name}")
+            if name in usable and not over_budget(f"decode {name} {(B, H, K, V)} {dname}"):
+                try:
+                    ms, peak = time_decode(fn, (B, H, K, V), device, dtype)
+                except Exception as e:
+                    log(f"{name:<11} failed: {_first_line(e)}")
+                else:
+                    row = {"shape": list(shape), "dtype": dname, "backend": name, "ms": {"decode": ms},
+                           "peak_bytes": {"decode": peak}, "seconds": None}
+                    results["rows"].append(row)
+                    log(_row_line(results, row, "decode"))
+            bar.advance()
+
+
+CSV_COLUMNS = ("mode", "dtype", "B", "T", "H", "K", "V", "backend", "ms", "vs_fla", "vs_sdpa", "floor_fraction",
+               "peak_MiB")
+
+
+def save(results, out_dir):
+    """bench.json (everything, with the ratios) and bench.csv (one line per row and mode)."""
     os.makedirs(out_dir, exist_ok=True)
+    for r in results["rows"]:
+        r["derived"] = derived(results, r)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out_dir, "bench.csv"), "w") as f:
-        f.write("B,T,H,K,V,backend,mode,ms,peak_MiB\n")
+        f.write(",".join(CSV_COLUMNS) + "\n")
         for r in results["rows"]:
             for mode, ms in r["ms"].items():
-                peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else ""
-                f.write(",".join(map(str, list(r["shape"]) + [r["backend"], mode, ms, peak])) + "\n")
-
-
-def _print_row(results, r, bw, log, show_seconds=True):
-    same = {x["backend"]: x for x in results["rows"] if tuple(x["shape"]) == tuple(r["shape"])}
-    for mode, ms in r["ms"].items():
-        fla = same.get("fla", {}).get("ms", {}).get(mode)
-        cudnn = same.get("sdpa_cudnn", {}).get("ms", {}).get(mode)
-        floor = floor_bytes(*r["shape"], mode) / bw * 1e3 if bw else None
-        peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None and mode == "fwdbwd" else None
-        log(f"{r['backend']:<11} {mode:<7} {ms:>8.3f} {_fmt(fla and fla / ms, '.2f'):>7} "
-            f"{_fmt(cudnn and cudnn / ms, '.2f'):>8} {_fmt(floor and 100 * floor / ms, '.0f'):>7} "
-            f"{_fmt(peak, '.0f'):>9}" + (f"   ({r['seconds']:.0f} s)" if show_seconds else ""))
-
-
-def _print_shape(results, shape, bw, log):
-    """The shape's table again, with every ratio (fla and cuDNN run after ours)."""
-    log(f"summary {tuple(shape)}:")
-    for r in results["rows"]:
-        if tuple(r["shape"]) == tuple(shape):
-            _print_row(results, r, bw, log, show_seconds=False)
+                d, peak = r["derived"][mode], (r.get("peak_bytes") or {}).get(mode)
+                cells = [mode, r["dtype"], *r["shape"], r["backend"], f"{ms:.5g}"] + \
+                        ["" if d[x] is None else f"{d[x]:.4g}" for x in ("vs_fla", "vs_sdpa", "floor")] + \
+                        ["" if peak is None else f"{peak / 2**20:.1f}"]
+                f.write(",".join(map(str, cells)) + "\n")
+    return [os.path.join(out_dir, n) for n in ("bench.json", "bench.csv")]
 
 
 def _shape(text):
@@ -326,35 +667,81 @@ def _shape(text):
     return parts
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one shape")
-    p.add_argument("--shapes", type=_shape, nargs="+", help="B,T,H,K,V ...")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--out", help="directory for bench.json and bench.csv")
-    p.add_argument("--sweep", action="store_true",
-                   help="T from 1024 to 32768 at 16384 tokens per batch, H=16, K=V=128")
+def _decode_shape(text):
+    parts = tuple(int(x) for x in text.split(","))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError("a decode shape is B,H,K,V")
+    return parts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="gla-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"about a minute: {QUICK_SHAPES[0]}, modes {' '.join(QUICK_MODES)}, "
+                        f"no measurement started after {QUICK_BUDGET_S} s")
+    p.add_argument("--shapes", type=_shape, nargs="+", metavar="B,T,H,K,V", help="instead of the sweep")
+    p.add_argument("--sweep", action="store_true", help="the sweep (the default without --shapes or --quick)")
+    p.add_argument("--head-dims", nargs="+", choices=list(HEAD_DIMS), default=list(HEAD_DIMS),
+                   help="the sweep's (H, K, V): 64 = (16, 64, 64), 128 = (16, 128, 128), 256x512 = (4, 256, 512)")
+    p.add_argument("--tokens", type=int, default=TOKENS, help="the sweep's tokens per batch (B * T)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: all; --quick: {' '.join(QUICK_MODES)}")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16"], help="q, k, v, g dtypes")
+    p.add_argument("--decode-shapes", type=_decode_shape, nargs="+", metavar="B,H,K,V", default=DECODE_SHAPES)
+    p.add_argument("--out", default="bench_results", help="directory for bench.json, bench.csv and the plots")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
-                   help="PNG plots into --out (default: on when --out is given)")
-    args = p.parse_args(argv)
+                   help="PNG plots into --out (default: on when matplotlib is installed)")
+    p.add_argument("--budget", type=float, help="seconds after which no measurement starts "
+                   f"(--quick: {QUICK_BUDGET_S})")
+    p.add_argument("--warm", action="store_true",
+                   help="compile every shape in parallel processes first (fla autotunes many kernels)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="the progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (CPU runs; default 1: the shapes are small)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    # Keep the timed process's autotuning results on disk: the next run skips fla's autotuning.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    modes = args.modes or list(QUICK_MODES if args.quick else MODES)
+    budget = args.budget if args.budget is not None else (QUICK_BUDGET_S if args.quick else None)
     if device == "cpu":
-        print("no CUDA GPU: timing the reference on CPU shapes only")
-    shapes = args.shapes or (CPU_SHAPES if device == "cpu" else QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    if args.sweep:  # constant tokens per batch: linear attention's time should stay flat in T
-        shapes = [(max(1, 16384 // T), T, 16, 128, 128) for T in (1024, 2048, 4096, 8192, 16384, 32768)]
-    results = run(shapes, device, args.modes, args.out)
+        torch.set_num_threads(args.threads or 1)
+        shapes = args.shapes or CPU_SHAPES
+        print("no CUDA GPU: timing only the PyTorch reference, on CPU-sized shapes "
+              f"{', '.join(map(str, shapes))} (the GPU backends, fla and SDPA need a GPU)", flush=True)
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        shapes = args.shapes or (QUICK_SHAPES if args.quick else sweep_shapes(args.head_dims, args.tokens))
+    decode_shapes = args.decode_shapes
+    if args.warm and device == "cuda":
+        warm_parallel(shapes if any(m in TRAIN_MODES for m in modes) else [],
+                      decode_shapes if "decode" in modes else [], args.dtypes)
+    bar = Progress(1, enabled=args.progress)  # run() sets the total
+    try:
+        results = run(shapes, device, modes, args.out, dtypes=args.dtypes, decode_shapes=decode_shapes,
+                      budget_s=budget, progress=bar)
+    finally:
+        bar.close()
+    written = save(results, args.out) if args.out else []
     if args.out and args.plots is not False:
         from gla_cuda import plots
         try:
-            for path in plots.plot(results, args.out):
-                print(f"plot: {path}")
+            written += plots.plot(results, args.out)
         except ImportError as e:
             if args.plots:  # asked for explicitly: fail; by default only say why there are none
                 raise
             print(f"no plots: {e}")
     elif args.plots:
         print("--plots needs --out DIR")
+    if written:
+        print(f"\nwrote {', '.join(written)}")
+    print(f"{time.perf_counter() - t_start:.0f} s in all" + (" (--quick)" if args.quick else ""))
     return 0
 
 
