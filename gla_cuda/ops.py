@@ -197,13 +197,13 @@ def _norm_triton_reason(x, gate, weight):
     from gla_cuda.backends import triton as triton_backend
     if triton_backend.IMPORT_ERROR:
         return triton_backend.IMPORT_ERROR
+    tensors = [t for t in (x, gate, weight) if t is not None]
+    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
+        return "dtypes other than float16, bfloat16, float32 run only on the reference"
     if x.device.type == "cpu" and not triton_backend.interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
     if x.device.type not in ("cpu", "cuda"):
         return f"device type {x.device.type} is not supported"
-    tensors = [t for t in (x, gate, weight) if t is not None]
-    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
-        return "dtypes other than float16, bfloat16, float32 run only on the reference"
     if x.device.type == "cuda" and any(t.dtype == torch.bfloat16 for t in tensors):
         major, minor = torch.cuda.get_device_capability(x.device)
         if major < 8:

@@ -32,9 +32,13 @@ import triton
 import triton.language as tl
 
 MAX_D = 8192
-_FWD_TILE = 4096   # elements a forward program holds: 32 fp32 registers a thread per tensor at 4 warps
-_BWD_TILE = 2048   # the backward keeps ~6 tensors of the tile live
-_BWD_PROGRAMS_PER_SM = 8
+# Elements of [BLOCK_M, BLOCK_D] a program holds (BLOCK_M = tile // BLOCK_D rows, tile // 1024
+# warps) and backward programs per SM. Measured on an H100 at [8, 2048, 16, 128] bf16 with a
+# bf16 gate (do_bench median): forward 0.074 ms at a 2048 tile (0.077 at 4096; the floor at
+# 3.0 TB/s is 0.067), backward 0.141 ms at 16 programs per SM (0.160 at 8; floor 0.112).
+_FWD_TILE = 2048
+_BWD_TILE = 2048
+_BWD_PROGRAMS_PER_SM = 16
 
 
 def _interpreting() -> bool:
