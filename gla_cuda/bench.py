@@ -272,10 +272,15 @@ def warm_decode(shape, device="cuda", dtype="bf16"):
 
 
 def warm_parallel(shapes, decode_shapes, dtypes, jobs=None, log=print):
-    """Warms every (shape, dtype) in its own process, ``jobs`` at a time (default: one per
-    two CPU cores, at most 8): compiling is CPU-bound and processes do it side by side."""
+    """Warms each (K, V, dtype) of the shapes in its own process, ``jobs`` at a time (default:
+    one per two CPU cores, at most 8): compiling is CPU-bound and processes do it side by side.
+    One shape per head dims is enough: the kernels (and fla's autotune keys) do not depend on T."""
     jobs = jobs or max(1, min(8, (os.cpu_count() or 2) // 2))
-    todo = [("warm", s, d) for d in dtypes for s in shapes] + [("warm_decode", s, d) for d in dtypes for s in decode_shapes]
+    per_dims = {}
+    for s in shapes:
+        per_dims.setdefault((s[3], s[4]), s)
+    todo = [("warm", s, d) for d in dtypes for s in per_dims.values()] + \
+           [("warm_decode", s, d) for d in dtypes for s in decode_shapes]
     t0, running = time.perf_counter(), []
     for fn, shape, dtype in todo:
         while len(running) >= jobs:
@@ -498,6 +503,8 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
 
     for dname in dtypes:
         dtype = DTYPES[dname]
+        # decode first: it takes seconds, so a time budget never cuts it
+        _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over_budget)
         usable = _check(cands, device, dtype, dname, results, log, bar, over_budget)
         for shape in shapes:
             t0 = time.perf_counter()
@@ -538,7 +545,6 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
                     f"{time.perf_counter() - t0:.0f} s for this shape")
             if out_dir:
                 save(results, out_dir)
-        _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over_budget)
         if out_dir:
             save(results, out_dir)
     if results["skipped"]:
@@ -619,8 +625,10 @@ def _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over
     for B, H, K, V in decode_shapes:
         shape = (B, 1, H, K, V)
         floor = floor_bytes(*shape, "decode", dtype.itemsize)
-        log(f"\ndecode step (B, H, K, V) = {(B, H, K, V)}, {dname}, float32 state {2 * B * H * K * V * 4 / 2**20:.0f} "
-            f"MiB read + written; memory floor " + (f"{floor / (bw * 1e9) * 1e3:.4f} ms" if bw else "— (no GPU)"))
+        state = B * H * K * V * 4
+        log(f"\ndecode step (B, H, K, V) = {(B, H, K, V)}, {dname}, float32 state of "
+            + (f"{state / 2**20:.0f} MiB" if state >= 2**20 else f"{state / 2**10:.0f} KiB")
+            + " read and written; memory floor " + (f"{floor / (bw * 1e9) * 1e3:.4f} ms" if bw else "— (no GPU)"))
         log(HEADER)
         for name, fn in dcands.items():
             bar.start(f"decode {(B, H, K, V)} {dname} {name}")
@@ -694,7 +702,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, help="seconds after which no measurement starts "
                    f"(--quick: {QUICK_BUDGET_S})")
     p.add_argument("--warm", action="store_true",
-                   help="compile every shape in parallel processes first (fla autotunes many kernels)")
+                   help="compile the kernels of every head dims in parallel processes first (fla compiles "
+                        "many configs to autotune: minutes for a first run of the sweep)")
+    p.add_argument("--warm-only", action="store_true", help="--warm, then stop")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="the progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--threads", type=int, help="torch CPU threads (CPU runs; default 1: the shapes are small)")
@@ -719,9 +729,11 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         shapes = args.shapes or (QUICK_SHAPES if args.quick else sweep_shapes(args.head_dims, args.tokens))
     decode_shapes = args.decode_shapes
-    if args.warm and device == "cuda":
+    if (args.warm or args.warm_only) and device == "cuda":
         warm_parallel(shapes if any(m in TRAIN_MODES for m in modes) else [],
                       decode_shapes if "decode" in modes else [], args.dtypes)
+    if args.warm_only:
+        return 0
     bar = Progress(1, enabled=args.progress)  # run() sets the total
     try:
         results = run(shapes, device, modes, args.out, dtypes=args.dtypes, decode_shapes=decode_shapes,
