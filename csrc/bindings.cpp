@@ -13,9 +13,11 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "chunk_fwd/chunk_fwd.h"
 #include "gla_params.h"
+#include "recurrent/recurrent.h"
 
 namespace gla {
 namespace {
@@ -39,6 +41,15 @@ DType dtype_from_name(const std::string& name) {
 void check_cuda_contiguous(const at::Tensor& x, const char* name, const at::Device& device) {
   TORCH_CHECK(x.is_cuda() && x.device() == device, name, " must be on ", device);
   TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+}
+
+void poison(std::initializer_list<at::Tensor*> outs) {  // tests: any element a kernel misses stays NaN
+  if (std::getenv("GLA_DEBUG_POISON") == nullptr) return;
+  for (at::Tensor* x : outs) x->fill_(std::numeric_limits<float>::quiet_NaN());
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, " launch failed: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
@@ -82,28 +93,148 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
   p.ht = output_final_state ? ht.data_ptr<float>() : nullptr;
   if (const char* why = chunk_fwd_unsupported(p, sm_major, sm_minor))
     TORCH_CHECK(false, "cuda_chunk_fwd: ", why);
-  if (std::getenv("GLA_DEBUG_POISON")) {  // tests: any element the kernel misses stays NaN
-    o.fill_(std::numeric_limits<float>::quiet_NaN());
-    ht.fill_(std::numeric_limits<float>::quiet_NaN());
-  }
-  if (p.B * p.T > 0 || output_final_state) {
-    cudaError_t err = chunk_fwd(p, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "cuda_chunk_fwd launch failed: ", cudaGetErrorString(err));
-  }
+  poison({&o, &ht});
+  if (p.B * p.T > 0 || output_final_state)
+    check_launch(chunk_fwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_fwd");
   return {o, ht};
 }
 
+// q, k, v, g checked and described for the recurrent kernels (everything but outputs).
+RecurrentParams recurrent_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& g, double scale,
+                                 const std::optional<at::Tensor>& cu_seqlens, bool backward,
+                                 const char* op) {
+  const auto device = q.device();
+  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&g, "g"}})
+    check_cuda_contiguous(*x, name, device);
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && g.sizes() == q.sizes() && v.dim() == 4 &&
+                  v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
+              op, ": q, k, g must be [B, T, H, K] and v [B, T, H, V]");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype");
+  RecurrentParams p{};
+  p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.K = q.size(3); p.V = v.size(3);
+  p.N = cu_seqlens ? cu_seqlens->numel() - 1 : p.B;
+  TORCH_CHECK(p.H <= 65535, op, ": at most 65535 heads");
+  p.scale = static_cast<float>(scale);
+  p.dtype = to_dtype(q.scalar_type());
+  p.g_dtype = to_dtype(g.scalar_type());
+  TORCH_CHECK(p.g_dtype == DType::kFloat32 || p.g_dtype == p.dtype, op,
+              ": g must be float32 or q's dtype");
+  int sm_major = 0;
+  cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, device.index());
+  if (const char* why = recurrent_unsupported(backward, p.T, p.K, p.V, sm_major))
+    TORCH_CHECK(false, op, ": ", why);
+  if (cu_seqlens) {
+    check_cuda_contiguous(*cu_seqlens, "cu_seqlens", device);
+    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt, "cu_seqlens must be int32 here");
+    TORCH_CHECK(p.B == 1, op, ": cu_seqlens needs B == 1");
+    p.cu_seqlens = cu_seqlens->data_ptr<int32_t>();
+  }
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr();
+  return p;
+}
+
+const float* state_ptr(const std::optional<at::Tensor>& x, const char* name, const RecurrentParams& p,
+                       const at::Device& device) {
+  if (!x) return nullptr;
+  check_cuda_contiguous(*x, name, device);
+  TORCH_CHECK(x->scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(x->sizes() == at::IntArrayRef({p.N, p.H, p.K, p.V}), name, " must be [N, H, K, V]");
+  return x->data_ptr<float>();
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_recurrent_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    double scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  c10::cuda::CUDAGuard guard(q.device());
+  RecurrentParams p = recurrent_params(q, k, v, g, scale, cu_seqlens, false, "cuda_recurrent_fwd");
+  p.h0 = state_ptr(initial_state, "initial_state", p, q.device());
+  at::Tensor o = at::empty(v.sizes(), v.options());
+  at::Tensor ht = at::empty(output_final_state ? at::IntArrayRef({p.N, p.H, p.K, p.V}) : at::IntArrayRef({0}),
+                            q.options().dtype(at::kFloat));
+  poison({&o, &ht});
+  p.o = o.data_ptr();
+  p.ht = output_final_state ? ht.data_ptr<float>() : nullptr;
+  check_launch(recurrent_fwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_recurrent_fwd");
+  return {o, ht};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_recurrent_bwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    double scale, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& dout,
+    const std::optional<at::Tensor>& dht) {
+  c10::cuda::CUDAGuard guard(q.device());
+  RecurrentParams p = recurrent_params(q, k, v, g, scale, cu_seqlens, true, "cuda_recurrent_bwd");
+  check_cuda_contiguous(dout, "do", q.device());
+  TORCH_CHECK(dout.sizes() == v.sizes() && dout.scalar_type() == v.scalar_type(),
+              "cuda_recurrent_bwd: do must be like v");
+  p.h0 = state_ptr(initial_state, "initial_state", p, q.device());
+  p.dht = state_ptr(dht, "dht", p, q.device());
+  p.dout = dout.data_ptr();
+  const int64_t tiles = (p.V + 63) / 64;
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor parts = at::empty({3, tiles, p.B, p.T, p.H, p.K}, f32);  // dq, dk, dg per V tile
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dh0 = at::empty(initial_state ? at::IntArrayRef({p.N, p.H, p.K, p.V}) : at::IntArrayRef({0}), f32);
+  poison({&parts, &dv, &dh0});
+  p.dq_part = parts[0].data_ptr<float>();
+  p.dk_part = parts[1].data_ptr<float>();
+  p.dg_part = parts[2].data_ptr<float>();
+  p.dv = dv.data_ptr();
+  p.dh0 = initial_state ? dh0.data_ptr<float>() : nullptr;
+  check_launch(recurrent_bwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_recurrent_bwd");
+  at::Tensor sums = parts.sum(1);  // over V tiles, in a fixed order
+  return {sums[0].to(q.scalar_type()), sums[1].to(k.scalar_type()), dv, sums[2].to(g.scalar_type()),
+          dh0};
+}
+
+at::Tensor cuda_recurrent_pool_fwd_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& g, double scale, at::Tensor& state_pool,
+                                    const at::Tensor& state_index, bool state_v_first) {
+  c10::cuda::CUDAGuard guard(q.device());
+  RecurrentParams p = recurrent_params(q, k, v, g, scale, std::nullopt, false, "cuda_recurrent_pool_fwd_");
+  check_cuda_contiguous(state_pool, "state_pool", q.device());
+  check_cuda_contiguous(state_index, "state_index", q.device());
+  TORCH_CHECK(state_pool.scalar_type() == at::kFloat, "state_pool must be float32");
+  const std::vector<int64_t> slot = state_v_first ? std::vector<int64_t>{p.H, p.V, p.K}
+                                                  : std::vector<int64_t>{p.H, p.K, p.V};
+  TORCH_CHECK(state_pool.dim() == 4 && state_pool.sizes().slice(1) == at::IntArrayRef(slot),
+              "state_pool must be [P, H, K, V] ([P, H, V, K] with state_v_first)");
+  TORCH_CHECK(state_index.dim() == 1 && state_index.size(0) == p.B &&
+                  (state_index.scalar_type() == at::kInt || state_index.scalar_type() == at::kLong),
+              "state_index must be an int32 or int64 [B] tensor");
+  p.pool = state_pool.data_ptr<float>();
+  p.P = state_pool.size(0);
+  p.index = state_index.data_ptr();
+  p.index_int64 = state_index.scalar_type() == at::kLong;
+  p.state_v_first = state_v_first;
+  at::Tensor o = at::empty(v.sizes(), v.options());
+  poison({&o});
+  p.o = o.data_ptr();
+  check_launch(recurrent_fwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_recurrent_pool_fwd_");
+  return o;
+}
+
 // For gla_cuda.backends.cuda: nullptr-or-reason, without building tensors.
-std::optional<std::string> unsupported(const std::string& op, int K, int V, const std::string& dtype,
-                                       const std::string& g_dtype, int sm_major, int sm_minor) {
-  FwdParams p{};  // one sequence of one token and one head: only the static checks bite
-  p.B = p.N = p.T = p.H = 1;
-  p.K = K; p.V = V;
-  p.dtype = dtype_from_name(dtype);
-  p.g_dtype = dtype_from_name(g_dtype);
+std::optional<std::string> unsupported(const std::string& op, int T, int K, int V,
+                                       const std::string& dtype, const std::string& g_dtype,
+                                       int sm_major, int sm_minor) {
   const char* why = nullptr;
-  if (op == "chunk_fwd") why = chunk_fwd_unsupported(p, sm_major, sm_minor);
-  else why = "no compiled kernel for this op";
+  if (op == "chunk_fwd") {
+    FwdParams p{};  // one sequence of one token and one head: only the static checks bite
+    p.B = p.N = p.T = p.H = 1;
+    p.K = K; p.V = V;
+    p.dtype = dtype_from_name(dtype);
+    p.g_dtype = dtype_from_name(g_dtype);
+    why = chunk_fwd_unsupported(p, sm_major, sm_minor);
+  } else if (op == "recurrent_fwd" || op == "recurrent_pool_fwd_" || op == "recurrent_bwd") {
+    why = recurrent_unsupported(op == "recurrent_bwd", T, K, V, sm_major);
+  } else {
+    why = "no compiled kernel for this op";
+  }
   if (why) return std::string(why);
   return std::nullopt;
 }
@@ -111,7 +242,12 @@ std::optional<std::string> unsupported(const std::string& op, int K, int V, cons
 }  // namespace
 }  // namespace gla
 
-TORCH_LIBRARY_IMPL(gla, CUDA, m) { m.impl("cuda_chunk_fwd", &gla::cuda_chunk_fwd); }
+TORCH_LIBRARY_IMPL(gla, CUDA, m) {
+  m.impl("cuda_chunk_fwd", &gla::cuda_chunk_fwd);
+  m.impl("cuda_recurrent_fwd", &gla::cuda_recurrent_fwd);
+  m.impl("cuda_recurrent_bwd", &gla::cuda_recurrent_bwd);
+  m.impl("cuda_recurrent_pool_fwd_", &gla::cuda_recurrent_pool_fwd_);
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gla_cuda compiled CUDA kernels (registered under torch.ops.gla.cuda_*)";

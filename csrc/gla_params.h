@@ -28,4 +28,37 @@ struct FwdParams {
   int num_sms;                // of the current device
 };
 
+// The recurrent kernels (csrc/recurrent/): one step per token, the state tile in registers.
+// Shapes as in FwdParams; with `pool` set, batch row b reads and updates, in place, the state
+// pool[index[b]] of pool [P, H, K, V] (h0 and ht unused), and an index outside [0, P) skips the
+// row (its outputs are zeros). With state_v_first every state is stored [.., V, K] instead.
+struct RecurrentParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* g;
+  void* o;                    // forward output, or nullptr in the backward
+  const float* h0;            // initial state or nullptr
+  float* ht;                  // final state or nullptr
+  const int32_t* cu_seqlens;  // or nullptr
+  float* pool;                // pooled decode: states updated in place, or nullptr
+  const void* index;          // [B] int32 or int64 (index_int64), with pool
+  bool index_int64;
+  bool state_v_first;
+  int P;                      // pool slots
+  // backward: do in v's dtype; dq, dk, dg are float32 partial sums per V tile
+  // ([ceil(V / 64), B * T * H, K], summed by the caller), dv in v's dtype.
+  const void* dout;
+  const float* dht;           // or nullptr
+  float* dq_part;
+  float* dk_part;
+  float* dg_part;
+  void* dv;
+  float* dh0;                 // or nullptr
+  int B, T, H, K, V, N;
+  float scale;
+  DType dtype;                // of q, k, v, o, do, dv
+  DType g_dtype;              // kFloat32 or dtype
+};
+
 }  // namespace gla

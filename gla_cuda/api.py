@@ -133,9 +133,61 @@ def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optio
                  cu_seqlens, backend)
 
 
+def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state_pool: Tensor,
+                               state_index: Tensor, scale: Optional[float] = None,
+                               state_v_first: bool = False, check_index: bool = True,
+                               backend: Optional[str] = None) -> Tensor:
+    """One decode step (or a few tokens) for a batch whose states live in a shared pool.
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]. state_pool: float32 [P, H, K, V] ([P, H, V, K]
+    with state_v_first), updated in place: row b starts from state_pool[state_index[b]] and
+    leaves its final state there. state_index: int32/int64 [B] on the pool's device; -1
+    means "no state": the row is skipped (its output is zeros, the pool is not touched).
+    Returns o [B, T, H, V].
+
+    check_index reads state_index once on the host (one synchronisation) to reject values
+    outside [-1, P) and slots used twice, before anything is written. Pass False in a
+    serving loop; under CUDA-graph capture and torch.compile the check is skipped anyway.
+    Unchecked, an index outside [0, P) is skipped like -1; a slot used twice is undefined.
+    """
+    q, k, v, g, scale, _, _ = _prepare(q, k, v, g, scale, None, None)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if not isinstance(state_pool, Tensor):
+        raise TypeError(f"state_pool must be a Tensor, got {type(state_pool).__name__}")
+    if state_pool.dtype != torch.float32:
+        raise TypeError(f"state_pool must be float32, got {state_pool.dtype}")
+    slot = (H, V, K) if state_v_first else (H, K, V)
+    if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != slot:
+        layout = "[P, H, V, K]" if state_v_first else "[P, H, K, V]"
+        raise ValueError(f"state_pool must have shape {layout} = [P, {', '.join(map(str, slot))}], "
+                         f"got {tuple(state_pool.shape)}")
+    if not state_pool.is_contiguous():
+        raise ValueError("state_pool must be contiguous (it is updated in place)")
+    if not isinstance(state_index, Tensor):
+        raise TypeError(f"state_index must be a Tensor, got {type(state_index).__name__}")
+    if state_index.dtype not in (torch.int32, torch.int64) or tuple(state_index.shape) != (B,):
+        raise ValueError(f"state_index must be an int32 or int64 tensor of shape [B] = [{B}], got "
+                         f"{state_index.dtype} {tuple(state_index.shape)}")
+    for name, x in (("state_pool", state_pool), ("state_index", state_index)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if check_index and not _is_tracing():
+        index = state_index.tolist()
+        P = state_pool.shape[0]
+        bad = [i for i in index if not -1 <= i < P]
+        if bad:
+            raise ValueError(f"state_index values must be in [-1, P) = [-1, {P}), got {bad[0]}")
+        used = [i for i in index if i >= 0]
+        if len(set(used)) != len(used):
+            raise ValueError("state_index uses a pool slot twice")
+    return torch.ops.gla.recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index.contiguous(),
+                                             bool(state_v_first), dispatch.requested_backend(backend))
+
+
 def explain_backend(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tensor] = None,
                     cu_seqlens: Optional[Tensor] = None, op: str = "chunk_fwd",
                     backend: Optional[str] = None) -> dispatch.Choice:
-    """Which backend would run ``op`` (chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd)
-    on these inputs, and why each other backend would not. ``print()`` it for a table."""
+    """Which backend would run ``op`` (chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd,
+    recurrent_pool_fwd_: pass the pool as initial_state) on these inputs, and why each other backend would not. ``print()`` it for a table."""
     return dispatch.choose(op, q, k, v, g, initial_state, cu_seqlens, backend)

@@ -9,12 +9,16 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
                    Tensor? cu_seqlens, Tensor do, Tensor? dht, str backend)
         -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)
     gla::recurrent_fwd / gla::recurrent_bwd: the same schemas, for the recurrent form.
+    gla::recurrent_pool_fwd_(Tensor q, Tensor k, Tensor v, Tensor g, float scale,
+                             Tensor(a!) state_pool, Tensor state_index, bool state_v_first,
+                             str backend) -> Tensor o
+        serving: batch row b runs its tokens from, and writes its final state back to,
+        state_pool[state_index[b]] (float32 [P, H, K, V], or [P, H, V, K] with
+        state_v_first) in place; an index outside [0, P) (-1) skips the row (o = 0).
 
-Private kernel op, implemented by the compiled extension (gla_cuda._C) for CUDA:
-
-    gla::cuda_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale,
-                        Tensor? initial_state, bool output_final_state, Tensor? cu_seqlens)
-        -> (Tensor o, Tensor final_state)
+Private kernel ops, implemented by the compiled extension (gla_cuda._C) for CUDA: the
+public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd,
+cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_).
 
 Outputs that were not asked for (final_state without output_final_state, dh0 without
 initial_state) are empty tensors of shape [0]. Autograd is registered on the forward
@@ -31,6 +35,8 @@ _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initi
              "bool output_final_state, Tensor? cu_seqlens")
 _BWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, "
              "Tensor? cu_seqlens, Tensor do, Tensor? dht")
+_POOL_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor(a!) state_pool, "
+              "Tensor state_index, bool state_v_first")
 _FWD_OUT = "(Tensor o, Tensor final_state)"
 _BWD_OUT = "(Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)"
 
@@ -39,7 +45,11 @@ SCHEMAS = {
     "chunk_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
     "recurrent_fwd": f"({_FWD_ARGS}, str backend) -> {_FWD_OUT}",
     "recurrent_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
+    "recurrent_pool_fwd_": f"({_POOL_ARGS}, str backend) -> Tensor",
     "cuda_chunk_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
+    "cuda_recurrent_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
+    "cuda_recurrent_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
+    "cuda_recurrent_pool_fwd_": f"({_POOL_ARGS}) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -70,15 +80,21 @@ def _fwd_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
     return o, ht if output_final_state else _state_or_empty(None, q)
 
 
-def _bwd_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, backend):
+def _bwd_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, backend=None):
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _state_or_empty(None, q)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
 
 
-for _name in ("chunk_fwd", "recurrent_fwd", "cuda_chunk_fwd"):
+def _pool_fake(q, k, v, g, scale, state_pool, state_index, state_v_first, backend=None):
+    return torch.empty_like(v)
+
+
+for _name in ("chunk_fwd", "recurrent_fwd", "cuda_chunk_fwd", "cuda_recurrent_fwd"):
     torch.library.register_fake(f"gla::{_name}")(_fwd_fake)
-for _name in ("chunk_bwd", "recurrent_bwd"):
+for _name in ("chunk_bwd", "recurrent_bwd", "cuda_recurrent_bwd"):
     torch.library.register_fake(f"gla::{_name}")(_bwd_fake)
+for _name in ("recurrent_pool_fwd_", "cuda_recurrent_pool_fwd_"):
+    torch.library.register_fake(f"gla::{_name}")(_pool_fake)
 
 
 # ----------------------------------------------------------------------------
@@ -99,6 +115,13 @@ def _bwd_impl(op):
                                            scale, initial_state, cu_seqlens, do, dht)
         return dq, dk, dv, dg, _state_or_empty(dh0 if initial_state is not None else None, q)
     return impl
+
+
+@torch.library.impl("gla::recurrent_pool_fwd_", ("cpu", "cuda"))
+def _pool_impl(q, k, v, g, scale, state_pool, state_index, state_v_first, backend):
+    # the pool stands in for initial_state when a backend checks what it can run
+    return dispatch.run("recurrent_pool_fwd_", q, k, v, g, state_pool, None, backend,
+                        scale, state_pool, state_index, state_v_first)
 
 
 for _op in ("chunk", "recurrent"):

@@ -1,5 +1,6 @@
-"""A small varlen case for compute-sanitizer: the GPU backends named on the command
-line (default: cuda and triton), forward and backward."""
+"""Small varlen cases for compute-sanitizer: the GPU backends named on the command line
+(default: cuda and triton), forward and backward, chunked and recurrent, plus a short
+recurrent case (the CUDA recurrent backward takes T <= 16) and the pooled decode op."""
 import sys
 
 import torch
@@ -7,19 +8,31 @@ import torch
 import gla_cuda
 from gla_cuda import dispatch
 
-cu = torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda")
-T, H, K, V = 263, 2, 64, 64
-q, k, v = (torch.randn(1, T, H, d, device="cuda", dtype=torch.bfloat16) for d in (K, K, V))
-g = (torch.nn.functional.logsigmoid(torch.randn(1, T, H, K, device="cuda")) / 16).bfloat16()
-h0 = torch.randn(5, H, K, V, device="cuda")
+
+def inputs(T, H, K, V, N):
+    q, k, v = (torch.randn(1, T, H, d, device="cuda", dtype=torch.bfloat16) for d in (K, K, V))
+    g = (torch.nn.functional.logsigmoid(torch.randn(1, T, H, K, device="cuda")) / 16).bfloat16()
+    return q, k, v, g, torch.randn(N, H, K, V, device="cuda")
+
+
+cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"), inputs(263, 2, 64, 64, 5)),
+         (torch.tensor([0, 0, 1, 7, 12], dtype=torch.int32, device="cuda"), inputs(12, 2, 100, 72, 4))]
 for backend in sys.argv[1:] or ("cuda", "triton"):
-    for form, fn in (("chunk", gla_cuda.chunk_gla), ("recurrent", gla_cuda.fused_recurrent_gla)):
-        if dispatch.choose(f"{form}_fwd", q, k, v, g, h0, cu, backend).backend is None:
-            continue
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-        o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu,
-                   backend=backend)
-        if dispatch.choose(f"{form}_bwd", q, k, v, g, h0, cu, backend).backend is not None:
-            (o.float().sum() + ht.sum()).backward()
+    for cu, (q, k, v, g, h0) in cases:
+        for form, fn in (("chunk", gla_cuda.chunk_gla), ("recurrent", gla_cuda.fused_recurrent_gla)):
+            if dispatch.choose(f"{form}_fwd", q, k, v, g, h0, cu, backend).backend is None:
+                continue
+            leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+            o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu,
+                       backend=backend)
+            if dispatch.choose(f"{form}_bwd", q, k, v, g, h0, cu, backend).backend is not None:
+                (o.float().sum() + ht.sum()).backward()
+            torch.cuda.synchronize()
+            print(f"{backend} {form} T={q.shape[1]}: ran")
+    q, k, v, g = (x.view(4, 3, *x.shape[2:]) for x in inputs(12, 2, 100, 72, 1)[:4])
+    pool = torch.randn(6, 2, 72, 100, device="cuda")  # [P, H, V, K]: state_v_first
+    if dispatch.choose("recurrent_pool_fwd_", q, k, v, g, pool, None, backend).backend is not None:
+        gla_cuda.fused_recurrent_gla_pooled(q, k, v, g, pool, torch.tensor([5, -1, 0, 9], device="cuda"),
+                                            state_v_first=True, check_index=False, backend=backend)
         torch.cuda.synchronize()
-        print(f"{backend} {form}: ran")
+        print(f"{backend} pooled decode: ran")

@@ -104,3 +104,22 @@ def test_chunk_matches_recurrent_int64_offsets(device, mode):
     cu = torch.tensor([0, 5, 5, 77], dtype=torch.int64, device=device)
     ins = make_inputs(1, 77, 3, 16, 24, device=device, h0=True, N=3)
     check(mode, None, ins, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,K,V,gate", [(2, 16, 16, "normal"), (16, 100, 136, "normal"),
+                                         (16, 100, 136, "strong"), (3, 256, 72, "strong")])
+def test_short_recurrent(device, backend, T, K, V, gate):
+    """Decoding-sized inputs: all the CUDA recurrent backward takes (T <= 16); K up to 256,
+    several V tiles."""
+    ins = make_inputs(2, T, 1, K, V, dtype=torch.bfloat16, device=device, h0=True, gate=gate)
+    check("recurrent", backend, ins)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_recurrent_varlen(device, backend):
+    cu = torch.tensor([0, 0, 1, 7, 12], dtype=torch.int32, device=device)
+    ins = make_inputs(1, 12, 2, 64, 72, device=device, h0=True, N=4)
+    check("recurrent", backend, ins, cu_seqlens=cu)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import gla_cuda
 from gla_cuda import layers
-from conftest import DEVICES, TOL, rel_err
+from conftest import DEVICES, HAS_CUDA, TOL, rel_err
 
 HIDDEN = 64
 OPTIONS = {
@@ -207,6 +207,25 @@ def test_compile_fullgraph_matches_eager(device):
         grads.append([loss.detach()] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*grads):
         assert rel_err(a, b) <= tol(device)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_decode_loop_reduce_overhead_matches_eager():
+    """Prefill, then token-by-token decoding through torch.compile(mode="reduce-overhead"),
+    i.e. CUDA graphs replayed every step, against the same loop in eager mode."""
+    torch._dynamo.reset()
+    layer = make_layer("cuda", **OPTIONS["gqa"]).eval()
+    step = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    x = x_of(2, 16, "cuda")
+    with torch.no_grad():
+        ca, cb = (layer(x[:, :8], use_cache=True)[1] for _ in range(2))
+        for t in range(8, 16):
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's outputs are consumed
+            a, ca = step(x[:, t:t + 1], past_key_values=ca, use_cache=True)
+            a = a.clone()  # the next replay reuses the graph's output memory
+            b, cb = layer(x[:, t:t + 1], past_key_values=cb, use_cache=True)
+            assert rel_err(a, b) <= tol("cuda"), t
+        assert rel_err(ca[0], cb[0]) <= tol("cuda")
 
 
 def test_bad_state_and_arguments():

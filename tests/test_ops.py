@@ -31,13 +31,18 @@ def test_opcheck(device, mode, with_h0, varlen):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("op", ["chunk_fwd", "recurrent_fwd", "recurrent_bwd"])
 @pytest.mark.parametrize("varlen", [True, False])
-def test_opcheck_cuda_kernel_op(varlen):
-    cu = torch.tensor([0, 3, 130], dtype=torch.int32, device="cuda") if varlen else None
-    ins = make_inputs(1 if varlen else 2, 130, 2, 64, 64, dtype=torch.bfloat16, device="cuda", h0=True, N=2)
-    skip_unless_runs("chunk_fwd", "cuda", ins, cu)
-    args = _op_args(ins, True, cu)[:-1]
-    torch.library.opcheck(torch.ops.gla.cuda_chunk_fwd, args)
+def test_opcheck_cuda_kernel_op(op, varlen):
+    T = 14 if op == "recurrent_bwd" else 130  # the recurrent backward kernel takes T <= 16
+    cu = torch.tensor([0, 3, T], dtype=torch.int32, device="cuda") if varlen else None
+    ins = make_inputs(1 if varlen else 2, T, 2, 64, 64, dtype=torch.bfloat16, device="cuda", h0=True, N=2)
+    skip_unless_runs(op, "cuda", ins, cu)
+    q, k, v, g, scale, h0, final, cu, _ = _op_args(ins, True, cu)
+    args = (q, k, v, g, scale, h0, final, cu)
+    if op.endswith("bwd"):
+        args = (q, k, v, g, scale, h0, cu, torch.randn_like(v), torch.randn_like(h0))
+    torch.library.opcheck(getattr(torch.ops.gla, f"cuda_{op}"), args)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -5,6 +5,9 @@
     chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
         -> (dq, dk, dv, dg, dh0 or None)
     recurrent_fwd / recurrent_bwd: the same signatures, for the recurrent ops.
+    recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_first) -> o
+        (serving: updates state_pool in place; optional: a backend without it says so
+        in unsupported_reason)
     unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> None or a short reason
         (op is one of OPS; gla_cuda.dispatch asks it before choosing the backend)
 
@@ -16,6 +19,9 @@ What the caller (gla_cuda.ops) guarantees:
   * cu_seqlens: None, or a contiguous int32/int64 [N + 1] tensor on q's device,
     starting at 0, non-decreasing, ending at T, with B == 1. N = B otherwise.
   * do: [B, T, H, V] in v's dtype, contiguous.
+  * recurrent_pool_fwd_: no cu_seqlens; state_pool float32 contiguous [P, H, K, V]
+    ([P, H, V, K] with state_v_first), passed as initial_state to unsupported_reason;
+    state_index int32/int64 [B] on the same device, values unchecked (outside [0, P): skip).
 
 What a backend returns: o in v's dtype; final_state and dh0 float32 [N, H, K, V]
 (final_state only when output_final_state, dh0 only when initial_state is given);
@@ -23,4 +29,4 @@ dq, dk, dv, dg in the dtypes and shapes of q, k, v, g. A backend running on the 
 never synchronises with the host (no .item() / .tolist() on device tensors).
 """
 
-OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd")
+OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_")

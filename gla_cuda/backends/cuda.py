@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from gla_cuda import ops  # noqa: F401  (defines the schemas the extension implements)
+
 try:
     from gla_cuda import _C  # noqa: F401  (importing registers the kernels)
     IMPORT_ERROR = None
@@ -20,7 +22,7 @@ except ImportError as e:
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 # Ops with a compiled kernel; the rest are answered "no CUDA kernel yet" below.
-KERNEL_OPS = ("chunk_fwd",)
+KERNEL_OPS = ("chunk_fwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_")
 
 
 def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
@@ -36,13 +38,31 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
     if any(x is not None and x.data_ptr() % 16 for x in tensors):
         return "the kernels need 16-byte aligned tensors (a view with an odd offset is not)"
     major, minor = torch.cuda.get_device_capability(q.device)
-    return _C.unsupported(op, q.shape[-1], v.shape[-1], _DTYPE_NAMES[q.dtype],
+    return _C.unsupported(op, q.shape[1], q.shape[-1], v.shape[-1], _DTYPE_NAMES[q.dtype],
                           _DTYPE_NAMES[g.dtype], major, minor)
 
 
-def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32)  # on the device: no host sync
-    o, ht = torch.ops.gla.cuda_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state,
-                                         cu_seqlens)
-    return o, (ht if output_final_state else None)
+def _int32(cu_seqlens):
+    return None if cu_seqlens is None else cu_seqlens.to(torch.int32)  # on the device: no sync
+
+
+def _fwd(kernel_op):
+    def fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+        o, ht = kernel_op(q, k, v, g, scale, initial_state, output_final_state, _int32(cu_seqlens))
+        return o, (ht if output_final_state else None)
+    return fwd
+
+
+chunk_fwd = _fwd(torch.ops.gla.cuda_chunk_fwd)
+recurrent_fwd = _fwd(torch.ops.gla.cuda_recurrent_fwd)
+
+
+def recurrent_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+    dq, dk, dv, dg, dh0 = torch.ops.gla.cuda_recurrent_bwd(q, k, v, g, scale, initial_state,
+                                                           _int32(cu_seqlens), do, dht)
+    return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
+
+
+def recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_first):
+    return torch.ops.gla.cuda_recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index,
+                                                  state_v_first)

@@ -231,3 +231,19 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
 # The recurrent ops share the contract; on the reference backend they run the naive loop.
 recurrent_fwd = naive_fwd
 recurrent_bwd = naive_bwd
+
+
+def recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_first):
+    """The pooled decode step as gather, recurrence, scatter. Selecting the rows with a
+    state reads state_index on the host (a synchronisation on the GPU; the CUDA backend
+    has none)."""
+    index = state_index.long()
+    rows = ((index >= 0) & (index < state_pool.shape[0])).nonzero().squeeze(1)
+    slots = index[rows]
+    h0 = state_pool[slots]
+    h0 = h0.transpose(-1, -2) if state_v_first else h0
+    o_rows, ht = naive_fwd(q[rows], k[rows], v[rows], g[rows], scale, h0.contiguous(), True)
+    o = torch.zeros_like(v)
+    o[rows] = o_rows
+    state_pool[slots] = (ht.transpose(-1, -2) if state_v_first else ht).to(state_pool.dtype)
+    return o

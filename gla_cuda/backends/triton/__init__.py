@@ -27,6 +27,8 @@ def interpreting() -> bool:
 def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
     if IMPORT_ERROR:
         return IMPORT_ERROR
+    if op == "recurrent_pool_fwd_":
+        return "no Triton kernel for the pooled decode op"
     if q.device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
     if q.device.type not in ("cpu", "cuda"):
