@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -239,21 +240,25 @@ def time_decode(fn, shape, device, dtype=torch.bfloat16):
         return _bench(step, device), _peak(step, device)
 
 
-def warm(shape, device="cuda", dtype="bf16"):
-    """Runs every candidate's forward and backward once on ``shape``, filling Triton's
-    on-disk compile cache (fla compiles many configs to autotune). Several shapes warm in
-    parallel processes (``--warm``) before a timed run; their autotune timings are not kept
-    (they ran side by side), the timed run autotunes alone."""
+def warm(shape, device="cuda", dtype="bf16", check=True):
+    """Makes every candidate's calls of a timed run once at ``shape``, filling Triton's on-disk
+    compile cache (fla compiles every config it autotunes; Triton compiles per H, K, V, fla
+    also per B and per initial state): the plain forward and backward, and with ``check`` the
+    accuracy check's calls. Several shapes warm in parallel processes (``--warm``); their
+    autotune timings are not kept (they ran side by side), the timed run autotunes alone."""
     os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
     dt = DTYPES.get(dtype, dtype)
     for name, (fn, _) in candidates(device).items():
         if fn is None or name == "reference" or (name.startswith("sdpa") and shape[3] != shape[4]):
             continue
         try:
-            q, k, v, g = make_inputs(*shape, device, dtype=dt, requires_grad=_has_backward(name, device))
+            grads = _has_backward(name, device)
+            q, k, v, g = make_inputs(*shape, device, dtype=dt, requires_grad=grads)
             o, _ = fn(q, k, v, g)
-            if q.requires_grad:
+            if grads:
                 o.backward(torch.randn_like(o))
+            if check and not name.startswith("sdpa"):
+                accuracy(fn, device, accuracy_shape(shape), grads=grads, dtype=dt)
             torch.cuda.synchronize()
         except Exception as e:
             print(f"warm {shape} {name}: {_first_line(e)}")
@@ -265,32 +270,46 @@ def warm_decode(shape, device="cuda", dtype="bf16"):
     for name, fn in decode_candidates(device).items():
         try:
             q, k, v, g = make_inputs(B, 1, H, K, V, device, dtype=DTYPES.get(dtype, dtype))
-            fn(q, k, v, g, torch.zeros(B, H, K, V, device=device), torch.arange(B, device=device))
+            fn(q, k, v, g, torch.zeros(B, H, K, V, device=device), torch.arange(B, device=device, dtype=torch.int32))
+            decode_accuracy(fn, device, min(B, 8), H, K, V, dtype=DTYPES.get(dtype, dtype))
             torch.cuda.synchronize()
         except Exception as e:
             print(f"warm decode {shape} {name}: {_first_line(e)}")
 
 
-def warm_parallel(shapes, decode_shapes, dtypes, jobs=None, log=print):
-    """Warms each (K, V, dtype) of the shapes in its own process, ``jobs`` at a time (default:
-    one per two CPU cores, at most 8): compiling is CPU-bound and processes do it side by side.
-    One shape per head dims is enough: the kernels (and fla's autotune keys) do not depend on T."""
+def warm_parallel(shapes, decode_shapes, dtypes, jobs=None, timeout_s=None, log=print):
+    """Warms the shapes in parallel processes, ``jobs`` at a time (default: one per two CPU
+    cores, at most 8): compiling is CPU-bound. First the first shape of each head dims (with
+    the accuracy check's calls) and the decode shapes, then the other shapes (mostly cache
+    hits by then). Processes still running after ``timeout_s`` (or when this one is stopped)
+    are killed: none is left to compete with the timed run."""
     jobs = jobs or max(1, min(8, (os.cpu_count() or 2) // 2))
-    per_dims = {}
-    for s in shapes:
-        per_dims.setdefault((s[3], s[4]), s)
-    todo = [("warm", s, d) for d in dtypes for s in per_dims.values()] + \
-           [("warm_decode", s, d) for d in dtypes for s in decode_shapes]
+    groups = head_dim_groups(shapes)
+    phases = [[("warm", s[0], d) for d in dtypes for s in groups.values()] +
+              [("warm_decode", s, d) for d in dtypes for s in decode_shapes],
+              [("warm", s, d, False) for d in dtypes for s in shapes if s not in [g[0] for g in groups.values()]]]
     t0, running = time.perf_counter(), []
-    for fn, shape, dtype in todo:
-        while len(running) >= jobs:
-            time.sleep(0.2)
-            running = [p for p in running if p.poll() is None]
-        code = f"from gla_cuda import bench; bench.{fn}({tuple(shape)!r}, dtype={dtype!r})"
-        running.append(subprocess.Popen([sys.executable, "-c", code]))
-    for p in running:
-        p.wait()
-    log(f"warmed {len(todo)} shapes in {time.perf_counter() - t0:.0f} s ({jobs} processes)")
+    deadline = t0 + timeout_s if timeout_s else math.inf
+    try:
+        for todo in phases:
+            for fn, shape, dtype, *check in todo:
+                while len(running) >= jobs and time.perf_counter() < deadline:
+                    time.sleep(0.2)
+                    running = [p for p in running if p.poll() is None]
+                if time.perf_counter() >= deadline:
+                    break
+                extra = ", check=False" if check else ""
+                code = f"from gla_cuda import bench; bench.{fn}({tuple(shape)!r}, dtype={dtype!r}{extra})"
+                running.append(subprocess.Popen([sys.executable, "-c", code]))
+            while running and time.perf_counter() < deadline:  # a phase ends when all its processes do
+                time.sleep(0.2)
+                running = [p for p in running if p.poll() is None]
+    finally:
+        for p in running:
+            p.kill()
+            p.wait()
+    left = " (timed out: killed what still ran)" if time.perf_counter() >= deadline else ""
+    log(f"warm-up: {sum(map(len, phases))} shapes in {time.perf_counter() - t0:.0f} s, {jobs} processes{left}")
 
 
 # ----------------------------------------------------------------------------
@@ -302,6 +321,24 @@ def _rel(x, ref):
     if not torch.isfinite(x).all():
         return math.inf
     return float((x - ref).norm() / ref.norm())
+
+
+ACCURACY_T = 272  # 4 chunks of 64 and a partial one; a multiple of 16, as the timed T are
+
+
+def accuracy_shape(shape):
+    """The accuracy check of a timed shape: its B, H, K, V (Triton compiles per H, K, V and, in
+    fla, per B: the check then shares the timed run's compiled kernels), T = ACCURACY_T."""
+    B, T, H, K, V = shape
+    return (B, ACCURACY_T, H, K, V)
+
+
+def head_dim_groups(shapes):
+    """(H, K, V) -> the shapes that have them, in order."""
+    groups = {}
+    for s in shapes:
+        groups.setdefault(tuple(s[2:]), []).append(tuple(s))
+    return groups
 
 
 def accuracy(fn, device, shape=(2, 300, 2, 64, 64), gate="normal", grads=True, seed=1,
@@ -477,7 +514,8 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
     shapes = shapes if train_modes else []
     cands = candidates(device) if shapes else {}
     dcands = decode_candidates(device) if decode_shapes else {}
-    total = len(dtypes) * (len(cands) * (1 + len(shapes)) + len(dcands) * (1 + len(decode_shapes)))
+    groups = head_dim_groups(shapes)
+    total = len(dtypes) * (len(cands) * (len(groups) + len(shapes)) + len(dcands) * 2 * len(decode_shapes))
     bar = progress or Progress(total, enabled=False)
     bar.total = max(1, total)
     log = log or bar.write
@@ -488,7 +526,7 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
         except Exception:
             pass
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "date": time.strftime("%Y-%m-%d"), "versions": versions, "rows": [], "accuracy": {},
+               "date": time.strftime("%Y-%m-%d"), "versions": versions, "rows": [], "accuracy": [],
                "skipped": [], "torch": torch.__version__}
     bw = copy_bandwidth(device) if device == "cuda" else None
     results["copy_bandwidth_GBps"] = bw and bw / 1e9
@@ -505,8 +543,12 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
         dtype = DTYPES[dname]
         # decode first: it takes seconds, so a time budget never cuts it
         _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over_budget)
-        usable = _check(cands, device, dtype, dname, results, log, bar, over_budget)
+        usable_by = {}  # (H, K, V) -> {name: fn} of the candidates that passed there
         for shape in shapes:
+            if tuple(shape[2:]) not in usable_by:  # the first shape of its head dims: check first
+                usable_by[tuple(shape[2:])] = _check(cands, device, dtype, dname, results, log, bar, over_budget,
+                                                     accuracy_shape(shape))
+            usable = usable_by[tuple(shape[2:])]
             t0 = time.perf_counter()
             B, T, H, K, V = shape
             floors = "; ".join(f"{m} {floor_bytes(*shape, m, dtype.itemsize) / bw * 1e3:.3f} ms"
@@ -559,13 +601,13 @@ def usable_modes(name, device, modes):
     return modes if _has_backward(name, device) else [m for m in modes if m == "fwd"]
 
 
-def _check(cands, device, dtype, dname, results, log, bar, over_budget):
-    """Accuracy of every GLA candidate in dtype; returns {name: fn} of those that pass."""
+def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape):
+    """Accuracy of every GLA candidate in dtype at shape; returns {name: fn} of those that pass."""
     usable = {}
     if not cands:
         return usable
     tol = _tolerance(dtype)
-    log(f"\naccuracy vs the float64 reference, {dname}: relative error norms at (2, 300, 2, 64, 64), "
+    log(f"\naccuracy vs the float64 reference, {dname}, (B, T, H, K, V) = {shape}: relative error norms, "
         f"then with gates of -20 per step; above {tol:g} fails and is not timed")
     for name, (fn, why) in cands.items():
         bar.start(f"accuracy {dname} {name}")
@@ -573,7 +615,7 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget):
             log(f"  {name:<11} skipped: {why}")
         elif name.startswith("sdpa"):
             try:  # softmax attention: a different function, nothing to compare; can it run at all?
-                q = make_inputs(1, 128, 1, 64, 64, device, dtype=dtype)[0]
+                q = make_inputs(1, 128, 1, shape[3], shape[3], device, dtype=dtype)[0]
                 fn(q, q, q, q)
                 usable[name] = fn
                 log(f"  {name:<11} softmax attention (the baseline): no accuracy check")
@@ -582,13 +624,14 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget):
         elif not over_budget(f"accuracy {name} {dname}"):
             has_bwd = _has_backward(name, device)
             try:
-                errs = accuracy(fn, device, grads=has_bwd, dtype=dtype)
-                strong = accuracy(fn, device, gate="strong", grads=False, dtype=dtype)
+                errs = accuracy(fn, device, shape, grads=has_bwd, dtype=dtype)
+                strong = accuracy(fn, device, shape, gate="strong", grads=False, dtype=dtype)
             except Exception as e:
                 log(f"  {name:<11} cannot run: {_first_line(e)}")
             else:
-                results["accuracy"].setdefault(dname, {})[name] = {"normal": errs, "strong_gates": strong}
                 ok = max(errs.values()) < tol and max(strong.values()) < tol
+                results["accuracy"].append({"backend": name, "dtype": dname, "op": "chunk", "shape": list(shape),
+                                            "errors": errs, "strong_gates": strong, "ok": ok})
                 log(f"  {name:<11} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
                     + " | g=-20: " + " ".join(f"{k}={v:.1e}" for k, v in strong.items())
                     + ("" if ok else "  -> FAILS, not timed") + ("" if has_bwd else "  (forward only)"))
@@ -602,27 +645,27 @@ def _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over
     if not decode_shapes:
         return
     tol = _tolerance(dtype)
-    usable = {}
-    K, V = decode_shapes[0][2:]
-    log(f"\ndecode: one step from a float32 state, {dname} q/k/v/g; accuracy vs float64 at (B, H, K, V) = "
-        f"(8, 4, {K}, {V}), o and the state after the step")
-    for name, fn in dcands.items():
-        bar.start(f"decode accuracy {dname} {name}")
-        if not over_budget(f"decode accuracy {name} {dname}"):
-            try:
-                errs = decode_accuracy(fn, device, K=K, V=V, dtype=dtype)
-            except Exception as e:
-                log(f"  {name:<11} cannot run: {_first_line(e)}")
-            else:
-                ok = max(errs.values()) < tol
-                results["accuracy"].setdefault(dname, {})[f"decode/{name}"] = errs
-                log(f"  {name:<11} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-                    + ("" if ok else "  -> FAILS, not timed"))
-                if ok:
-                    usable[name] = fn
-        bar.advance()
     bw = results["copy_bandwidth_GBps"]
     for B, H, K, V in decode_shapes:
+        usable, check = {}, (min(B, 8), H, K, V)
+        log(f"\ndecode: one step from a float32 state, {dname} q/k/v/g; accuracy vs float64 at (B, H, K, V) = "
+            f"{check}, o and the state after the step")
+        for name, fn in dcands.items():
+            bar.start(f"decode accuracy {dname} {name}")
+            if not over_budget(f"decode accuracy {name} {dname}"):
+                try:
+                    errs = decode_accuracy(fn, device, *check, dtype=dtype)
+                except Exception as e:
+                    log(f"  {name:<11} cannot run: {_first_line(e)}")
+                else:
+                    ok = max(errs.values()) < tol
+                    results["accuracy"].append({"backend": name, "dtype": dname, "op": "decode", "shape": list(check),
+                                                "errors": errs, "ok": ok})
+                    log(f"  {name:<11} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                        + ("" if ok else "  -> FAILS, not timed"))
+                    if ok:
+                        usable[name] = fn
+            bar.advance()
         shape = (B, 1, H, K, V)
         floor = floor_bytes(*shape, "decode", dtype.itemsize)
         state = B * H * K * V * 4
@@ -705,6 +748,7 @@ def parse_args(argv=None):
                    help="compile the kernels of every head dims in parallel processes first (fla compiles "
                         "many configs to autotune: minutes for a first run of the sweep)")
     p.add_argument("--warm-only", action="store_true", help="--warm, then stop")
+    p.add_argument("--warm-timeout", type=float, help="seconds the warm-up may take (default: no limit)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="the progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--threads", type=int, help="torch CPU threads (CPU runs; default 1: the shapes are small)")
@@ -729,9 +773,11 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         shapes = args.shapes or (QUICK_SHAPES if args.quick else sweep_shapes(args.head_dims, args.tokens))
     decode_shapes = args.decode_shapes
+    # stopped (timeout, kill): leave through the finally blocks (warm-up processes, the bar)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if (args.warm or args.warm_only) and device == "cuda":
         warm_parallel(shapes if any(m in TRAIN_MODES for m in modes) else [],
-                      decode_shapes if "decode" in modes else [], args.dtypes)
+                      decode_shapes if "decode" in modes else [], args.dtypes, timeout_s=args.warm_timeout)
     if args.warm_only:
         return 0
     bar = Progress(1, enabled=args.progress)  # run() sets the total

@@ -58,7 +58,9 @@ def test_bench_quick_cpu(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "no CUDA GPU" in text and "reference" in text
     results, rows = _read(tmp_path)
-    assert results["accuracy"]["bf16"]["reference"]["normal"]["o"] < 1e-2
+    checks = {(a["op"], a["backend"]): a for a in results["accuracy"]}
+    assert checks["chunk", "reference"]["ok"] and checks["chunk", "reference"]["errors"]["o"] < 1e-2
+    assert checks["decode", "reference"]["ok"]
     assert {(r["backend"], r["mode"]) for r in rows} == {("reference", m) for m in bench.QUICK_MODES}
     assert all(float(r["ms"]) > 0 for r in rows)
     decode = next(r for r in rows if r["mode"] == "decode")
@@ -81,8 +83,10 @@ def test_bench_decode_refuses_a_wrong_candidate(tmp_path, monkeypatch):
     results = bench.run([], "cpu", modes=["decode"], out_dir=str(tmp_path), decode_shapes=[(4, 2, 64, 32)],
                         log=lambda *a: None)
     assert [(r["backend"], r["shape"]) for r in results["rows"]] == [("reference", [4, 1, 2, 64, 32])]
-    acc = results["accuracy"]["bf16"]
-    assert acc["decode/reference"]["ht"] < 1e-3 and acc["decode/wrong"]["ht"] > 0.1
+    acc = {a["backend"]: a for a in results["accuracy"]}
+    assert acc["reference"]["ok"] and acc["reference"]["errors"]["ht"] < 1e-3
+    assert not acc["wrong"]["ok"] and acc["wrong"]["errors"]["ht"] > 0.1
+    assert acc["wrong"]["shape"] == [4, 2, 64, 32] and acc["wrong"]["op"] == "decode"
     _, rows = _read(tmp_path)
     assert [r["mode"] for r in rows] == ["decode"]
 
