@@ -441,7 +441,7 @@ def _clock(seconds):
 
 def _columns():
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 100  # 0: a pseudo-terminal without a size
     except (OSError, ValueError, AttributeError):
         return 100
 
@@ -772,9 +772,20 @@ def main(argv=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         shapes = args.shapes or (QUICK_SHAPES if args.quick else sweep_shapes(args.head_dims, args.tokens))
-    decode_shapes = args.decode_shapes
     # stopped (timeout, kill): leave through the finally blocks (warm-up processes, the bar)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(args, device, modes, budget, shapes, t_start)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args, device, modes, budget, shapes, t_start):
+    decode_shapes = args.decode_shapes
     if (args.warm or args.warm_only) and device == "cuda":
         warm_parallel(shapes if any(m in TRAIN_MODES for m in modes) else [],
                       decode_shapes if "decode" in modes else [], args.dtypes, timeout_s=args.warm_timeout)
