@@ -240,16 +240,16 @@ def time_decode(fn, shape, device, dtype=torch.bfloat16):
         return _bench(step, device), _peak(step, device)
 
 
-def warm(shape, device="cuda", dtype="bf16", check=True):
+def warm(shape, device="cuda", dtype="bf16", check=True, only=None):
     """Makes every candidate's calls of a timed run once at ``shape``, filling Triton's on-disk
     compile cache (fla compiles every config it autotunes; Triton compiles per H, K, V, fla
     also per B and per initial state): the plain forward and backward, and with ``check`` the
     accuracy check's calls. Several shapes warm in parallel processes (``--warm``); their
     autotune timings are not kept (they ran side by side), the timed run autotunes alone."""
-    os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
     dt = DTYPES.get(dtype, dtype)
     for name, (fn, _) in candidates(device).items():
-        if fn is None or name == "reference" or (name.startswith("sdpa") and shape[3] != shape[4]):
+        if fn is None or name == "reference" or (name.startswith("sdpa") and shape[3] != shape[4]) or \
+                (only is not None and name not in only):
             continue
         try:
             grads = _has_backward(name, device)
@@ -265,7 +265,6 @@ def warm(shape, device="cuda", dtype="bf16", check=True):
 
 
 def warm_decode(shape, device="cuda", dtype="bf16"):
-    os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
     B, H, K, V = shape
     for name, fn in decode_candidates(device).items():
         try:
@@ -300,7 +299,9 @@ def warm_parallel(shapes, decode_shapes, dtypes, jobs=None, timeout_s=None, log=
                     break
                 extra = ", check=False" if check else ""
                 code = f"from gla_cuda import bench; bench.{fn}({tuple(shape)!r}, dtype={dtype!r}{extra})"
-                running.append(subprocess.Popen([sys.executable, "-c", code]))
+                # side by side, their autotune timings are off: keep none of them
+                env = dict(os.environ, TRITON_CACHE_AUTOTUNING="0")
+                running.append(subprocess.Popen([sys.executable, "-c", code], env=env))
             while running and time.perf_counter() < deadline:  # a phase ends when all its processes do
                 time.sleep(0.2)
                 running = [p for p in running if p.poll() is None]
@@ -376,6 +377,37 @@ def decode_accuracy(fn, device, B=8, H=4, K=128, V=128, dtype=torch.bfloat16, ga
         raise RuntimeError("returned no state")
     ref_o, ref_ht = reference.naive_fwd(*(x.double() for x in (q, k, v, g)), K ** -0.5, h0.double(), True)
     return {"o": _rel(o, ref_o), "ht": _rel(ht, ref_ht)}
+
+
+def child_check(name, shape, timed_shapes, dtype="bf16"):
+    """In a child process (``_check_in_child``): candidate ``name``'s accuracy check at shape,
+    then one call of it on each timed shape, so that everything it compiles (and autotunes,
+    with TRITON_CACHE_AUTOTUNING=1) is on disk for the parent. Returns the errors."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fn, dt = candidates(device)[name][0], DTYPES[dtype]
+    grads = _has_backward(name, device)
+    errs = accuracy(fn, device, tuple(shape), grads=grads, dtype=dt)
+    strong = accuracy(fn, device, tuple(shape), gate="strong", grads=False, dtype=dt)
+    for s in timed_shapes:
+        warm(tuple(s), device, dtype, check=False, only=(name,))
+    return {"errors": errs, "strong_gates": strong}
+
+
+def _check_in_child(name, shape, timed_shapes, dtype, timeout_s):
+    """child_check in a child process, killed after timeout_s: a candidate whose first call
+    can compile for minutes (fla autotunes every configuration) cannot overrun --quick."""
+    code = (f"import json; from gla_cuda import bench; r = bench.child_check({name!r}, {tuple(shape)!r}, "
+            f"{[tuple(s) for s in timed_shapes]!r}, {dtype!r}); print('GLA_BENCH_RESULT ' + json.dumps(r))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"its first call was still compiling after {timeout_s:.0f} s (once: Triton caches "
+                           "it; run again, or gla-bench --warm)") from None
+    for line in out.stdout.splitlines():
+        if line.startswith("GLA_BENCH_RESULT "):
+            r = json.loads(line.split(" ", 1)[1])
+            return r["errors"], r["strong_gates"]
+    raise RuntimeError((out.stderr.strip().splitlines() or ["the child process printed no result"])[-1])
 
 
 def _tolerance(dtype):
@@ -503,10 +535,14 @@ HEADER = (f"{'backend':<11} {'mode':<7} {'ms':>9} {'vs fla':>7} {'vs SDPA':>8} {
 
 
 def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), decode_shapes=None,
-        budget_s=None, progress=None):
+        budget_s=None, progress=None, isolate=None):
     """Checks, then times every candidate; returns the results dict (also saved to out_dir
     after every shape, so a run cut short keeps what it measured). budget_s: no measurement
-    starts after that many seconds (those left are listed as skipped)."""
+    starts after that many seconds (those left are listed as skipped). isolate: candidates
+    whose check runs in a child process killed when the budget runs out (default with a
+    budget: fla, whose first run compiles for minutes)."""
+    if isolate is None:
+        isolate = ("fla",) if budget_s is not None else ()
     t_start = time.perf_counter()
     dtypes = [d if isinstance(d, str) else _dtype_name(d) for d in dtypes]
     train_modes = [m for m in modes if m in TRAIN_MODES]
@@ -546,8 +582,10 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
         usable_by = {}  # (H, K, V) -> {name: fn} of the candidates that passed there
         for shape in shapes:
             if tuple(shape[2:]) not in usable_by:  # the first shape of its head dims: check first
-                usable_by[tuple(shape[2:])] = _check(cands, device, dtype, dname, results, log, bar, over_budget,
-                                                     accuracy_shape(shape))
+                usable_by[tuple(shape[2:])] = _check(
+                    cands, device, dtype, dname, results, log, bar, over_budget, accuracy_shape(shape),
+                    groups[tuple(shape[2:])], isolate,
+                    lambda: 3600.0 if budget_s is None else budget_s - (time.perf_counter() - t_start))
             usable = usable_by[tuple(shape[2:])]
             t0 = time.perf_counter()
             B, T, H, K, V = shape
@@ -601,8 +639,11 @@ def usable_modes(name, device, modes):
     return modes if _has_backward(name, device) else [m for m in modes if m == "fwd"]
 
 
-def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape):
-    """Accuracy of every GLA candidate in dtype at shape; returns {name: fn} of those that pass."""
+def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, timed_shapes=(), isolate=(),
+           time_left=None):
+    """Accuracy of every GLA candidate in dtype at shape; returns {name: fn} of those that pass.
+    Candidates in ``isolate`` are checked (and their timed shapes compiled) in a child process
+    killed after time_left() seconds."""
     usable = {}
     if not cands:
         return usable
@@ -624,8 +665,11 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape):
         elif not over_budget(f"accuracy {name} {dname}"):
             has_bwd = _has_backward(name, device)
             try:
-                errs = accuracy(fn, device, shape, grads=has_bwd, dtype=dtype)
-                strong = accuracy(fn, device, shape, gate="strong", grads=False, dtype=dtype)
+                if name in isolate:
+                    errs, strong = _check_in_child(name, shape, timed_shapes, dname, max(5.0, time_left()))
+                else:
+                    errs = accuracy(fn, device, shape, grads=has_bwd, dtype=dtype)
+                    strong = accuracy(fn, device, shape, gate="strong", grads=False, dtype=dtype)
             except Exception as e:
                 log(f"  {name:<11} cannot run: {_first_line(e)}")
             else:

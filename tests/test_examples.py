@@ -153,3 +153,15 @@ def test_plots_written(tmp_path):
         assert p.endswith(".png") and os.path.getsize(p) > 0
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_check_in_a_child_process():
+    """With a time budget a slow-to-compile candidate (fla) is checked in a child process that
+    is killed when the budget runs out; here the reference stands in for it."""
+    lines = []
+    results = bench.run([(1, 64, 1, 32, 32)], "cpu", modes=["fwd"], log=lines.append, budget_s=120,
+                        isolate=("reference",))
+    assert [r["backend"] for r in results["rows"]] == ["reference"]
+    assert results["accuracy"][0]["ok"]
+    with pytest.raises(TimeoutError, match="still compiling"):
+        bench._check_in_child("reference", (1, 64, 1, 32, 32), [], "bf16", timeout_s=0.01)
