@@ -270,8 +270,8 @@ def main(argv=None):
     x = torch.empty(args.batch, args.seq_len, args.heads, layer.head_k_dim, device=device,
                     dtype=torch.bfloat16 if args.bf16 else torch.float32)
     y = x.new_empty(*x.shape[:3], layer.head_v_dim)
-    print("GLA runs chunk_fwd on " + gla_cuda.explain_backend(x, x, y, x, op="chunk_fwd").backend
-          + ", chunk_bwd on " + gla_cuda.explain_backend(x, x, y, x, op="chunk_bwd").backend, flush=True)
+    fwd, bwd = (gla_cuda.explain_backend(x, x, y, x, op=op).backend for op in ("chunk_fwd", "chunk_bwd"))
+    print(f"GLA runs chunk_fwd on {fwd}, chunk_bwd on {bwd}", flush=True)
     run = train(args, args.attn, args.steps, device, log_every=args.log_every)
     losses, accs = run["losses"], run["accuracies"]
     tokens = args.batch * args.seq_len
