@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gla_cuda.api import chunk_gla, fused_recurrent_gla
+from gla_cuda.api import chunk_gla, fused_recurrent_gla, fused_recurrent_gla_pooled
+from gla_cuda.backends import cuda as cuda_backend
 
 _MODES = ("chunk", "fused_recurrent")
 
@@ -31,10 +32,15 @@ class GLACache:
         return self.states[layer_idx] if layer_idx < len(self.states) else None
 
     def update(self, state: Tensor, layer_idx: int, offset: int = 0) -> None:
-        """Stores layer_idx's state after ``offset`` more tokens."""
+        """Stores layer_idx's state after ``offset`` more tokens. Decoding steps advance a stored
+        state in place; its address never changes, so torch.compile's CUDA graphs (mode=
+        "reduce-overhead") can replay a decoding step that updates it."""
         while len(self.states) <= layer_idx:
             self.states.append(None)
             self.seen_tokens.append(0)
+        if isinstance(state, Tensor) and state.is_cuda and state is not self.states[layer_idx] \
+                and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(state)
         self.states[layer_idx] = state
         self.seen_tokens[layer_idx] += offset
 
@@ -131,6 +137,14 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"{where} is on {state.device} but hidden_states is on {x.device}")
         return state
 
+    def _in_place(self, state, use_cache, cu_seqlens, q) -> bool:
+        """Whether a decoding step can update the cached state in place: without autograd and
+        varlen, on the CPU or where the compiled CUDA kernels are built (elsewhere the pooled
+        op would run the reference, which synchronises)."""
+        return (state is not None and use_cache and cu_seqlens is None and not torch.is_grad_enabled()
+                and self.backend in (None, "auto", "cuda", "reference")
+                and (not q.is_cuda or cuda_backend.IMPORT_ERROR is None))
+
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 past_key_values: Optional[GLACache] = None, use_cache: bool = False,
                 cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Optional[GLACache]]:
@@ -171,9 +185,14 @@ class GatedLinearAttention(nn.Module):
 
         # Short inputs (decoding) run the recurrence, as fla does; training keeps the chosen mode.
         mode = "fused_recurrent" if T <= 64 and not self.training else self.mode
-        fn = chunk_gla if mode == "chunk" else fused_recurrent_gla
-        o, state = fn(q, k, v, g, initial_state=state, output_final_state=use_cache,
-                      cu_seqlens=cu_seqlens, backend=self.backend)
+        if mode == "fused_recurrent" and self._in_place(state, use_cache, cu_seqlens, q):
+            # Inference from a cached state: advance it in place (no new state per step).
+            rows = torch.arange(N, device=q.device)
+            o = fused_recurrent_gla_pooled(q, k, v, g, state, rows, check_index=False, backend=self.backend)
+        else:
+            fn = chunk_gla if mode == "chunk" else fused_recurrent_gla
+            o, state = fn(q, k, v, g, initial_state=state, output_final_state=use_cache,
+                          cu_seqlens=cu_seqlens, backend=self.backend)
         if use_cache:
             past_key_values.update(state, self.layer_idx, T)
 

@@ -105,9 +105,9 @@ def test_prefill_then_decode_matches_full(device, name, dtype, monkeypatch):
     full, _ = run(layer, x)
     prompt, cache = run(layer, x[:, :22], use_cache=True)  # chunked prefill
 
-    calls = []  # decoding one token must take the recurrent kernel
-    recurrent = layers.fused_recurrent_gla
-    monkeypatch.setattr(layers, "fused_recurrent_gla", lambda *a, **k: calls.append(1) or recurrent(*a, **k))
+    calls = []  # decoding one token must take a recurrent kernel (in place on the cached state)
+    for fn in ("fused_recurrent_gla", "fused_recurrent_gla_pooled"):
+        monkeypatch.setattr(layers, fn, lambda *a, _fn=getattr(layers, fn), **k: calls.append(1) or _fn(*a, **k))
     steps = [run(layer, x[:, t:t + 1], chunk=False, past_key_values=cache, use_cache=True)[0]
              for t in range(22, 30)]
     assert len(calls) == 8 and cache.get_seq_length() == 30
@@ -214,6 +214,8 @@ def test_decode_loop_reduce_overhead_matches_eager():
     """Prefill, then token-by-token decoding through torch.compile(mode="reduce-overhead"),
     i.e. CUDA graphs replayed every step, against the same loop in eager mode."""
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     layer = make_layer("cuda", **OPTIONS["gqa"]).eval()
     step = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
     x = x_of(2, 16, "cuda")
@@ -226,6 +228,7 @@ def test_decode_loop_reduce_overhead_matches_eager():
             b, cb = layer(x[:, t:t + 1], past_key_values=cb, use_cache=True)
             assert rel_err(a, b) <= tol("cuda"), t
         assert rel_err(ca[0], cb[0]) <= tol("cuda")
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])  # graphs ran
 
 
 def test_bad_state_and_arguments():

@@ -7,8 +7,10 @@ namespace gla {
 namespace recurrent {
 namespace {
 
+// Four CTAs per SM where the state fits in 64 registers per thread: a decode step is one
+// pass over the states, and more CTAs in flight cut the last wave's idle tail.
 template <int KMAX, int NT>
-__global__ void __launch_bounds__(NT) fwd_kernel(const RecurrentParams p) {
+__global__ void __launch_bounds__(NT, KMAX <= 128 ? 4 : 2) fwd_kernel(const RecurrentParams p) {
   using Tl = Tile<KMAX, NT>;
   __shared__ float sq[KMAX], sk[KMAX], sa[KMAX], sv[kBV];
   __shared__ __align__(16) float red[Tl::KG][kBV + 4];  // o partial sums, one row per k group
