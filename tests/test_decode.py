@@ -9,7 +9,7 @@ from conftest import BACKENDS, DEVICES, HAS_CUDA, TOL, make_inputs, oracle, rel_
 P, H, K, V = 7, 2, 32, 40
 
 
-def _pool(device, v_first, seed=0):
+def _pool(device, v_first, seed=0, K=K, V=V):
     gen = torch.Generator().manual_seed(seed)
     shape = (P, H, V, K) if v_first else (P, H, K, V)
     return torch.randn(*shape, generator=gen).to(device)
@@ -25,11 +25,12 @@ def _runs(backend, ins, pool):
 @pytest.mark.parametrize("v_first", [False, True])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pool_matches_recurrence(device, backend, v_first, T, dtype):
+@pytest.mark.parametrize("K,V", [(K, V), (30, 42)])  # float4 state accesses; element-wise ones
+def test_pool_matches_recurrence(device, backend, v_first, T, dtype, K, V):
     index = torch.tensor([4, -1, 0, 6, -1], device=device)
     B = index.numel()
     ins = make_inputs(B, T, H, K, V, dtype=dtype, g_dtype=torch.float32, device=device)
-    pool = _pool(device, v_first)
+    pool = _pool(device, v_first, K=K, V=V)
     if not _runs(backend, ins, pool):
         pytest.skip(f"{backend} cannot run the pooled op here")
     before = pool.clone()

@@ -18,7 +18,7 @@ namespace {
 
 template <int KMAX, int NT>
 struct BwdSmem {
-  using Tl = Tile<KMAX, NT>;
+  using Tl = Tile<KMAX, NT, false>;  // the backward's states are [K, V]
   static constexpr int kLdK = KMAX + 1;  // padded: the (vq, k) writes are free of conflicts
   int Tm;                                // tokens held
   __host__ __device__ int floats() const {
@@ -28,7 +28,7 @@ struct BwdSmem {
 
 template <int KMAX, int NT>
 __global__ void __launch_bounds__(NT) bwd_kernel(const RecurrentParams p, int Tm) {
-  using Tl = Tile<KMAX, NT>;
+  using Tl = Tile<KMAX, NT, false>;  // the backward's states are [K, V]
   constexpr int R = Tl::R, CQ = Tl::CQ, KG = Tl::KG, LDK = BwdSmem<KMAX, NT>::kLdK;
   extern __shared__ __align__(16) float smem[];
   float* sq = smem;                  // [Tm][KMAX]  q * scale
@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(NT) bwd_kernel(const RecurrentParams p, int Tm
   float* red_v = red_k1 + CQ * LDK;  // [KG][kBV+4] sums over k: dv
 
   const int n = blockIdx.x, h = blockIdx.y, vt = blockIdx.z, v0 = vt * kBV, tid = threadIdx.x;
-  const Tl tl(tid, p.state_v_first);
+  const Tl tl(tid);
   const Seq s = locate(p, n, h);
   const int64_t rows = int64_t(p.B) * p.T * p.H;  // token rows of [B*T, H, .]
   const int K = p.K, V = p.V;
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(NT) bwd_kernel(const RecurrentParams p, int Tm
   };
 
   float S0[R][4], S[R][4], dS[R][4];
-  load_state<KMAX, NT>(S0, s.s_in, tl, p, v0);
+  load_state(S0, s.s_in, tl, p, v0);
 
   // Forward sweep: dq_t = scale * do_t S_t^T (partial over this V tile).
 #pragma unroll
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(NT) bwd_kernel(const RecurrentParams p, int Tm
 #pragma unroll
     for (int j = 0; j < 4; ++j) S[i][j] = S0[i][j];
   for (int t = 0; t < s.len; ++t) {
-    step<KMAX, NT>(S, tl, sa + t * KMAX, sk + t * KMAX, sv + t * kBV);
+    step(S, tl, sa + t * KMAX, sk + t * KMAX, sv + t * kBV);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       float x = 0.f;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(NT) bwd_kernel(const RecurrentParams p, int Tm
   }
 
   // Reverse sweep.
-  load_state<KMAX, NT>(dS, p.dht != nullptr ? p.dht + (int64_t(n) * p.H + h) * K * V : nullptr,
+  load_state(dS, p.dht != nullptr ? p.dht + (int64_t(n) * p.H + h) * K * V : nullptr,
                        tl, p, v0);
   for (int t = s.len - 1; t >= 0; --t) {
     const float* q = sq + t * KMAX;
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(NT) bwd_kernel(const RecurrentParams p, int Tm
     for (int i = 0; i < R; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) S[i][j] = S0[i][j];
-    for (int u = 0; u < t; ++u) step<KMAX, NT>(S, tl, sa + u * KMAX, sk + u * KMAX, sv + u * kBV);
+    for (int u = 0; u < t; ++u) step(S, tl, sa + u * KMAX, sk + u * KMAX, sv + u * kBV);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       float x = 0.f;
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(NT) bwd_kernel(const RecurrentParams p, int Tm
 #pragma unroll
       for (int j = 0; j < 4; ++j) dS[i][j] *= a[tl.k(i)];
   }
-  if (p.dh0 != nullptr) store_state<KMAX, NT>(dS, p.dh0 + (int64_t(n) * p.H + h) * K * V, tl, p, v0);
+  if (p.dh0 != nullptr) store_state(dS, p.dh0 + (int64_t(n) * p.H + h) * K * V, tl, p, v0);
 }
 
 template <int KMAX, int NT>

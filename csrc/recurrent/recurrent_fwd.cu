@@ -9,14 +9,14 @@ namespace {
 
 // Four CTAs per SM where the state fits in 64 registers per thread: a decode step is one
 // pass over the states, and more CTAs in flight cut the last wave's idle tail.
-template <int KMAX, int NT>
+template <int KMAX, int NT, bool VF>
 __global__ void __launch_bounds__(NT, KMAX <= 128 ? 4 : 2) fwd_kernel(const RecurrentParams p) {
-  using Tl = Tile<KMAX, NT>;
+  using Tl = Tile<KMAX, NT, VF>;
   __shared__ float sq[KMAX], sk[KMAX], sa[KMAX], sv[kBV];
   __shared__ __align__(16) float red[Tl::KG][kBV + 4];  // o partial sums, one row per k group
 
   const int n = blockIdx.x, h = blockIdx.y, v0 = blockIdx.z * kBV, tid = threadIdx.x;
-  const Tl tl(tid, p.state_v_first);
+  const Tl tl(tid);
   const Seq s = locate(p, n, h);
   if (s.skip) {  // pooled row without a state: zeros out, nothing read or written
     for (int t = 0; t < s.len; ++t)
@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(NT, KMAX <= 128 ? 4 : 2) fwd_kernel(const Recu
   }
 
   float S[Tl::R][4];
-  load_state<KMAX, NT>(S, s.s_in, tl, p, v0);
+  load_state(S, s.s_in, tl, p, v0);
 
   for (int t = 0; t < s.len; ++t) {
     const int64_t row = (s.bos + t) * p.H + h;  // token row of [B*T, H, .]
@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(NT, KMAX <= 128 ? 4 : 2) fwd_kernel(const Recu
       sv[tid] = v0 + tid < p.V ? load_as_float(p.v, row * p.V + v0 + tid, p.dtype) : 0.f;
     __syncthreads();
 
-    step<KMAX, NT>(S, tl, sa, sk, sv);
+    step(S, tl, sa, sk, sv);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < Tl::R; ++i) {
@@ -58,14 +58,17 @@ __global__ void __launch_bounds__(NT, KMAX <= 128 ? 4 : 2) fwd_kernel(const Recu
       store_from_float(p.o, row * p.V + v0 + tid, o, p.dtype);
     }
   }
-  store_state<KMAX, NT>(S, s.s_out, tl, p, v0);
+  store_state(S, s.s_out, tl, p, v0);
 }
 
 template <int KMAX>
 cudaError_t launch(const RecurrentParams& p, cudaStream_t stream) {
   constexpr int NT = 256;
   const dim3 grid(p.N, p.H, (p.V + kBV - 1) / kBV);
-  fwd_kernel<KMAX, NT><<<grid, NT, 0, stream>>>(p);
+  if (p.state_v_first)
+    fwd_kernel<KMAX, NT, true><<<grid, NT, 0, stream>>>(p);
+  else
+    fwd_kernel<KMAX, NT, false><<<grid, NT, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
