@@ -81,3 +81,24 @@ def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
     if choice.backend is None:
         raise RuntimeError(f"gla_cuda: cannot run {op} with backend {choice.requested!r}:\n{choice}")
     return getattr(backend_module(choice.backend), op)(q, k, v, g, *args)
+
+
+# The fused RMSNorm of the GLA layer (gla::rms_norm_gated) has a Triton kernel and the
+# reference; "cuda" (from GLA_BACKEND) means auto for it: there is no compiled norm kernel.
+NORM_BACKENDS = ("triton", "reference")
+
+
+def norm_backend(x, gate=None, weight=None, backend="auto") -> str:
+    """The backend that runs rms_norm_gated on these tensors: Triton for the GPU tensors it
+    covers, else the reference; raises, saying why, if a forced one cannot run them."""
+    if backend == "auto":
+        env = os.environ.get("GLA_BACKEND", "auto")
+        backend = env if env in NORM_BACKENDS else "auto"
+    if backend not in NORM_BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {NORM_BACKENDS + ('auto',)}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    why = backend_module("triton").norm_unsupported_reason(x, gate, weight)
+    if backend == "triton" and why is not None:
+        raise RuntimeError(f"gla_cuda: cannot run rms_norm_gated with backend 'triton': {why}")
+    return "triton" if why is None and (backend == "triton" or x.device.type == "cuda") else "reference"

@@ -15,6 +15,8 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
         serving: batch row b runs its tokens from, and writes its final state back to,
         state_pool[state_index[b]] (float32 [P, H, K, V], or [P, H, V, K] with
         state_v_first) in place; an index outside [0, P) (-1) skips the row (o = 0).
+    gla::rms_norm_gated / gla::rms_norm_gated_bwd: the GLA layer's fused swish-gated
+        RMSNorm (its own section at the end of this file).
 
 Private kernel ops, implemented by the compiled extension (gla_cuda._C) for CUDA: the
 public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd,
@@ -50,6 +52,10 @@ SCHEMAS = {
     "cuda_recurrent_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
     "cuda_recurrent_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
     "cuda_recurrent_pool_fwd_": f"({_POOL_ARGS}) -> Tensor",
+    # the GLA layer's fused swish-gated RMSNorm (section at the end)
+    "rms_norm_gated": "(Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) -> Tensor",
+    "rms_norm_gated_bwd": ("(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) "
+                           "-> (Tensor dx, Tensor dgate, Tensor dweight)"),
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -168,89 +174,9 @@ torch.library.register_autograd("gla::recurrent_fwd", _backward(torch.ops.gla.re
 # dtype, contiguous. dgate / dweight are empty [0] without a gate / weight. backend: "auto"
 # (Triton for CUDA tensors it can run, else the PyTorch reference), "triton" or "reference";
 # under "auto", GLA_BACKEND=triton|reference forces one too (GLA_BACKEND=cuda: there is no
-# compiled norm kernel, so "auto"). The Triton kernels: gla_cuda/backends/triton/norm.py.
+# compiled norm kernel, so "auto"; gla_cuda.dispatch.norm_backend). The Triton kernels:
+# gla_cuda/backends/triton/norm.py; the PyTorch math: gla_cuda/backends/reference.py.
 # ============================================================================
-
-torch.library.define("gla::rms_norm_gated",
-                     "(Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) -> Tensor")
-torch.library.define("gla::rms_norm_gated_bwd",
-                     "(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) "
-                     "-> (Tensor dx, Tensor dgate, Tensor dweight)")
-
-import os as _os  # noqa: E402
-
-NORM_BACKENDS = ("triton", "reference")
-
-
-def rms_norm_gated_reference(x, gate, weight, eps):
-    """The PyTorch math (float32; float64 stays float64): the CPU kernel and the fallback."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(ct)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.to(ct)
-    if gate is not None:
-        y = y * torch.nn.functional.silu(gate.to(ct))
-    return y.to(x.dtype).contiguous()
-
-
-def rms_norm_gated_bwd_reference(dy, x, gate, weight, eps):
-    """(dx, dgate or None, dweight or None) of rms_norm_gated_reference, same precision."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf, dyf = x.to(ct), dy.to(ct)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    xh = xf * rstd
-    w = weight.to(ct) if weight is not None else None
-    dgate = None
-    if gate is not None:
-        gf = gate.to(ct)
-        sg = torch.sigmoid(gf)
-        dgate = dyf * (xh if w is None else xh * w) * sg * (1 + gf * (1 - sg))
-        dyf = dyf * gf * sg
-    dweight = (dyf * xh).reshape(-1, x.shape[-1]).sum(0) if w is not None else None
-    dxh = dyf if w is None else dyf * w
-    dx = rstd * (dxh - xh * (dxh * xh).mean(-1, keepdim=True))
-    return (dx.to(x.dtype).contiguous(),
-            None if dgate is None else dgate.to(gate.dtype).contiguous(),
-            None if dweight is None else dweight.to(weight.dtype))
-
-
-def _norm_triton_reason(x, gate, weight):
-    """Why the Triton norm cannot run these tensors, or None."""
-    from gla_cuda.backends import triton as triton_backend
-    if triton_backend.IMPORT_ERROR:
-        return triton_backend.IMPORT_ERROR
-    tensors = [t for t in (x, gate, weight) if t is not None]
-    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
-        return "dtypes other than float16, bfloat16, float32 run only on the reference"
-    if x.device.type == "cpu" and not triton_backend.interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1"
-    if x.device.type not in ("cpu", "cuda"):
-        return f"device type {x.device.type} is not supported"
-    if x.device.type == "cuda" and any(t.dtype == torch.bfloat16 for t in tensors):
-        major, minor = torch.cuda.get_device_capability(x.device)
-        if major < 8:
-            return f"bfloat16 needs sm_80 or newer, the GPU is sm_{major}{minor}"
-    from gla_cuda.backends.triton.norm import MAX_D
-    if x.shape[-1] > MAX_D:
-        return f"D={x.shape[-1]} is larger than {MAX_D}"
-    return None
-
-
-def rms_norm_gated_backend(x, gate=None, weight=None, backend="auto") -> str:
-    """The backend that runs rms_norm_gated on these tensors; raises, saying why, if a forced
-    one cannot."""
-    if backend == "auto":
-        env = _os.environ.get("GLA_BACKEND", "auto")
-        backend = env if env in NORM_BACKENDS else "auto"
-    if backend not in NORM_BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {NORM_BACKENDS + ('auto',)}, got {backend!r}")
-    if backend == "reference":
-        return backend
-    why = _norm_triton_reason(x, gate, weight)
-    if backend == "triton" and why is not None:
-        raise RuntimeError(f"gla_cuda: cannot run rms_norm_gated with backend 'triton': {why}")
-    return "triton" if why is None and (backend == "triton" or x.device.type == "cuda") else "reference"
 
 
 def _norm_shapes(x, gate, weight, dy=None):
@@ -279,20 +205,15 @@ def _rms_norm_gated_bwd_fake(dy, x, gate, weight, eps, backend):
 @torch.library.impl("gla::rms_norm_gated", ("cpu", "cuda"))
 def _rms_norm_gated_impl(x, gate, weight, eps, backend):
     _norm_shapes(x, gate, weight)
-    if rms_norm_gated_backend(x, gate, weight, backend) == "triton":
-        from gla_cuda.backends.triton.norm import rms_norm_gated_fwd
-        return rms_norm_gated_fwd(x, gate, weight, eps)
-    return rms_norm_gated_reference(x, gate, weight, eps)
+    module = dispatch.backend_module(dispatch.norm_backend(x, gate, weight, backend))
+    return module.rms_norm_gated_fwd(x, gate, weight, eps)
 
 
 @torch.library.impl("gla::rms_norm_gated_bwd", ("cpu", "cuda"))
 def _rms_norm_gated_bwd_impl(dy, x, gate, weight, eps, backend):
     _norm_shapes(x, gate, weight, dy)
-    if rms_norm_gated_backend(x, gate, weight, backend) == "triton":
-        from gla_cuda.backends.triton.norm import rms_norm_gated_bwd
-        dx, dgate, dweight = rms_norm_gated_bwd(dy, x, gate, weight, eps)
-    else:
-        dx, dgate, dweight = rms_norm_gated_bwd_reference(dy, x, gate, weight, eps)
+    module = dispatch.backend_module(dispatch.norm_backend(x, gate, weight, backend))
+    dx, dgate, dweight = module.rms_norm_gated_bwd(dy, x, gate, weight, eps)
     return (dx, x.new_empty(0) if dgate is None else dgate,  # two empties: outputs must not alias
             x.new_empty(0) if dweight is None else dweight)
 

@@ -247,3 +247,40 @@ def recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_firs
     o[rows] = o_rows
     state_pool[slots] = (ht.transpose(-1, -2) if state_v_first else ht).to(state_pool.dtype)
     return o
+
+
+# ----------------------------------------------------------------------------
+# The GLA layer's swish-gated RMSNorm (gla::rms_norm_gated)
+# ----------------------------------------------------------------------------
+
+def rms_norm_gated_fwd(x, gate, weight, eps):
+    """y = x * rsqrt(mean(x^2) + eps) * weight * silu(gate) in float32 (float64 stays float64)."""
+    ct = _acc_dtype(x)
+    y = x.to(ct)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(ct)
+    if gate is not None:
+        y = y * torch.nn.functional.silu(gate.to(ct))
+    return y.to(x.dtype).contiguous()
+
+
+def rms_norm_gated_bwd(dy, x, gate, weight, eps):
+    """(dx, dgate or None, dweight or None) of rms_norm_gated_fwd, same precision."""
+    ct = _acc_dtype(x)
+    xf, dyf = x.to(ct), dy.to(ct)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xh = xf * rstd
+    w = weight.to(ct) if weight is not None else None
+    dgate = None
+    if gate is not None:
+        gf = gate.to(ct)
+        sg = torch.sigmoid(gf)
+        dgate = dyf * (xh if w is None else xh * w) * sg * (1 + gf * (1 - sg))
+        dyf = dyf * gf * sg
+    dweight = (dyf * xh).reshape(-1, x.shape[-1]).sum(0) if w is not None else None
+    dxh = dyf if w is None else dyf * w
+    dx = rstd * (dxh - xh * (dxh * xh).mean(-1, keepdim=True))
+    return (dx.to(x.dtype).contiguous(),
+            None if dgate is None else dgate.to(gate.dtype).contiguous(),
+            None if dweight is None else dweight.to(weight.dtype))
