@@ -8,30 +8,51 @@ built on the device (``searchsorted`` over the cumulative chunk counts), so the
 grids are sized from shapes only (``<= cdiv(T, C) + N`` slots) and nothing ever
 synchronises with the host; surplus programs find no rows and store nothing.
 
+Structure: only the state recurrences are serial, and they are kept light; all
+other work runs in programs over (chunk, head, tile), fully parallel.
+
 Kernels
 -------
-``_intra_A``      per (slot, head): the intra-chunk scores
-                  ``A[t, s] = scale * sum_k q_tk k_sk exp(b_tk - b_sk)`` (s <= t),
-                  float32 ``[B*T, H, C]``.  Off-diagonal 16x16 sub-blocks go through
-                  tensor cores with a reference row per sub-block (every exponent
-                  <= 0); diagonal sub-blocks are computed element-wise in float32.
-``_state_fwd``    per (sequence, head, K tile, V tile): walks the chunks with the
-                  state tile in registers.  Forward with K <= 128 (one K tile): it
-                  also writes ``o`` (fused forward, no state ever touches HBM).
-                  Otherwise it stores the state entering every chunk (``h``).
-``_out``          per (slot, head, V tile): ``o`` from ``h`` and ``A`` (K > 128).
-``_state_bwd``    per (sequence, head, K tile, V tile): reverse walk of the state
+``_h_kernel``     per (sequence, head, K tile, V tile): walks the chunks and stores
+                  the state entering every chunk (``h``) and the final state.  Per
+                  chunk it only loads k, g, v and does one MMA.
+``_dh_kernel``    per (sequence, head, K tile, V tile): the reverse walk of the state
                   gradient; stores the gradient w.r.t. every chunk's final state
-                  (``dh``) and ``dh0``; with one K tile it also writes ``dv``.
-``_dv``           per (slot, head, V tile): ``dv`` when K needs several tiles.
-``_dqk``          per (slot, head, K tile): ``dq``, ``dk`` and ``dg``.  ``dg`` is
-                  chunk-local (no sequence-long cumulative sum):
-                  ``dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
-                  + exp(Gamma) rowsum(S_in * dS_end)`` over the chunk, which is
-                  ``sum_{u >= t} (q dq - k dk)_u + rowsum(S_end * dS_end)`` with the
-                  terms that cancel exactly taken out (the s == u terms of the intra
-                  part, the in-chunk part of S_end), and both sums taken as float32
-                  triangular products: dg stays accurate for gates of -20 per step.
+                  (``dh``) and ``dh0``.  Per chunk: q, g, do and one MMA.
+``_A_kernel``     per (slot, head): the intra-chunk scores ``A`` (float32), only when
+                  V needs several tiles (otherwise ``_o``/``_dv`` compute A in place).
+``_o_kernel``     per (slot, V tile, head): ``o = (q*exp(b)) h + A v``.
+``_dv_kernel``    per (slot, V tile, head): ``dv = A^T do + (k*exp(Gamma-b)) dh``.
+``_dqk_kernel``   per (slot, K tile, head): ``dq``, ``dk`` and ``dg``.
+
+Intra-chunk scores ``A[t, s] = scale * sum_k q_tk k_sk exp(b_tk - b_sk)`` (s <= t),
+b the in-chunk cumulative sum of g, are computed exactly with a binary hierarchy of
+reference rows: the pairs (t > s) whose highest differing index bit is L lie in the
+upper and lower halves of one 2^(L+1)-token block; with r the first row of the upper
+half, ``exp(b_t - b_s) = exp(b_t - b_r) exp(b_r - b_s)`` and both factors equal
+``exp(-|b_x - b_r|)`` (exponent <= 0).  So each level is one exponential tile and one
+masked MMA; the six levels (C = 64) plus the element-wise diagonal cover every pair.
+Levels inside a 16-token sub-block (L < 4) multiply float32 operands (tf32 on the
+GPU for 16-bit inputs; exact float32 for float32 inputs); levels 4 and 5 use the input
+dtype, as the off-diagonal sub-blocks of the paper's secondary chunking do.  The
+backward uses the same levels for the intra parts of dq and dk.  The reference row's
+b reaches the other rows by a gather, a reshape, or (REF 2) directly as the sum of the
+gates in between, ``D @ g`` with D in {-1, 0, 1} (exact: 16-bit g on tensor cores,
+float32 accumulation); the choice per kernel is a launch parameter (``_cfg``).
+
+Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py): the per-chunk
+programs with six in-register levels run at one 8-warp CTA per SM and are latency
+bound (a shared-memory round trip, barrier and MMA wait per level); they dominate the
+time.  Splitting the intra-chunk scores into small high-occupancy kernels (per 16-token
+sub-block, as fla does) is the next step.
+
+``dg`` is chunk-local (no sequence-long cumulative sum):
+``dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
++ exp(Gamma) rowsum(S_in * dS_end)`` over the chunk, which is
+``sum_{u >= t} (q dq - k dk)_u + rowsum(S_end * dS_end)`` with the terms that cancel
+exactly taken out (the s == u terms of the intra part, the in-chunk part of S_end).
+Both sums are float32 scans (the exclusive one from inputs loaded one row shifted,
+never as a difference), so dg stays accurate for gates of -20 per step.
 
 Every exponent is masked to be <= 0 before ``exp``; all accumulation is float32.
 Token indices are int32 inside the kernels (B*T < 2**31), addresses int64.
@@ -44,7 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-C_CHUNK = 64   # tokens per chunk; sub-blocks of 16 tokens (secondary chunking)
+C_CHUNK = 64   # tokens per chunk
+LOG2_C = tl.constexpr(6)
 
 
 def _interpreting() -> bool:
@@ -77,13 +99,16 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _bcast_row(x, c, C: tl.constexpr, BK: tl.constexpr):
-    """y[t, :] = x[16 * (t // 16) + c, :] for a [C, BK] register tile."""
-    x3 = tl.reshape(x, (C // 16, 16, BK))
-    j = tl.arange(0, 16)
-    sel = tl.sum(tl.where((j == c)[None, :, None], x3, 0.0), axis=1)
-    y3 = tl.broadcast_to(sel[:, None, :], (C // 16, 16, BK))
-    return tl.reshape(y3, (C, BK))
+def _mm_lvl(a, b, L: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, TF: tl.constexpr):
+    """Product of one level of the intra-chunk hierarchy (float32 operands a, b):
+    exact float32 (IEEE), tf32 for levels below TF (4: inside 16-token sub-blocks),
+    else the input dtype."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    elif L < TF:
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
 
 
 @triton.jit
@@ -93,8 +118,59 @@ def _row(x, rows, r):
 
 
 @triton.jit
+def _level_exp(b, graw, L: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, REF: tl.constexpr,
+               IEEE: tl.constexpr):
+    """E[t, :] = exp(-|b[t, :] - b[r(t), :]|), r(t) the first row of the upper half of
+    t's 2^(L+1)-row block: exp(b_t - b_r) for t >= r, exp(b_r - b_t) for t < r.
+    REF picks how row r reaches row t: 0 gather, 1 reshape and masked sum, 2 the sum of
+    the gates between t and r as one product D @ g (D in {-1, 0, 1}; exact for 16-bit g,
+    and under IEEE; float32 g on tensor cores falls back to 1)."""
+    W: tl.constexpr = 2 << L
+    if REF == 2 and (IEEE or graw.dtype != tl.float32):
+        t = tl.arange(0, C)
+        r = (t // W) * W + W // 2
+        up = (t[None, :] > r[:, None]) & (t[None, :] <= t[:, None])
+        dn = (t[None, :] > t[:, None]) & (t[None, :] <= r[:, None])
+        dmat = tl.where(up, 1.0, tl.where(dn, -1.0, 0.0))
+        if IEEE:
+            d = tl.dot(dmat, graw.to(tl.float32), input_precision="ieee")
+        else:
+            d = tl.dot(dmat.to(graw.dtype), graw)
+        e = tl.exp(-tl.abs(d))
+    elif REF == 0:
+        ridx = (tl.arange(0, C) // W) * W + W // 2
+        ref = tl.gather(b, tl.broadcast_to(ridx[:, None], (C, BK)), axis=0)
+        e = tl.exp(-tl.abs(b - ref))
+    else:
+        b3 = tl.reshape(b, (C // W, W, BK))
+        j = tl.arange(0, W)
+        ref3 = tl.sum(tl.where((j == (W // 2))[None, :, None], b3, 0.0), axis=1)
+        e = tl.reshape(tl.exp(-tl.abs(b3 - ref3[:, None, :])), (C, BK))
+    return e
+
+
+@triton.jit
+def _level_mask(rows, cols, L: tl.constexpr):
+    """Pairs t > s whose highest differing index bit is L."""
+    x = rows[:, None] ^ cols[None, :]
+    return ((x >> L) == 1) & (rows[:, None] > cols[None, :])
+
+
+@triton.jit
+def _intra_scores(bq, bk, b, graw, rows, cols, C: tl.constexpr, BK: tl.constexpr,
+                  DT: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
+    """sum_k q_tk k_sk exp(b_tk - b_sk) for s <= t (0 above the diagonal), one K tile."""
+    acc = tl.where(rows[:, None] == cols[None, :], tl.sum(bq * bk, axis=1)[:, None], 0.0)
+    for L in tl.static_range(0, LOG2_C):
+        e = _level_exp(b, graw, L, C, BK, REF, IEEE)
+        d = _mm_lvl(bq * e, tl.trans(bk * e), L, DT, IEEE, TF)
+        acc += tl.where(_level_mask(rows, cols, L), d, 0.0)
+    return acc
+
+
+@triton.jit
 def _slot_info(chunk_seq, chunk_off, cu, slot, N, C: tl.constexpr):
-    """(sequence n, first token t0, rows of this chunk that exist, chunk count of n, is last)."""
+    """(sequence n, first token t0, rows of this chunk that exist)."""
     n = tl.load(chunk_seq + slot)
     ok = n < N
     n = tl.minimum(n, N - 1)
@@ -103,71 +179,19 @@ def _slot_info(chunk_seq, chunk_off, cu, slot, N, C: tl.constexpr):
     c = (slot - tl.load(chunk_off + n)).to(tl.int32)
     t0 = bos + c * C
     nrow = tl.where(ok, eos - t0, 0)
-    nc = (eos - bos + C - 1) // C
-    return n, t0.to(tl.int64), nrow, (c == nc - 1) | (ok == 0)
+    return n, t0.to(tl.int64), nrow
 
 
 # ----------------------------------------------------------------------------
-# Intra-chunk scores A (forward and backward)
-# ----------------------------------------------------------------------------
-
-@triton.jit
-def _intra_A_kernel(q, k, g, A, cu, chunk_seq, chunk_off, scale, N, H, K,
-                    C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    slot = tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1).to(tl.int64)
-    n, t0, nrow, _ = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
-    DT = q.dtype.element_ty
-    if IEEE:
-        DT = tl.float32
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
-    rmask = rows < nrow
-    ok = (t0 * H + hh) * K
-    roff = rows * (H * K)
-    acc = tl.zeros((C, C), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        m = rmask[:, None] & kmask[None, :]
-        p = roff[:, None] + kk[None, :]
-        bq = tl.load(q + ok + p, mask=m, other=0.).to(tl.float32)
-        bk = tl.load(k + ok + p, mask=m, other=0.).to(tl.float32)
-        bg = tl.load(g + ok + p, mask=m, other=0.).to(tl.float32)
-        b = tl.cumsum(bg, axis=0)
-        # off-diagonal sub-blocks: reference row = first row of the row sub-block
-        for i in tl.static_range(1, C // 16):
-            br = _row(b, rows, 16 * i)
-            inb = (rows // 16) == i
-            before = rows < 16 * i
-            qt = tl.where(inb[:, None], bq * tl.exp(tl.where(inb[:, None], b - br[None, :], 0.)), 0.)
-            kt = tl.where(before[:, None], bk * tl.exp(tl.where(before[:, None], br[None, :] - b, 0.)), 0.)
-            acc += _mm(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-        # diagonal sub-blocks, element-wise in float32
-        for cc in range(16):
-            srow = (rows // 16) * 16 + cc
-            valid = (rows % 16) >= cc
-            ks = tl.load(k + (t0 * H + hh) * K + (srow * (H * K))[:, None] + kk[None, :],
-                         mask=(srow < nrow)[:, None] & kmask[None, :], other=0.).to(tl.float32)
-            bs = _bcast_row(b, cc, C, BK)
-            e = tl.exp(tl.where(valid[:, None], b - bs, 0.))
-            val = tl.where(valid, tl.sum(bq * ks * e, axis=1), 0.)
-            acc += tl.where(cols[None, :] == srow[:, None], val[:, None], 0.)
-    acc = acc * scale
-    tl.store(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :], acc, mask=rmask[:, None])
-
-
-# ----------------------------------------------------------------------------
-# Forward state walk (fused output when K fits one tile)
+# Serial state walks (light: loads and one MMA per chunk)
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _state_fwd_kernel(q, k, v, g, A, o, h, h0, ht, cu, chunk_off, scale, N, H, K, V,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-                      FUSE_O: tl.constexpr, STORE_H: tl.constexpr, USE_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr, IEEE: tl.constexpr):
+def _h_kernel(k, v, g, h, h0, ht, cu, chunk_off, N, H, K, V,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+              USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr):
     # program id -> (sequence, head, K tile, V tile); the tiles of one (sequence, head)
-    # are neighbours, so they run together and share q/k/g/v through L2
+    # are neighbours, so they run together and share k/g/v through L2
     NT = tl.cdiv(K, BK) * NV
     pid = tl.program_id(0)
     tile = pid % NT
@@ -175,16 +199,14 @@ def _state_fwd_kernel(q, k, v, g, A, o, h, h0, ht, cu, chunk_off, scale, N, H, K
     hh = (pid // NT % H).to(tl.int64)
     kt = tile // NV
     vt = tile % NV
-    DT = q.dtype.element_ty
+    DT = k.dtype.element_ty
     if IEEE:
         DT = tl.float32
-    # token indices in int32 (row masks stay 32-bit: fewer registers); addresses in int64
     bos = tl.load(cu + n).to(tl.int32)
     eos = tl.load(cu + n + 1).to(tl.int32)
     slot0 = tl.load(chunk_off + n).to(tl.int64)
     nc = (eos - bos + C - 1) // C
     rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
     kk = kt * BK + tl.arange(0, BK)
     vv = vt * BV + tl.arange(0, BV)
     kmask = kk < K
@@ -199,80 +221,25 @@ def _state_fwd_kernel(q, k, v, g, A, o, h, h0, ht, cu, chunk_off, scale, N, H, K
         t0 = bos + c * C
         rmask = rows < eos - t0
         t0 = t0.to(tl.int64)
-        if STORE_H:
-            tl.store(h + ((slot0 + c) * H + hh) * K * V + soff, S.to(h.dtype.element_ty), mask=smask)
-        ok = (t0 * H + hh) * K
-        rk = rows * (H * K)
-        ov = (t0 * H + hh) * V
-        rv = rows * (H * V)
+        tl.store(h + ((slot0 + c) * H + hh) * K * V + soff, S.to(h.dtype.element_ty), mask=smask)
+        pk = (rows * (H * K))[:, None] + kk[None, :]
         mk = rmask[:, None] & kmask[None, :]
-        mv = rmask[:, None] & vmask[None, :]
-        bk = tl.load(k + ok + rk[:, None] + kk[None, :], mask=mk, other=0.)
-        bg = tl.load(g + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-        bv = tl.load(v + ov + rv[:, None] + vv[None, :], mask=mv, other=0.)
+        bk = tl.load(k + (t0 * H + hh) * K + pk, mask=mk, other=0.)
+        bg = tl.load(g + (t0 * H + hh) * K + pk, mask=mk, other=0.).to(tl.float32)
+        bv = tl.load(v + (t0 * H + hh) * V + ((rows * (H * V))[:, None] + vv[None, :]),
+                     mask=rmask[:, None] & vmask[None, :], other=0.)
         b = tl.cumsum(bg, axis=0)
         gam = _row(b, rows, C - 1)
-        if FUSE_O:
-            bq = tl.load(q + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-            bA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
-                         mask=rmask[:, None], other=0.)
-            qs = (bq * tl.exp(b) * scale).to(DT)
-            bo = _mm(qs, S.to(DT), IEEE) + _mm(bA.to(DT), bv, IEEE)
-            tl.store(o + ov + rv[:, None] + vv[None, :], bo.to(o.dtype.element_ty), mask=mv)
-        kd = (bk.to(tl.float32) * tl.exp(gam[None, :] - b)).to(DT)
+        kd = (bk.to(tl.float32) * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(DT)
         S = S * tl.exp(gam)[:, None] + _mm(tl.trans(kd), bv, IEEE)
     if STORE_HT:
         tl.store(ht + (n * H + hh) * K * V + soff, S, mask=smask)
 
 
 @triton.jit
-def _out_kernel(q, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
-                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    NVT = tl.cdiv(V, BV)
-    slot = (tl.program_id(0) // NVT).to(tl.int64)
-    vt = tl.program_id(0) % NVT
-    hh = tl.program_id(1).to(tl.int64)
-    n, t0, nrow, _ = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
-    DT = q.dtype.element_ty
-    if IEEE:
-        DT = tl.float32
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
-    rmask = rows < nrow
-    vv = vt * BV + tl.arange(0, BV)
-    vmask = vv < V
-    ov = (t0 * H + hh) * V
-    rv = rows * (H * V)
-    mv = rmask[:, None] & vmask[None, :]
-    bv = tl.load(v + ov + rv[:, None] + vv[None, :], mask=mv, other=0.)
-    bA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :], mask=rmask[:, None], other=0.)
-    acc = _mm(bA.to(DT), bv, IEEE)
-    ok = (t0 * H + hh) * K
-    rk = rows * (H * K)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        mk = rmask[:, None] & kmask[None, :]
-        bq = tl.load(q + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-        bg = tl.load(g + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-        b = tl.cumsum(bg, axis=0)
-        bh = tl.load(h + (slot * H + hh) * K * V + kk[:, None] * V + vv[None, :],
-                     mask=kmask[:, None] & vmask[None, :], other=0.)
-        acc += _mm((bq * tl.exp(b) * scale).to(DT), bh.to(DT), IEEE)
-    tl.store(o + ov + rv[:, None] + vv[None, :], acc.to(o.dtype.element_ty), mask=mv)
-
-
-# ----------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------
-
-@triton.jit
-def _state_bwd_kernel(q, k, g, do, A, dv, dh, dht, dh0, cu, chunk_off, scale, N, H, K, V,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-                      FUSE_DV: tl.constexpr, STORE_DH: tl.constexpr, USE_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
-    # program id -> (sequence, head, K tile, V tile); the tiles of one (sequence, head)
-    # are neighbours, so they run together and share q/k/g/v through L2
+def _dh_kernel(q, g, do, dh, dht, dh0, cu, chunk_off, scale, N, H, K, V,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
     NT = tl.cdiv(K, BK) * NV
     pid = tl.program_id(0)
     tile = pid % NT
@@ -283,13 +250,11 @@ def _state_bwd_kernel(q, k, g, do, A, dv, dh, dht, dh0, cu, chunk_off, scale, N,
     DT = q.dtype.element_ty
     if IEEE:
         DT = tl.float32
-    # token indices in int32 (row masks stay 32-bit: fewer registers); addresses in int64
     bos = tl.load(cu + n).to(tl.int32)
     eos = tl.load(cu + n + 1).to(tl.int32)
     slot0 = tl.load(chunk_off + n).to(tl.int64)
     nc = (eos - bos + C - 1) // C
     rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
     kk = kt * BK + tl.arange(0, BK)
     vv = vt * BV + tl.arange(0, BV)
     kmask = kk < K
@@ -305,40 +270,119 @@ def _state_bwd_kernel(q, k, g, do, A, dv, dh, dht, dh0, cu, chunk_off, scale, N,
         t0 = bos + c * C
         rmask = rows < eos - t0
         t0 = t0.to(tl.int64)
-        if STORE_DH:
-            tl.store(dh + ((slot0 + c) * H + hh) * K * V + soff, dS.to(dh.dtype.element_ty), mask=smask)
-        ok = (t0 * H + hh) * K
-        rk = rows * (H * K)
-        ov = (t0 * H + hh) * V
-        rv = rows * (H * V)
+        tl.store(dh + ((slot0 + c) * H + hh) * K * V + soff, dS.to(dh.dtype.element_ty), mask=smask)
+        pk = (rows * (H * K))[:, None] + kk[None, :]
         mk = rmask[:, None] & kmask[None, :]
-        mv = rmask[:, None] & vmask[None, :]
-        bq = tl.load(q + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-        bg = tl.load(g + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-        bdo = tl.load(do + ov + rv[:, None] + vv[None, :], mask=mv, other=0.)
+        bq = tl.load(q + (t0 * H + hh) * K + pk, mask=mk, other=0.).to(tl.float32)
+        bg = tl.load(g + (t0 * H + hh) * K + pk, mask=mk, other=0.).to(tl.float32)
+        bdo = tl.load(do + (t0 * H + hh) * V + ((rows * (H * V))[:, None] + vv[None, :]),
+                      mask=rmask[:, None] & vmask[None, :], other=0.)
         b = tl.cumsum(bg, axis=0)
         gam = _row(b, rows, C - 1)
-        if FUSE_DV:
-            bk = tl.load(k + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-            bA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
-                         mask=rmask[:, None], other=0.)
-            kd = (bk * tl.exp(gam[None, :] - b)).to(DT)
-            bdv = _mm(tl.trans(bA.to(DT)), bdo, IEEE) + _mm(kd, dS.to(DT), IEEE)
-            tl.store(dv + ov + rv[:, None] + vv[None, :], bdv.to(dv.dtype.element_ty), mask=mv)
         qs = (bq * tl.exp(b) * scale).to(DT)
         dS = dS * tl.exp(gam)[:, None] + _mm(tl.trans(qs), bdo, IEEE)
     if STORE_DH0:
         tl.store(dh0 + (n * H + hh) * K * V + soff, dS, mask=smask)
 
 
+# ----------------------------------------------------------------------------
+# Parallel kernels over chunks
+# ----------------------------------------------------------------------------
+
 @triton.jit
-def _dv_kernel(k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, N, H, K, V,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+def _A_kernel(q, k, g, A, cu, chunk_seq, chunk_off, scale, N, H, K,
+              C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr,
+              TF: tl.constexpr):
+    slot = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
+    DT = q.dtype.element_ty
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    rmask = rows < nrow
+    q += (t0 * H + hh) * K
+    k += (t0 * H + hh) * K
+    g += (t0 * H + hh) * K
+    roff = rows * (H * K)
+    acc = tl.zeros((C, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = rmask[:, None] & (kk < K)[None, :]
+        p = roff[:, None] + kk[None, :]
+        bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
+        bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+        graw = tl.load(g + p, mask=m, other=0.)
+        bg = graw.to(tl.float32)
+        b = tl.cumsum(bg, axis=0)
+        acc += _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
+    tl.store(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :], acc * scale,
+             mask=rmask[:, None])
+
+
+@triton.jit
+def _o_kernel(q, k, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FUSE_A: tl.constexpr,
+              IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
     NVT = tl.cdiv(V, BV)
     slot = (tl.program_id(0) // NVT).to(tl.int64)
     vt = tl.program_id(0) % NVT
     hh = tl.program_id(1).to(tl.int64)
-    n, t0, nrow, _ = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
+    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
+    DT = q.dtype.element_ty
+    if IEEE:
+        DT = tl.float32
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    rmask = rows < nrow
+    vv = vt * BV + tl.arange(0, BV)
+    vmask = vv < V
+    # scalar 64-bit bases, 32-bit offset tiles
+    q += (t0 * H + hh) * K
+    k += (t0 * H + hh) * K
+    g += (t0 * H + hh) * K
+    h += (slot * H + hh) * K * V
+    rk = rows * (H * K)
+    hm = nrow > 0  # surplus slots (varlen) have no state: never read it
+    acc = tl.zeros((C, BV), dtype=tl.float32)
+    sA = tl.zeros((C, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        mk = rmask[:, None] & kmask[None, :]
+        p = rk[:, None] + kk[None, :]
+        bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
+        graw = tl.load(g + p, mask=mk, other=0.)
+        bg = graw.to(tl.float32)
+        bh = tl.load(h + kk[:, None] * V + vv[None, :], mask=hm & kmask[:, None] & vmask[None, :], other=0.)
+        b = tl.cumsum(bg, axis=0)
+        acc += _mm((bq * tl.exp(b)).to(DT), bh.to(DT), IEEE)
+        if FUSE_A:
+            bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
+            sA += _intra_scores(bq, bk, b, graw, rows, cols, C, BK, q.dtype.element_ty, IEEE, REF, TF)
+    if not FUSE_A:
+        sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
+                     mask=rmask[:, None], other=0.)
+    v += (t0 * H + hh) * V
+    o += (t0 * H + hh) * V
+    pv = (rows * (H * V))[:, None] + vv[None, :]
+    mv = rmask[:, None] & vmask[None, :]
+    bv = tl.load(v + pv, mask=mv, other=0.)
+    if FUSE_A:
+        acc = (acc + _mm(sA.to(DT), bv, IEEE)) * scale
+    else:
+        acc = acc * scale + _mm(sA.to(DT), bv, IEEE)
+    tl.store(o + pv, acc.to(o.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _dv_kernel(q, k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, scale, N, H, K, V,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FUSE_A: tl.constexpr,
+               IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
+    NVT = tl.cdiv(V, BV)
+    slot = (tl.program_id(0) // NVT).to(tl.int64)
+    vt = tl.program_id(0) % NVT
+    hh = tl.program_id(1).to(tl.int64)
+    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = k.dtype.element_ty
     if IEEE:
         DT = tl.float32
@@ -347,138 +391,139 @@ def _dv_kernel(k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, N, H, K, V,
     rmask = rows < nrow
     vv = vt * BV + tl.arange(0, BV)
     vmask = vv < V
-    ov = (t0 * H + hh) * V
-    rv = rows * (H * V)
-    mv = rmask[:, None] & vmask[None, :]
-    bdo = tl.load(do + ov + rv[:, None] + vv[None, :], mask=mv, other=0.)
-    bA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :], mask=rmask[:, None], other=0.)
-    acc = _mm(tl.trans(bA.to(DT)), bdo, IEEE)
-    ok = (t0 * H + hh) * K
+    q += (t0 * H + hh) * K
+    k += (t0 * H + hh) * K
+    g += (t0 * H + hh) * K
     rk = rows * (H * K)
+    acc = tl.zeros((C, BV), dtype=tl.float32)
+    sA = tl.zeros((C, C), dtype=tl.float32)
+    hb = dh + (slot * H + hh) * K * V
+    hm = nrow > 0
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         mk = rmask[:, None] & kmask[None, :]
-        bk = tl.load(k + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-        bg = tl.load(g + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
+        p = rk[:, None] + kk[None, :]
+        bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
+        graw = tl.load(g + p, mask=mk, other=0.)
+        bg = graw.to(tl.float32)
+        bdh = tl.load(hb + kk[:, None] * V + vv[None, :], mask=hm & kmask[:, None] & vmask[None, :], other=0.)
         b = tl.cumsum(bg, axis=0)
         gam = _row(b, rows, C - 1)
-        bdh = tl.load(dh + (slot * H + hh) * K * V + kk[:, None] * V + vv[None, :],
-                      mask=kmask[:, None] & vmask[None, :], other=0.)
-        acc += _mm((bk * tl.exp(gam[None, :] - b)).to(DT), bdh.to(DT), IEEE)
-    tl.store(dv + ov + rv[:, None] + vv[None, :], acc.to(dv.dtype.element_ty), mask=mv)
+        acc += _mm((bk * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(DT), bdh.to(DT), IEEE)
+        if FUSE_A:
+            bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
+            sA += _intra_scores(bq, bk, b, graw, rows, cols, C, BK, k.dtype.element_ty, IEEE, REF, TF)
+    if FUSE_A:
+        sA = sA * scale
+    else:
+        sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
+                     mask=rmask[:, None], other=0.)
+    do += (t0 * H + hh) * V
+    dv += (t0 * H + hh) * V
+    ov = (rows * (H * V))[:, None] + vv[None, :]
+    mv = rmask[:, None] & vmask[None, :]
+    bdo = tl.load(do + ov, mask=mv, other=0.)
+    acc += _mm(tl.trans(sA.to(DT)), bdo, IEEE)
+    tl.store(dv + ov, acc.to(dv.dtype.element_ty), mask=mv)
 
 
 @triton.jit
 def _dqk_kernel(q, k, v, g, do, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
                 N, H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
     NKT = tl.cdiv(K, BK)
     slot = (tl.program_id(0) // NKT).to(tl.int64)
     kt = tl.program_id(0) % NKT
     hh = tl.program_id(1).to(tl.int64)
-    n, t0, nrow, _ = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
+    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = q.dtype.element_ty
+    DTL = q.dtype.element_ty
     if IEEE:
         DT = tl.float32
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     rmask = rows < nrow
+    # rows shifted by one token: row t holds token t - 1 (row 0: none)
+    smask_r = (rows >= 1) & (rows - 1 < nrow)
     kk = kt * BK + tl.arange(0, BK)
     kmask = kk < K
-    ok = (t0 * H + hh) * K
+    base_k = (t0 * H + hh) * K
+    base_v = (t0 * H + hh) * V
+    q += base_k
+    k += base_k
+    g += base_k
+    dq += base_k
+    dk += base_k
+    dg += base_k
+    v += base_v
+    do += base_v
+    h += (slot * H + hh) * K * V
+    dh += (slot * H + hh) * K * V
     rk = rows * (H * K)
-    ov = (t0 * H + hh) * V
     rv = rows * (H * V)
     mk = rmask[:, None] & kmask[None, :]
-    bq = tl.load(q + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-    bk = tl.load(k + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
-    bg = tl.load(g + ok + rk[:, None] + kk[None, :], mask=mk, other=0.).to(tl.float32)
+    p = rk[:, None] + kk[None, :]
+    bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
+    bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
+    graw = tl.load(g + p, mask=mk, other=0.)
+    bg = graw.to(tl.float32)
+    bk_sh = tl.load(k + p - H * K, mask=smask_r[:, None] & kmask[None, :], other=0.).to(tl.float32)
     b = tl.cumsum(bg, axis=0)
     gam = _row(b, rows, C - 1)
 
     dA = tl.zeros((C, C), dtype=tl.float32)
     dq_s = tl.zeros((C, BK), dtype=tl.float32)
     dk_s = tl.zeros((C, BK), dtype=tl.float32)
+    dk_sh = tl.zeros((C, BK), dtype=tl.float32)
     dgh = tl.zeros((BK,), dtype=tl.float32)
-    hbase = (slot * H + hh) * K * V
     for v0 in range(0, V, BV):
         vv = v0 + tl.arange(0, BV)
         vmask = vv < V
         mv = rmask[:, None] & vmask[None, :]
-        smask = kmask[:, None] & vmask[None, :]
+        smask = (nrow > 0) & kmask[:, None] & vmask[None, :]
         soff = kk[:, None] * V + vv[None, :]
-        bdo = tl.load(do + ov + rv[:, None] + vv[None, :], mask=mv, other=0.)
-        bv = tl.load(v + ov + rv[:, None] + vv[None, :], mask=mv, other=0.)
-        bh = tl.load(h + hbase + soff, mask=smask, other=0.)
-        bdh = tl.load(dh + hbase + soff, mask=smask, other=0.)
+        pv = rv[:, None] + vv[None, :]
+        bdo = tl.load(do + pv, mask=mv, other=0.)
+        bv = tl.load(v + pv, mask=mv, other=0.)
+        bv_sh = tl.load(v + pv - H * V, mask=smask_r[:, None] & vmask[None, :], other=0.)
+        bh = tl.load(h + soff, mask=smask, other=0.)
+        bdh = tl.load(dh + soff, mask=smask, other=0.)
         dA += _mm(bdo, tl.trans(bv), IEEE)
         dq_s += _mm(bdo, tl.trans(bh.to(DT)), IEEE)
         dk_s += _mm(bv, tl.trans(bdh.to(DT)), IEEE)
+        dk_sh += _mm(bv_sh, tl.trans(bdh.to(DT)), IEEE)
         dgh += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), axis=1)
     dA = tl.where(rows[:, None] >= cols[None, :], dA * scale, 0.)
 
     # inter-chunk parts
     bdq = dq_s * scale * tl.exp(b)
-    bdk_inter = dk_s * tl.exp(gam[None, :] - b)
-    bdk = tl.zeros((C, BK), dtype=tl.float32)
+    bdk_inter = dk_s * tl.exp(tl.minimum(gam[None, :] - b, 0.))
+    # the same, one token earlier: row t holds (k dk_inter) of token t - 1
+    b_sh = b - bg
+    y_sh = bk_sh * dk_sh * tl.exp(tl.minimum(gam[None, :] - b_sh, 0.))
 
-    # dq intra, off-diagonal sub-blocks (reference: first row of the row sub-block)
-    for i in tl.static_range(1, C // 16):
-        br = _row(b, rows, 16 * i)
-        inb = (rows // 16) == i
-        before = rows < 16 * i
-        kt_ = tl.where(before[:, None], bk * tl.exp(tl.where(before[:, None], br[None, :] - b, 0.)), 0.)
-        dAi = tl.where(inb[:, None] & (cols[None, :] < 16 * i), dA, 0.)
-        m = _mm(dAi.to(DT), kt_.to(DT), IEEE)
-        bdq += tl.where(inb[:, None], tl.exp(tl.where(inb[:, None], b - br[None, :], 0.)) * m, 0.)
-    # dk intra, off-diagonal sub-blocks (reference: last row of the column sub-block)
-    for j in tl.static_range(0, C // 16 - 1):
-        br = _row(b, rows, 16 * j + 15)
-        after = rows >= 16 * (j + 1)
-        inj = (rows // 16) == j
-        qt_ = tl.where(after[:, None], bq * tl.exp(tl.where(after[:, None], b - br[None, :], 0.)), 0.)
-        dAj = tl.where(after[:, None] & ((cols // 16) == j)[None, :], dA, 0.)
-        m = _mm(tl.trans(dAj.to(DT)), qt_.to(DT), IEEE)
-        bdk += tl.where(inj[:, None], tl.exp(tl.where(inj[:, None], br[None, :] - b, 0.)) * m, 0.)
-    # diagonal sub-blocks, element-wise in float32.  The s == t terms are added after dg:
-    # they cancel exactly in q*dq - k*dk, and leaving them out avoids float32 cancellation.
-    for cc in range(16):
-        # dq: column s = base(t) + cc < t
-        srow = (rows // 16) * 16 + cc
-        valid = (rows % 16) > cc
-        ks = tl.load(k + (t0 * H + hh) * K + (srow * (H * K))[:, None] + kk[None, :],
-                     mask=(srow < nrow)[:, None] & kmask[None, :], other=0.).to(tl.float32)
-        bsel = _bcast_row(b, cc, C, BK)
-        coef = tl.sum(tl.where(cols[None, :] == srow[:, None], dA, 0.), axis=1)
-        bdq += tl.where(valid[:, None], coef[:, None] * ks * tl.exp(tl.where(valid[:, None], b - bsel, 0.)), 0.)
-        # dk: row t = base(s) + cc >= s  (rows index s here)
-        trow = srow
-        tvalid = cc > (rows % 16)
-        qs = tl.load(q + (t0 * H + hh) * K + (trow * (H * K))[:, None] + kk[None, :],
-                     mask=(trow < nrow)[:, None] & kmask[None, :], other=0.).to(tl.float32)
-        trow_c = (cols // 16) * 16 + cc
-        coef_k = tl.sum(tl.where(rows[:, None] == trow_c[None, :], dA, 0.), axis=0)
-        bdk += tl.where(tvalid[:, None], coef_k[:, None] * qs * tl.exp(tl.where(tvalid[:, None], bsel - b, 0.)), 0.)
+    # intra parts, off the diagonal: the hierarchy of reference rows (see the docstring)
+    bdk = tl.zeros((C, BK), dtype=tl.float32)
+    for L in tl.static_range(0, LOG2_C):
+        e = _level_exp(b, graw, L, C, BK, REF, IEEE)
+        dAl = tl.where(_level_mask(rows, cols, L), dA, 0.)
+        bdq += e * _mm_lvl(dAl, bk * e, L, DTL, IEEE, TF)
+        bdk += e * _mm_lvl(tl.trans(dAl), bq * e, L, DTL, IEEE, TF)
 
     # dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
     #        + exp(Gamma) * rowsum(S_in * dS_end)
     # (rowsum(S_end * dS_end) expanded, so that no O(1) terms cancel when gates are strong).
+    # The diagonal (s == t) terms cancel exactly in q*dq - k*dk and are added afterwards.
     x = bq * bdq - bk * bdk
-    y = bk * bdk_inter
-    # Both sums as float32 triangular products: a difference of cumulative sums would
-    # lose small entries next to large ones.
-    upper = (cols[None, :] >= rows[:, None]).to(tl.float32)
-    lower = (cols[None, :] < rows[:, None]).to(tl.float32)
-    bdg = (tl.dot(upper, x, input_precision="ieee") + tl.dot(lower, y, input_precision="ieee")
+    bdg = (tl.cumsum(x, axis=0, reverse=True) + tl.cumsum(y_sh, axis=0)
            + (tl.exp(gam) * dgh)[None, :])
     a_tt = tl.sum(tl.where(rows[:, None] == cols[None, :], dA, 0.), axis=1)
     bdq += a_tt[:, None] * bk
     bdk += a_tt[:, None] * bq + bdk_inter
-    p = rk[:, None] + kk[None, :]
-    tl.store(dq + ok + p, bdq.to(dq.dtype.element_ty), mask=mk)
-    tl.store(dk + ok + p, bdk.to(dk.dtype.element_ty), mask=mk)
-    tl.store(dg + ok + p, bdg.to(dg.dtype.element_ty), mask=mk)
+    tl.store(dq + p, bdq.to(dq.dtype.element_ty), mask=mk)
+    tl.store(dk + p, bdk.to(dk.dtype.element_ty), mask=mk)
+    tl.store(dg + p, bdg.to(dg.dtype.element_ty), mask=mk)
 
 
 # ----------------------------------------------------------------------------
@@ -510,34 +555,35 @@ class _Meta:
 
 
 def _state_dtype(dtype):
-    """Storage of the per-chunk states of the backward: bf16 for bf16 inputs (their
-    products are rounded to bf16 anyway), float32 otherwise (fp16 could overflow)."""
+    """Storage of the per-chunk states: bf16 for bf16 inputs (their products are rounded
+    to bf16 anyway), float32 otherwise (fp16 could overflow)."""
     return torch.bfloat16 if dtype == torch.bfloat16 and not _interpreting() else torch.float32
 
 
-# Launch parameters per kernel; benchmarks may override entries (e.g. TUNE["fwd"] = {...}).
+# Launch parameters per kernel; benchmarks may override entries (e.g. TUNE["o"] = {...}).
 TUNE: dict = {}
 
 
 def _cfg(K, V):
     """Tile sizes and launch options, chosen from the shape (no autotuning: the first
-    call costs one compilation per kernel)."""
+    call costs one compilation per kernel).  The state walks use K tiles of 32 (more
+    programs; measured best at every benchmark shape)."""
     interp = _interpreting()
     kp, vp = _np2(K), _np2(V)
-    big = kp > 128
-    # Defaults picked from ptxas register/spill reports for sm_90 (no autotuning).
+    bk_walk = min(kp, 32)
+    one_v = vp <= 128   # o and dv compute the intra-chunk scores in place
+    # Picked from H100 sweeps (scripts/dev_triton_chunk_bench.py): REF 1 (reshape) for o/dv,
+    # 0 (gather) for dqk, 2 (D @ g) for A; TF 4 keeps the levels inside 16-token sub-blocks
+    # in tf32 (TF 0, all levels in the input dtype, measured ~0.1 ms faster for o and dv).
     c = {
-        # fused forward / forward state walk: one K tile while K <= 128
-        "fwd": dict(BK=64 if big else kp, BV=min(vp, 32), num_warps=8,
-                    num_stages=2),
-        # state walk that stores the state entering every chunk (backward; forward K > 128)
-        "hstate": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=8, num_stages=2),
-        "A": dict(BK=min(kp, 64), num_warps=8, num_stages=2),
-        "out": dict(BK=64, BV=min(vp, 64), num_warps=8, num_stages=2),
-        "bstate": dict(BK=64 if big else kp, BV=min(vp, 64 if big else 32), num_warps=8,
-                       num_stages=2),
-        "dv": dict(BK=64, BV=min(vp, 64), num_warps=8, num_stages=2),
-        "dqk": dict(BK=min(kp, 32), BV=min(vp, 64), num_warps=8, num_stages=2),
+        "h": dict(BK=bk_walk, BV=min(vp, 64), num_warps=4, num_stages=3),
+        "dh": dict(BK=bk_walk, BV=min(vp, 64), num_warps=4, num_stages=3),
+        "A": dict(BK=min(kp, 64), REF=2, TF=4, num_warps=4, num_stages=2),
+        "o": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=True, REF=1, TF=4,
+                  num_warps=8 if one_v else 4, num_stages=2),
+        "dv": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=True, REF=1, TF=4,
+                   num_warps=8 if one_v else 4, num_stages=2),
+        "dqk": dict(BK=min(kp, 64), BV=min(vp, 64), REF=0, TF=4, num_warps=8, num_stages=2),
     }
     for key, over in TUNE.items():
         c[key] = {**c[key], **over}
@@ -551,25 +597,26 @@ def _launch(c):
     return dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 
-def _intra_A(q, k, g, scale, meta, IEEE, cfg):
-    B, T, H, K = q.shape
-    C = C_CHUNK
-    A = torch.empty(B * T, H, C, device=q.device, dtype=torch.float32)
-    if meta.NC > 0:
-        c = cfg["A"]
-        _intra_A_kernel[(meta.NC, H)](q, k, g, A, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
-                                      meta.N, H, K, C=C, BK=c["BK"], IEEE=IEEE, **_launch(c))
-    return A
-
-
-def _state_walk(q, k, v, g, A, o, h, h0, ht, meta, scale, IEEE, c, fuse_o, store_ht):
-    B, T, H, K = q.shape
+def _states(k, v, g, h0, ht, meta, IEEE, c):
+    """States entering every chunk (per slot), and the final states into ht."""
+    B, T, H, K = k.shape
     V = v.shape[-1]
+    h = torch.empty(meta.NC, H, K, V, device=k.device, dtype=_state_dtype(k.dtype))
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
-    _state_fwd_kernel[(meta.N * H * NK * NV,)](
-        q, k, v, g, A, o, h, h0 if h0 is not None else q, ht, meta.cu, meta.chunk_off, scale,
-        meta.N, H, K, V, C=C_CHUNK, BK=c["BK"], BV=c["BV"], NV=NV, FUSE_O=fuse_o,
-        STORE_H=not fuse_o, USE_H0=h0 is not None, STORE_HT=store_ht, IEEE=IEEE, **_launch(c))
+    _h_kernel[(meta.N * H * NK * NV,)](
+        k, v, g, h, h0 if h0 is not None else k, ht if ht is not None else k, meta.cu,
+        meta.chunk_off, meta.N, H, K, V, C=C_CHUNK, BK=c["BK"], BV=c["BV"], NV=NV,
+        USE_H0=h0 is not None, STORE_HT=ht is not None, IEEE=IEEE, **_launch(c))
+    return h
+
+
+def _scores(q, k, g, scale, meta, IEEE, c):
+    B, T, H, K = q.shape
+    A = torch.empty(B * T, H, C_CHUNK, device=q.device, dtype=torch.float32)
+    _A_kernel[(meta.NC, H)](q, k, g, A, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
+                            meta.N, H, K, C=C_CHUNK, BK=c["BK"], IEEE=IEEE, REF=c["REF"],
+                            TF=c["TF"], **_launch(c))
+    return A
 
 
 def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -582,19 +629,19 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
     ht = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     if N == 0 or H == 0:
         return o, ht
+    if meta.NC == 0:  # every sequence is empty
+        if ht is not None:
+            ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
+        return o, ht
     cfg = _cfg(K, V)
-    A = _intra_A(q, k, g, scale, meta, IEEE, cfg)
-    fuse = cfg["fwd"]["BK"] >= K
-    hbuf = o
-    if not fuse:
-        hbuf = torch.empty(meta.NC, H, K, V, device=q.device, dtype=_state_dtype(q.dtype))
-    _state_walk(q, k, v, g, A, o, hbuf, initial_state, ht if ht is not None else o, meta, scale,
-                IEEE, cfg["fwd"] if fuse else cfg["hstate"], fuse, output_final_state)
-    if not fuse and meta.NC > 0:
-        c = cfg["out"]
-        _out_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-            q, v, g, A, o, hbuf, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
-            C=C_CHUNK, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
+    h = _states(k, v, g, initial_state, ht, meta, IEEE, cfg["h"])
+    c = cfg["o"]
+    fuse = c["FUSE"] and triton.cdiv(V, c["BV"]) == 1
+    A = o if fuse else _scores(q, k, g, scale, meta, IEEE, cfg["A"])
+    _o_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
+        q, k, v, g, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
+        C=C_CHUNK, BK=c["BK"], BV=c["BV"], FUSE_A=fuse, IEEE=IEEE, REF=c["REF"], TF=c["TF"],
+        **_launch(c))
     return o, ht
 
 
@@ -617,28 +664,25 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
             dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         return dq, dk, dv, dg, dh0
     cfg = _cfg(K, V)
-    A = _intra_A(q, k, g, scale, meta, IEEE, cfg)
-    sdt = _state_dtype(q.dtype)
     # states entering every chunk (recomputed, never saved by the forward)
-    h = torch.empty(meta.NC, H, K, V, device=q.device, dtype=sdt)
-    _state_walk(q, k, v, g, A, q, h, initial_state, q, meta, scale, IEEE, cfg["hstate"], False, False)
-    # gradient w.r.t. every chunk's final state; dv when one K tile covers K
-    dhb = torch.empty(meta.NC, H, K, V, device=q.device, dtype=sdt)
-    c = cfg["bstate"]
+    h = _states(k, v, g, initial_state, None, meta, IEEE, cfg["h"])
+    # gradient w.r.t. every chunk's final state
+    dhb = torch.empty(meta.NC, H, K, V, device=q.device, dtype=h.dtype)
+    c = cfg["dh"]
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
-    fuse_dv = NK == 1
-    _state_bwd_kernel[(N * H * NK * NV,)](
-        q, k, g, do, A, dv, dhb, dht if dht is not None else q, dh0 if dh0 is not None else q,
+    _dh_kernel[(N * H * NK * NV,)](
+        q, g, do, dhb, dht if dht is not None else q, dh0 if dh0 is not None else q,
         meta.cu, meta.chunk_off, scale, N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], NV=NV,
-        FUSE_DV=fuse_dv, STORE_DH=True, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        IEEE=IEEE, **_launch(c))
-    if not fuse_dv:
-        c = cfg["dv"]
-        _dv_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-            k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, N, H, K, V,
-            C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IEEE=IEEE, **_launch(c))
+    c = cfg["dv"]
+    fuse = c["FUSE"] and triton.cdiv(V, c["BV"]) == 1
+    A = dv if fuse else _scores(q, k, g, scale, meta, IEEE, cfg["A"])
+    _dv_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
+        q, k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
+        C=C, BK=c["BK"], BV=c["BV"], FUSE_A=fuse, IEEE=IEEE, REF=c["REF"], TF=c["TF"],
+        **_launch(c))
     c = cfg["dqk"]
     _dqk_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, g, do, h, dhb, dq, dk, dg, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
-        N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
+        N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, REF=c["REF"], TF=c["TF"], **_launch(c))
     return dq, dk, dv, dg, dh0
