@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gla_cuda import dispatch
 from gla_cuda.api import chunk_gla, fused_recurrent_gla, fused_recurrent_gla_pooled
 from gla_cuda.backends import cuda as cuda_backend
 
@@ -140,9 +141,9 @@ class GatedLinearAttention(nn.Module):
     def _in_place(self, state, use_cache, cu_seqlens, q) -> bool:
         """Whether a decoding step can update the cached state in place: without autograd and
         varlen, on the CPU or where the compiled CUDA kernels are built (elsewhere the pooled
-        op would run the reference, which synchronises)."""
+        op would run the reference, which synchronises), with a backend that has the op."""
         return (state is not None and use_cache and cu_seqlens is None and not torch.is_grad_enabled()
-                and self.backend in (None, "auto", "cuda", "reference")
+                and dispatch.requested_backend(self.backend) in ("auto", "cuda", "reference")
                 and (not q.is_cuda or cuda_backend.IMPORT_ERROR is None))
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
