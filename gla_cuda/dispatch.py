@@ -1,7 +1,8 @@
 """Which backend runs an op, and why the others do not.
 
 Order of preference: the compiled CUDA kernels, then Triton, then the PyTorch
-reference. On CPU tensors "auto" means the reference; Triton runs CPU tensors
+reference; under "auto" a backend can also pass inputs it runs slower than the next one
+(its ``auto_skip_reason``, measured, shown in the report). On CPU tensors "auto" means the reference; Triton runs CPU tensors
 only when forced under TRITON_INTERPRET=1 (how CI tests it).
 A backend is forced with the ``backend=`` argument or the GLA_BACKEND variable.
 """
@@ -71,6 +72,9 @@ def choose(op, q, k, v, g, initial_state=None, cu_seqlens=None, backend=None) ->
     for name in BACKENDS:
         if name not in order and reasons[name] is None:
             reasons[name] = f"not chosen automatically for {q.device.type} tensors"
+        elif reasons[name] is None:  # it can run; a backend may still leave these inputs to the next
+            skip = getattr(backend_module(name), "auto_skip_reason", None)
+            reasons[name] = skip and skip(op, q, k, v, g, initial_state, cu_seqlens)
     chosen = next((name for name in order if reasons[name] is None), None)
     return Choice(op, requested, chosen, reasons)
 

@@ -145,3 +145,20 @@ def test_pool_cuda_graph_replay():
     expected = step()
     assert torch.equal(captured, expected) and torch.equal(after, pool)
     assert torch.equal(after[[0, 1, 3, 5]], before[[0, 1, 3, 5]])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_auto_takes_the_recurrent_kernel_for_short_sequences_only():
+    """auto: the CUDA recurrent forward up to 16 tokens per sequence on average, Triton
+    beyond (measured faster there); forcing cuda still runs it."""
+    short = make_inputs(4, 16, H, K, V, dtype=torch.bfloat16, device="cuda")
+    long = make_inputs(4, 17, H, K, V, dtype=torch.bfloat16, device="cuda")
+    if gla_cuda.explain_backend(**short, op="recurrent_fwd", backend="cuda").backend is None:
+        pytest.skip("the cuda backend cannot run the recurrent forward here")
+    assert gla_cuda.explain_backend(**short, op="recurrent_fwd").backend == "cuda"
+    choice = gla_cuda.explain_backend(**long, op="recurrent_fwd")
+    assert choice.backend == "triton" and "more than 16 tokens" in choice.reasons["cuda"]
+    assert gla_cuda.explain_backend(**long, op="recurrent_fwd", backend="cuda").backend == "cuda"
+    cu = torch.tensor([0, 30, 31, 32, 33, 68], device="cuda")  # 68 tokens, 5 sequences: 13.6 each
+    packed = make_inputs(1, 68, H, K, V, dtype=torch.bfloat16, device="cuda")
+    assert gla_cuda.explain_backend(**packed, cu_seqlens=cu, op="recurrent_fwd").backend == "cuda"

@@ -10,6 +10,8 @@
         in unsupported_reason)
     unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> None or a short reason
         (op is one of OPS; gla_cuda.dispatch asks it before choosing the backend)
+    auto_skip_reason(...): optional, same arguments: inputs the backend runs but leaves to
+        the next backend under "auto" because that one is faster there (None: no opinion)
 
 What the caller (gla_cuda.ops) guarantees:
   * q, k, g: [B, T, H, K]; v: [B, T, H, V]; all contiguous and on one device.
