@@ -125,3 +125,16 @@ def test_empty_sequence_batch(fn):
     o, ht = fn(**ins, output_final_state=True)
     assert o.shape == (2, 0, 2, 8)
     torch.testing.assert_close(ht, ins["initial_state"])
+
+
+def test_auto_skip_leaves_inputs_to_the_next_backend(monkeypatch):
+    """A backend's auto_skip_reason passes inputs on under "auto" (and says why); forcing
+    that backend still runs it."""
+    from gla_cuda.backends import reference
+    ins = good()
+    monkeypatch.setattr(reference, "auto_skip_reason", lambda op, *a: "slower here" if op == "chunk_fwd" else None,
+                        raising=False)
+    choice = gla_cuda.explain_backend(**ins)
+    assert choice.backend is None and choice.reasons["reference"] == "slower here"
+    assert gla_cuda.explain_backend(**ins, op="recurrent_fwd").backend == "reference"
+    assert gla_cuda.explain_backend(**ins, backend="reference").backend == "reference"
