@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gla_cuda
-from conftest import BACKENDS, DEVICES, HAS_CUDA, TOL, make_inputs, oracle, rel_err
+from conftest import BACKENDS, DEVICES, HAS_CUDA, TOL, make_inputs, oracle, rel_err, runs
 
 P, H, K, V = 7, 2, 32, 40
 
@@ -15,9 +15,8 @@ def _pool(device, v_first, seed=0, K=K, V=V):
     return torch.randn(*shape, generator=gen).to(device)
 
 
-def _runs(backend, ins, pool):
-    return gla_cuda.explain_backend(ins["q"], ins["k"], ins["v"], ins["g"], pool,
-                                    op="recurrent_pool_fwd_", backend=backend).backend is not None
+def _runs(backend, ins, pool):  # the pool stands in for initial_state in the backend choice
+    return runs("recurrent_pool_fwd_", backend, {**ins, "initial_state": pool})
 
 
 @pytest.mark.parametrize("device", DEVICES)
