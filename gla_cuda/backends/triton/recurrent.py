@@ -115,6 +115,17 @@ def _fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, T, o_split,
         tl.store(ht + p_kv, S, mask=m_kv)
 
 
+@triton.jit
+def _bwd_token(q, k, g, v, do, p_x, p_y, m_k, m_v):
+    """One token's q, k, exp(g), v and do, in float32 (both sweeps of the backward)."""
+    b_q = tl.load(q + p_x, mask=m_k, other=0.).to(tl.float32)
+    b_k = tl.load(k + p_x, mask=m_k, other=0.).to(tl.float32)
+    b_a = tl.exp(tl.load(g + p_x, mask=m_k, other=0.).to(tl.float32))
+    b_v = tl.load(v + p_y, mask=m_v, other=0.).to(tl.float32)
+    b_do = tl.load(do + p_y, mask=m_v, other=0.).to(tl.float32)
+    return b_q, b_k, b_a, b_v, b_do
+
+
 @triton.jit(do_not_specialize=["T"])
 def _bwd_kernel(q, k, v, g, do, h0, dht, cu_seqlens, dq, dk, dv, dg, dh0, scale, T, k_split,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -146,11 +157,7 @@ def _bwd_kernel(q, k, v, g, do, h0, dht, cu_seqlens, dq, dk, dv, dg, dh0, scale,
     r_last = tl.zeros([BK], dtype=tl.float32)  # R_T
     p_x, p_y = p_x0, p_y0
     for t in range(0, L):
-        b_q = tl.load(q + p_x, mask=m_k, other=0.).to(tl.float32)
-        b_k = tl.load(k + p_x, mask=m_k, other=0.).to(tl.float32)
-        b_a = tl.exp(tl.load(g + p_x, mask=m_k, other=0.).to(tl.float32))
-        b_v = tl.load(v + p_y, mask=m_v, other=0.).to(tl.float32)
-        b_do = tl.load(do + p_y, mask=m_v, other=0.).to(tl.float32)
+        b_q, b_k, b_a, b_v, b_do = _bwd_token(q, k, g, v, do, p_x, p_y, m_k, m_v)
         b_dqp = scale * b_a * tl.sum(S * b_do[None, :], 1)
         if USE_DHT:
             if t == L - 1:  # the only step that still holds S_{T-1}
@@ -171,11 +178,7 @@ def _bwd_kernel(q, k, v, g, do, h0, dht, cu_seqlens, dq, dk, dv, dg, dh0, scale,
     p_x = p_x0 + (L - 1) * H * K
     p_y = p_y0 + (L - 1) * H * V
     for i in range(0, L):
-        b_q = tl.load(q + p_x, mask=m_k, other=0.).to(tl.float32)
-        b_k = tl.load(k + p_x, mask=m_k, other=0.).to(tl.float32)
-        b_a = tl.exp(tl.load(g + p_x, mask=m_k, other=0.).to(tl.float32))
-        b_v = tl.load(v + p_y, mask=m_v, other=0.).to(tl.float32)
-        b_do = tl.load(do + p_y, mask=m_v, other=0.).to(tl.float32)
+        b_q, b_k, b_a, b_v, b_do = _bwd_token(q, k, g, v, do, p_x, p_y, m_k, m_v)
         b_dkp = tl.sum(D * b_v[None, :], 1)
         # dg_{t+1} -> R_t -> dg_t; at t = T, R_T came from the forward sweep
         b_dg = tl.where(i > 0, b_dg - b_k * b_dkp, b_dg)
