@@ -52,15 +52,24 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " launch failed: ", cudaGetErrorString(err));
 }
 
+// q, k, g [B, T, H, K] and v [B, T, H, V]: contiguous, on q's device, one dtype.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                  const char* op) {
+  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&g, "g"}})
+    check_cuda_contiguous(*x, name, q.device());
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && g.sizes() == q.sizes() && v.dim() == 4 &&
+                  v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
+              op, ": q, k, g must be [B, T, H, K] and v [B, T, H, V]");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype");
+}
+
 std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
     double scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
     const std::optional<at::Tensor>& cu_seqlens) {
   const auto device = q.device();
-  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&g, "g"}})
-    check_cuda_contiguous(*x, name, device);
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && g.sizes() == q.sizes() && v.dim() == 4,
-              "cuda_chunk_fwd: q, k, g must be [B, T, H, K] and v [B, T, H, V]");
+  check_inputs(q, k, v, g, "cuda_chunk_fwd");
   c10::cuda::CUDAGuard guard(device);
 
   FwdParams p{};
@@ -105,13 +114,7 @@ RecurrentParams recurrent_params(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& cu_seqlens, bool backward,
                                  const char* op) {
   const auto device = q.device();
-  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&g, "g"}})
-    check_cuda_contiguous(*x, name, device);
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && g.sizes() == q.sizes() && v.dim() == 4 &&
-                  v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
-              op, ": q, k, g must be [B, T, H, K] and v [B, T, H, V]");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype");
+  check_inputs(q, k, v, g, op);
   RecurrentParams p{};
   p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.K = q.size(3); p.V = v.size(3);
   p.N = cu_seqlens ? cu_seqlens->numel() - 1 : p.B;
