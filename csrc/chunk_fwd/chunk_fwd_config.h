@@ -44,8 +44,11 @@ struct Smem {
   constexpr bool has_e() const { return K <= 128; }
   constexpr int off_q() const { return 0; }
   constexpr int off_k() const { return off_q() + kChunk * ldq() * 2; }
+  // v is double-buffered (the next chunk's v loads during the whole current chunk) when
+  // that fits; K = 256 has no room for it.
+  constexpr int v_stages() const { return K <= 128 ? 2 : 1; }
   constexpr int off_v() const { return off_k() + kChunk * ldq() * 2; }
-  constexpr int off_b() const { return off_v() + kChunk * ldv() * 2; }  // raw g is staged here too
+  constexpr int off_b() const { return off_v() + v_stages() * kChunk * ldv() * 2; }  // raw g is staged here too
   constexpr int off_kt() const { return off_b() + kChunk * ldb() * 4; }
   constexpr int off_a() const { return off_kt() + K * ldkt() * 2; }
   constexpr int off_st() const { return off_a() + kChunk * lda() * 2; }

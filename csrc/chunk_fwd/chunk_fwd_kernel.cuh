@@ -29,8 +29,9 @@
 // MMAs: SM80_16x8x16_F32{BF16,F16}{BF16,F16}F32_TN; smem->register copies with
 // ldmatrix (SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T for v); global->smem with cp.async
 // (SM80_CP_ASYNC_CACHEGLOBAL). The next chunk is prefetched into L2 at the top of
-// each chunk, and its q/k/g (then v) cp.async loads are issued as soon as the
-// buffers they overwrite are no longer read.
+// each chunk, and its cp.async loads are issued as soon as the buffers they overwrite
+// are no longer read: v (double-buffered for K <= 128) at the top of the chunk, k after
+// the scores, q and g after the output.
 #pragma once
 
 #include <cstdint>
@@ -100,6 +101,7 @@ struct Kernel {
                        LDA = L.lda(), LDST = L.ldst(), TPC = L.tpc(), RPT = C / TPC;
   static constexpr int kSmem = L.bytes();
   static constexpr bool kHasE = L.has_e();
+  static constexpr int kVStages = L.v_stages();
   static constexpr int NCH = K / 64;  // 8-channel pieces per lane in the diagonal blocks
   static_assert(C == 64 && NT == 256, "warp roles assume 8 warps and 64-token chunks");
   static_assert(K % 64 == 0 && NT % K == 0 && RPT % 2 == 0, "K in {64, 128, 256}");
@@ -120,7 +122,7 @@ struct Kernel {
   static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, unsigned char* smem) {
     T* sQ = reinterpret_cast<T*>(smem + L.off_q());
     T* sK = reinterpret_cast<T*>(smem + L.off_k());
-    T* sV = reinterpret_cast<T*>(smem + L.off_v());
+    T* const sV0 = reinterpret_cast<T*>(smem + L.off_v());
     float* sB = reinterpret_cast<float*>(smem + L.off_b());
     GT* sG = reinterpret_cast<GT*>(smem + L.off_b());  // raw g staged in the b buffer
     T* sKT = reinterpret_cast<T*>(smem + L.off_kt());
@@ -166,15 +168,24 @@ struct Kernel {
     auto rows_in = [&](int c) { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); };
 
     // ---- global -> shared (cp.async, 16-byte pieces; rows past the end clamp to the last row)
-    auto load_qkg = [&](int c) {
+    auto load_k = [&](int c) {
       const int64_t t0 = int64_t(c) * C;
       const int Lr = rows_in(c);
       constexpr int PQ = K / 8;
       for (int i = tid; i < C * PQ; i += NT) {
         const int r = i / PQ, cc = (i % PQ) * 8;
-        const int64_t src = (t0 + (r < Lr ? r : Lr - 1)) * HK + cc;
-        if (!state_only) cp_async16(sQ + r * LDQ + cc, qb + src);
-        cp_async16(sK + r * LDQ + cc, kb + src);
+        cp_async16(sK + r * LDQ + cc, kb + (t0 + (r < Lr ? r : Lr - 1)) * HK + cc);
+      }
+    };
+    auto load_qg = [&](int c) {
+      const int64_t t0 = int64_t(c) * C;
+      const int Lr = rows_in(c);
+      constexpr int PQ = K / 8;
+      if (!state_only) {
+        for (int i = tid; i < C * PQ; i += NT) {
+          const int r = i / PQ, cc = (i % PQ) * 8;
+          cp_async16(sQ + r * LDQ + cc, qb + (t0 + (r < Lr ? r : Lr - 1)) * HK + cc);
+        }
       }
       constexpr int GP = 16 / int(sizeof(GT));
       constexpr int PG = K / GP;
@@ -184,6 +195,7 @@ struct Kernel {
       }
     };
     auto load_v = [&](int c) {
+      T* sV = sV0 + (c % kVStages) * (C * LDV);
       const int64_t t0 = int64_t(c) * C;
       const int Lr = rows_in(c);
       constexpr int PV = BV / 8;
@@ -250,16 +262,24 @@ struct Kernel {
     for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
 
     if (nchunks > 0) {
-      load_qkg(0);
+      load_k(0);
+      load_qg(0);
       load_v(0);
       cp_async_fence();
     }
 
     for (int c = 0; c < nchunks; ++c) {
       const int Lr = rows_in(c);
+      T* const sV = sV0 + (c % kVStages) * (C * LDV);
       cp_async_wait<0>();
       __syncthreads();
-      if (c + 1 < nchunks) prefetch_chunk(c + 1);
+      if (c + 1 < nchunks) {
+        prefetch_chunk(c + 1);
+        if constexpr (kVStages == 2) {  // the other v buffer was last read in chunk c - 1
+          load_v(c + 1);
+          cp_async_fence();
+        }
+      }
 
       // ---------------- prep: cumsum of g per channel, exp(G), kg^T ----------------
       {
@@ -312,8 +332,10 @@ struct Kernel {
         // where e is not stored, as exp2(b_t - b_s) directly.
         const int d = warp >> 1, gq = lane >> 3, li = lane & 7;
         const int ta = (warp & 1) * 4 + gq, tb = 15 - ta;
-        float qf[NCH * 8], w[NCH * 8], bt[kHasE ? 1 : NCH * 8];
-        for (int pp = 0; pp < 17; ++pp) {
+        // qf: q_t (ex2 path only); w: q_t * exp(b_t - b_s) per channel (running product path)
+        float qf[kHasE ? 1 : NCH * 8], w[kHasE ? NCH * 8 : 1], bt[kHasE ? 1 : NCH * 8];
+        // partial dot product of pair pp over this lane's channels
+        auto pair_dot = [&](const int pp) -> float {
           const bool first = pp == 0 || pp == ta + 1;
           const int t = pp <= ta ? ta : tb;
           const int s = pp <= ta ? ta - pp : tb - (pp - ta - 1);
@@ -324,9 +346,12 @@ struct Kernel {
               const int cc = (li + 8 * m) * 8;
               const uint4 qa = *reinterpret_cast<const uint4*>(sQ + rt * LDQ + cc);
               const T* qe = reinterpret_cast<const T*>(&qa);
-              CUTE_UNROLL
-              for (int e = 0; e < 8; ++e) qf[m * 8 + e] = float(qe[e]);
-              if constexpr (!kHasE) {
+              if constexpr (kHasE) {
+                CUTE_UNROLL
+                for (int e = 0; e < 8; ++e) w[m * 8 + e] = float(qe[e]);
+              } else {
+                CUTE_UNROLL
+                for (int e = 0; e < 8; ++e) qf[m * 8 + e] = float(qe[e]);
                 const float4 b0 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc);
                 const float4 b1 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc + 4);
                 bt[m * 8 + 0] = b0.x; bt[m * 8 + 1] = b0.y; bt[m * 8 + 2] = b0.z; bt[m * 8 + 3] = b0.w;
@@ -340,32 +365,52 @@ struct Kernel {
             const int cc = (li + 8 * m) * 8;
             const uint4 ka = *reinterpret_cast<const uint4*>(sK + rs * LDQ + cc);
             const T* ke = reinterpret_cast<const T*>(&ka);
-            float f[8];
             if constexpr (kHasE) {
-              // w(t, s) = w(t, s + 1) * e_{s+1}; the row index is clamped when unused (first)
+              // w(t, s) = w(t, s + 1) * e_{s+1}, w(t, t) = q_t; the e row is clamped when unused
               const int re = first ? rs : rs + 1;
               const float4 e0 = *reinterpret_cast<const float4*>(sE + re * LDB + cc);
               const float4 e1 = *reinterpret_cast<const float4*>(sE + re * LDB + cc + 4);
               const float ev[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
               CUTE_UNROLL
               for (int e = 0; e < 8; ++e) {
-                w[m * 8 + e] = first ? 1.f : w[m * 8 + e] * ev[e];
-                f[e] = w[m * 8 + e];
+                if (!first) w[m * 8 + e] *= ev[e];
+                acc += w[m * 8 + e] * float(ke[e]);
               }
             } else {
               const float4 b0 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc);
               const float4 b1 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc + 4);
               const float bs[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
               CUTE_UNROLL
-              for (int e = 0; e < 8; ++e) f[e] = ex2(bt[m * 8 + e] - bs[e]);
+              for (int e = 0; e < 8; ++e) acc += qf[m * 8 + e] * ex2(bt[m * 8 + e] - bs[e]) * float(ke[e]);
             }
-            CUTE_UNROLL
-            for (int e = 0; e < 8; ++e) acc += qf[m * 8 + e] * float(ke[e]) * f[e];
           }
+          return acc;
+        };
+        auto group_sum = [&](float acc) {
           acc += __shfl_xor_sync(0xffffffffu, acc, 1);
           acc += __shfl_xor_sync(0xffffffffu, acc, 2);
           acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-          if (li == 0) sA[rt * LDA + rs] = T(acc * scale);
+          return acc;
+        };
+        auto pair_row = [&](int pp) { return pp <= ta ? ta : tb; };
+        auto pair_col = [&](int pp) { return pp <= ta ? ta - pp : tb - (pp - ta - 1); };
+        if constexpr (kHasE && K == 128) {
+          // unrolled walk, reductions after it so that the shuffles of all pairs overlap
+          // (K = 64 runs two CTAs per SM and has no registers for this)
+          float accs[17];
+          CUTE_UNROLL
+          for (int pp = 0; pp < 17; ++pp) accs[pp] = pair_dot(pp);
+          CUTE_UNROLL
+          for (int pp = 0; pp < 17; ++pp) {
+            const float acc = group_sum(accs[pp]);
+            if (li == (pp & 7)) sA[(16 * d + pair_row(pp)) * LDA + 16 * d + pair_col(pp)] = T(acc * scale);
+          }
+        } else {
+#pragma unroll 1
+          for (int pp = 0; pp < 17; ++pp) {
+            const float acc = group_sum(pair_dot(pp));
+            if (li == 0) sA[(16 * d + pair_row(pp)) * LDA + 16 * d + pair_col(pp)] = T(acc * scale);
+          }
         }
         for (int s = ta + 1 + li; s < 16; s += 8) sA[(16 * d + ta) * LDA + 16 * d + s] = T(0.f);
         for (int s = tb + 1 + li; s < 16; s += 8) sA[(16 * d + tb) * LDA + 16 * d + s] = T(0.f);
@@ -426,6 +471,11 @@ struct Kernel {
         }
       }
       __syncthreads();
+
+      if (c + 1 < nchunks) {  // k is read by prep and the scores only
+        load_k(c + 1);
+        cp_async_fence();
+      }
 
       // ---------------- output: o = (scale q exp2(b)) S + A v ----------------
       {
@@ -496,7 +546,8 @@ struct Kernel {
       }  // !state_only
       __syncthreads();  // q, k, b/g, A, S^T no longer read
       if (c + 1 < nchunks) {
-        load_qkg(c + 1);
+        if (state_only) load_k(c + 1);
+        load_qg(c + 1);
         cp_async_fence();
       }
 
@@ -527,7 +578,7 @@ struct Kernel {
         for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
       }
       __syncthreads();  // v no longer read; S^T written
-      if (c + 1 < nchunks) {
+      if (kVStages == 1 && c + 1 < nchunks) {
         load_v(c + 1);
         cp_async_fence();
       }
@@ -552,8 +603,12 @@ struct Kernel {
   }
 };
 
+// K = 64: two CTAs per SM (<= 128 registers, ~100 KB of smem each) hide each other's latency.
+#ifndef GLA_CHUNK_FWD_K64_MIN_BLOCKS
+#define GLA_CHUNK_FWD_K64_MIN_BLOCKS 2
+#endif
 template <class T, class GT, int K, int BV>
-__global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
+__global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, K == 64 ? GLA_CHUNK_FWD_K64_MIN_BLOCKS : 1)
     chunk_fwd_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp) {
   extern __shared__ __align__(128) unsigned char smem[];
   Kernel<T, GT, K, BV>::run(p, sp, smem);

@@ -1,24 +1,20 @@
 #!/bin/bash
 # Builds the fused chunked forward and its standalone test on the GPU machine, then runs
 # the checks and timings. Run from the repository root (of a scratch copy when patching):
-#   bash csrc/chunk_fwd/test/run_on_device.sh [patched] [sanitize] [ncu]
-#   patched:  first apply test/perf_v3_unvalidated.patch to this copy of the sources
+#   bash csrc/chunk_fwd/test/run_on_device.sh [sanitize] [ncu]
 #   sanitize: compute-sanitizer memcheck on the small cases (varlen, split)
 #   ncu:      Nsight Compute sections for one launch at (8,2048,16,128,128)
 # Writes test.log (and ncu.txt) under $OUT; build logs stay in /tmp/cfb/logs.
 set -u
 ROOT=$(pwd)
 OUTDIR=${OUT:-/tmp/out}
-PATCHED=0; SANITIZE=0; NCU=0
+SANITIZE=0; NCU=0
 for a in "$@"; do
-  case $a in patched) PATCHED=1 ;; sanitize) SANITIZE=1 ;; ncu) NCU=1 ;; esac
+  case $a in sanitize) SANITIZE=1 ;; ncu) NCU=1 ;; esac
 done
 mkdir -p "$OUTDIR" /tmp/cutl /tmp/cfb/logs
 if [ ! -d /tmp/cutl/cutlass_library ]; then
   (cd /tmp/cutl && python3 -m zipfile -e "$ROOT/.whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl" .)
-fi
-if [ $PATCHED = 1 ]; then
-  patch -p1 --forward < "$ROOT/csrc/chunk_fwd/test/perf_v3_unvalidated.patch" || exit 1
 fi
 NVCC=${NVCC:-/usr/local/cuda-13.0/bin/nvcc}
 ARCH="-gencode arch=compute_90a,code=sm_90a -gencode arch=compute_80,code=sm_80"
