@@ -1,6 +1,6 @@
 #!/bin/bash
 # Builds the fused chunked forward and its standalone test on the GPU machine, then runs
-# the checks and timings. Run from the repository root (of a scratch copy when patching):
+# the checks and timings. Run from the repository root:
 #   bash csrc/chunk_fwd/test/run_on_device.sh [sanitize] [ncu]
 #   sanitize: compute-sanitizer memcheck on the small cases (varlen, split)
 #   ncu:      Nsight Compute sections for one launch at (8,2048,16,128,128)
