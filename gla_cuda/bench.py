@@ -41,7 +41,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwdbwd", "bwd", "decode")
 TRAIN_MODES = ("fwd", "fwdbwd", "bwd")
 QUICK_MODES = ("fwd", "fwdbwd", "decode")
-MODE_NAMES = {"fwd": "forward", "fwdbwd": "forward+backward", "bwd": "backward", "decode": "decode step"}
+MODE_NAMES = {"fwd": "forward", "fwdbwd": "forward+backward", "bwd": "backward", "decode": "decode step",
+              "graph": "decode step in a CUDA graph"}
 
 # The sweep: T from 1K to 32K at constant tokens per batch (B = max(1, TOKENS // T)), so a
 # linear-time kernel's line stays flat while softmax attention's grows with T.
@@ -160,7 +161,9 @@ def make_inputs(B, T, H, K, V, device, dtype=torch.bfloat16, gate="normal", requ
 
 def floor_bytes(B, T, H, K, V, mode, itemsize=2):
     """Bytes that must move. fwd reads q, k, v, g and writes o; bwd reads q, k, v, g, do and
-    writes dq, dk, dv, dg; decode (T = 1) also reads and writes the float32 state once."""
+    writes dq, dk, dv, dg; decode (T = 1; "graph": the same step in a CUDA graph) also reads
+    and writes the float32 state once."""
+    mode = "decode" if mode == "graph" else mode
     per = {"fwd": 3 * K + 2 * V, "bwd": 6 * K + 3 * V, "fwdbwd": 9 * K + 5 * V, "decode": 3 * K + 2 * V}[mode]
     state = 2 * B * H * K * V * 4 if mode == "decode" else 0
     return B * T * H * per * itemsize + state
@@ -230,14 +233,38 @@ def time_candidate(fn, shape, device, modes, dtype=torch.bfloat16):
 
 
 def time_decode(fn, shape, device, dtype=torch.bfloat16):
-    """(ms, peak bytes) of one decode step of fn at shape (B, H, K, V)."""
+    """({"decode": ms, "graph": ms}, peak bytes) of one decode step of fn at shape (B, H, K, V).
+    "decode" is an eager call, host overhead included when the host is slower than the GPU;
+    "graph" is the step replayed from a CUDA graph (what a serving loop under CUDA graphs
+    pays: GPU time alone), absent when the step cannot be captured."""
     B, H, K, V = shape
     q, k, v, g = make_inputs(B, 1, H, K, V, device, dtype=dtype)
     h = torch.randn(B, H, K, V, device=device) * 0.1
     index = torch.arange(B, device=device, dtype=torch.int32)
     with torch.no_grad():
         step = lambda: fn(q, k, v, g, h, index)
-        return _bench(step, device), _peak(step, device)
+        ms = {"decode": _bench(step, device)}
+        if device == "cuda":
+            try:
+                ms["graph"] = _graph_ms(step, device)
+            except Exception:  # e.g. a backend that synchronises
+                torch.cuda.synchronize()
+        return ms, _peak(step, device)
+
+
+def _graph_ms(step, device, steps=20):
+    """Per-step ms of ``steps`` calls captured in one CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            step()
+    return _bench(graph.replay, device) / steps
 
 
 def warm(shape, device="cuda", dtype="bf16", check=True, only=None):
@@ -725,10 +752,11 @@ def _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over
                 except Exception as e:
                     log(f"{name:<11} failed: {_first_line(e)}")
                 else:
-                    row = {"shape": list(shape), "dtype": dname, "backend": name, "ms": {"decode": ms},
+                    row = {"shape": list(shape), "dtype": dname, "backend": name, "ms": ms,
                            "peak_bytes": {"decode": peak}, "seconds": None}
                     results["rows"].append(row)
-                    log(_row_line(results, row, "decode"))
+                    for mode in ms:
+                        log(_row_line(results, row, mode))
             bar.advance()
 
 

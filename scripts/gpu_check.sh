@@ -2,7 +2,7 @@
 # One call on the GPU machine: build with every core, run the GPU tests, the main job
 # and the benchmark; logs go to $OUT (or ./gpu_logs). Wheels in .whl/ (nvidia-cutlass,
 # fla-core) are installed first, for machines without network (README: Layout).
-#   bash scripts/gpu_check.sh [build|warm|test|main|sanitize|bench ...]
+#   bash scripts/gpu_check.sh [build|warm|test|main|example|sanitize|bench ...]
 #   (default: build warm test main bench). warm compiles the benchmark's kernels in the
 #   background while the steps after it run; bench waits for it. Every step fits in
 #   DEADLINE_S seconds from the start (default 580: the device tool's call limit is 600).
@@ -28,11 +28,18 @@ for step in $steps; do
       grep -E "gla_cuda:|registers|spill|error" "$OUT/build.log" | grep -v "^$" | sort -u | head -60
       echo "build took $(( $(date +%s) - start )) s" ;;
     test)
-      GLA_TEST_DEVICES=cuda timeout $(( $(left) < ${TEST_TIMEOUT:-420} ? $(left) : ${TEST_TIMEOUT:-420} )) python3 -m pytest ${PYTEST_ARGS:-tests} -q -rs \
+      # the suite is mostly Triton compiles and small launches: 8 processes share the GPU
+      python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_JOBS:-8}" || par=""
+      GLA_TEST_DEVICES=cuda timeout $(( $(left) < ${TEST_TIMEOUT:-420} ? $(left) : ${TEST_TIMEOUT:-420} )) python3 -m pytest $par ${PYTEST_ARGS:-tests} -q -rs \
         -p no:cacheprovider --durations=10 > "$OUT/pytest.log" 2>&1 || status=1
       tail -30 "$OUT/pytest.log" ;;
     main)
-      timeout 200 python3 -m gla_cuda ${MAIN_ARGS:-} 2>&1 | tee "$OUT/main.log" || status=1 ;;
+      start=$(date +%s)
+      timeout 200 python3 -m gla_cuda ${MAIN_ARGS:-} 2>&1 | tee "$OUT/main.log" || status=1
+      echo "main job (gla-bench --quick) took $(( $(date +%s) - start )) s wall" | tee -a "$OUT/main.log" ;;
+    example)
+      timeout $(( $(left) < 240 ? $(left) : 240 )) python3 examples/train_gla_lm.py --bf16 ${EXAMPLE_ARGS:-} 2>&1 |
+        tee "$OUT/example.log" || status=1 ;;
     warm)
       # compile (and let fla autotune) every benchmark shape in parallel processes
       for s in $SHAPES; do
