@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "chunk_bwd/chunk_bwd.h"
 #include "chunk_fwd/chunk_fwd.h"
 #include "gla_params.h"
 #include "recurrent/recurrent.h"
@@ -106,6 +107,85 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
   if (p.B * p.T > 0 || output_final_state)
     check_launch(chunk_fwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_fwd");
   return {o, ht};
+}
+
+// The fused chunked backward: a state walk into a float32 workspace, then the reverse kernel.
+// With several V tiles, dq, dk and dg come back as float32 partial sums per tile, summed here
+// in a fixed order (deterministic).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chunk_bwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    double scale, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& dout,
+    const std::optional<at::Tensor>& dht) {
+  const auto device = q.device();
+  check_inputs(q, k, v, g, "cuda_chunk_bwd");
+  c10::cuda::CUDAGuard guard(device);
+  check_cuda_contiguous(dout, "do", device);
+  TORCH_CHECK(dout.sizes() == v.sizes() && dout.scalar_type() == v.scalar_type(),
+              "cuda_chunk_bwd: do must be like v");
+
+  BwdParams p{};
+  p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.K = q.size(3); p.V = v.size(3);
+  p.N = cu_seqlens ? cu_seqlens->numel() - 1 : p.B;
+  p.scale = static_cast<float>(scale);
+  p.dtype = to_dtype(q.scalar_type());
+  p.g_dtype = to_dtype(g.scalar_type());
+  int sm_major = 0, sm_minor = 0;
+  cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, device.index());
+  cudaDeviceGetAttribute(&sm_minor, cudaDevAttrComputeCapabilityMinor, device.index());
+  cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device.index());
+  for (auto [x, name] : {std::pair{&initial_state, "initial_state"}, {&dht, "dht"}}) {
+    if (!*x) continue;
+    check_cuda_contiguous(**x, name, device);
+    TORCH_CHECK((*x)->scalar_type() == at::kFloat, name, " must be float32");
+    TORCH_CHECK((*x)->sizes() == at::IntArrayRef({p.N, p.H, p.K, p.V}), name, " must be [N, H, K, V]");
+  }
+  if (initial_state) p.h0 = initial_state->data_ptr<float>();
+  if (dht) p.dht = dht->data_ptr<float>();
+  if (cu_seqlens) {
+    check_cuda_contiguous(*cu_seqlens, "cu_seqlens", device);
+    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt, "cu_seqlens must be int32 here");
+    p.cu_seqlens = cu_seqlens->data_ptr<int32_t>();
+  }
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr();
+  p.dout = dout.data_ptr();
+  if (const char* why = chunk_bwd_unsupported(p, sm_major, sm_minor))
+    TORCH_CHECK(false, "cuda_chunk_bwd: ", why);
+
+  auto f32 = q.options().dtype(at::kFloat);
+  const int tiles = chunk_bwd_v_tiles(p);
+  p.partials = tiles > 1;
+  at::Tensor dq, dk, dg, parts;
+  if (p.partials) {
+    parts = at::empty({3, tiles, p.B, p.T, p.H, p.K}, f32);  // dq, dk, dg per V tile
+    p.part_stride = int64_t(p.B) * p.T * p.H * p.K;
+    p.dq = parts[0].data_ptr();
+    p.dk = parts[1].data_ptr();
+    p.dg = parts[2].data_ptr();
+  } else {
+    dq = at::empty(q.sizes(), q.options());
+    dk = at::empty(k.sizes(), k.options());
+    dg = at::empty(g.sizes(), g.options());
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dg = dg.data_ptr();
+  }
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dh0 = at::empty(initial_state ? at::IntArrayRef({p.N, p.H, p.K, p.V}) : at::IntArrayRef({0}), f32);
+  at::Tensor ws = at::empty({chunk_bwd_workspace_floats(p)}, f32);
+  if (p.partials) poison({&parts, &dv, &dh0, &ws});
+  else poison({&dq, &dk, &dg, &dv, &dh0, &ws});
+  p.dv = dv.data_ptr();
+  p.dh0 = initial_state ? dh0.data_ptr<float>() : nullptr;
+  p.ws = ws.data_ptr<float>();
+  check_launch(chunk_bwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_bwd");
+  if (p.partials) {
+    at::Tensor sums = parts.sum(1);  // over V tiles, in a fixed order
+    dq = sums[0].to(q.scalar_type());
+    dk = sums[1].to(k.scalar_type());
+    dg = sums[2].to(g.scalar_type());
+  }
+  return {dq, dk, dv, dg, dh0};
 }
 
 // q, k, v, g checked and described for the recurrent kernels (everything but outputs).
@@ -233,6 +313,13 @@ std::optional<std::string> unsupported(const std::string& op, int T, int K, int 
     p.dtype = dtype_from_name(dtype);
     p.g_dtype = dtype_from_name(g_dtype);
     why = chunk_fwd_unsupported(p, sm_major, sm_minor);
+  } else if (op == "chunk_bwd") {
+    BwdParams p{};  // as above: only the static checks bite
+    p.B = p.N = p.T = p.H = 1;
+    p.K = K; p.V = V;
+    p.dtype = dtype_from_name(dtype);
+    p.g_dtype = dtype_from_name(g_dtype);
+    why = chunk_bwd_unsupported(p, sm_major, sm_minor);
   } else if (op == "recurrent_fwd" || op == "recurrent_pool_fwd_" || op == "recurrent_bwd") {
     why = recurrent_unsupported(op == "recurrent_bwd", T, K, V, sm_major);
   } else {
@@ -247,6 +334,7 @@ std::optional<std::string> unsupported(const std::string& op, int T, int K, int 
 
 TORCH_LIBRARY_IMPL(gla, CUDA, m) {
   m.impl("cuda_chunk_fwd", &gla::cuda_chunk_fwd);
+  m.impl("cuda_chunk_bwd", &gla::cuda_chunk_bwd);
   m.impl("cuda_recurrent_fwd", &gla::cuda_recurrent_fwd);
   m.impl("cuda_recurrent_bwd", &gla::cuda_recurrent_bwd);
   m.impl("cuda_recurrent_pool_fwd_", &gla::cuda_recurrent_pool_fwd_);

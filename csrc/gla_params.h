@@ -61,4 +61,32 @@ struct RecurrentParams {
   DType g_dtype;              // kFloat32 or dtype
 };
 
+// The fused chunked backward (csrc/chunk_bwd/). Shapes as in FwdParams. dq, dk, dg are written
+// in their own dtypes (q's, q's, g's) when V is one tile of 64; with several V tiles they are
+// float32 partial sums per tile ([V / 64, B * T * H, K], part_stride = B * T * H * K elements
+// apart) that the caller sums in a fixed order. dv is in v's dtype, dh0 float32 [N, H, K, V].
+struct BwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* g;
+  const void* dout;           // do, like v
+  const float* h0;            // initial state or nullptr
+  const float* dht;           // gradient on the final state or nullptr
+  const int32_t* cu_seqlens;  // or nullptr
+  void* dq;
+  void* dk;
+  void* dg;
+  void* dv;
+  float* dh0;                 // or nullptr
+  bool partials;              // dq, dk, dg float32 partials per V tile
+  int64_t part_stride;
+  float* ws;                  // states entering every chunk: [n_slots, H, K, V] float32
+  int B, T, H, K, V, N;
+  float scale;
+  DType dtype;                // of q, k, v, do, dv
+  DType g_dtype;              // kFloat32 or dtype
+  int num_sms;
+};
+
 }  // namespace gla

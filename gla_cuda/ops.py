@@ -19,7 +19,7 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
         RMSNorm (its own section at the end of this file).
 
 Private kernel ops, implemented by the compiled extension (gla_cuda._C) for CUDA: the
-public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd,
+public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd, cuda_chunk_bwd,
 cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_).
 
 Outputs that were not asked for (final_state without output_final_state, dh0 without
@@ -49,6 +49,7 @@ SCHEMAS = {
     "recurrent_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
     "recurrent_pool_fwd_": f"({_POOL_ARGS}, str backend) -> Tensor",
     "cuda_chunk_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
+    "cuda_chunk_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
     "cuda_recurrent_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
     "cuda_recurrent_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
     "cuda_recurrent_pool_fwd_": f"({_POOL_ARGS}) -> Tensor",
@@ -97,7 +98,7 @@ def _pool_fake(q, k, v, g, scale, state_pool, state_index, state_v_first, backen
 
 for _name in ("chunk_fwd", "recurrent_fwd", "cuda_chunk_fwd", "cuda_recurrent_fwd"):
     torch.library.register_fake(f"gla::{_name}")(_fwd_fake)
-for _name in ("chunk_bwd", "recurrent_bwd", "cuda_recurrent_bwd"):
+for _name in ("chunk_bwd", "recurrent_bwd", "cuda_chunk_bwd", "cuda_recurrent_bwd"):
     torch.library.register_fake(f"gla::{_name}")(_bwd_fake)
 for _name in ("recurrent_pool_fwd_", "cuda_recurrent_pool_fwd_"):
     torch.library.register_fake(f"gla::{_name}")(_pool_fake)

@@ -31,7 +31,7 @@ def test_opcheck(device, mode, with_h0, varlen):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("op", ["chunk_fwd", "recurrent_fwd", "recurrent_bwd"])
+@pytest.mark.parametrize("op", ["chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd"])
 @pytest.mark.parametrize("varlen", [True, False])
 def test_opcheck_cuda_kernel_op(op, varlen):
     T = 14 if op == "recurrent_bwd" else 130  # the recurrent backward kernel takes T <= 16

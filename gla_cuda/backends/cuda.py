@@ -22,7 +22,7 @@ except ImportError as e:
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 # Ops with a compiled kernel; the rest are answered "no CUDA kernel yet" below.
-KERNEL_OPS = ("chunk_fwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_")
+KERNEL_OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_")
 
 
 def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
@@ -71,6 +71,12 @@ def _fwd(kernel_op):
 
 chunk_fwd = _fwd(torch.ops.gla.cuda_chunk_fwd)
 recurrent_fwd = _fwd(torch.ops.gla.cuda_recurrent_fwd)
+
+
+def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+    dq, dk, dv, dg, dh0 = torch.ops.gla.cuda_chunk_bwd(q, k, v, g, scale, initial_state,
+                                                       _int32(cu_seqlens), do, dht)
+    return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
 
 
 def recurrent_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
