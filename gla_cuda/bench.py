@@ -53,6 +53,7 @@ QUICK_SHAPES = [(8, 2048, 16, 128, 128)]
 CPU_SHAPES = [(1, 256, 2, 64, 64)]
 DECODE_SHAPES = [(64, 16, 128, 128)]  # B, H, K, V: one token per sequence
 QUICK_BUDGET_S = 50  # --quick stops starting measurements after this (imports and output come on top)
+TIMING_RESERVE_S = 15  # under a budget, an isolated check (fla) leaves this much for the timings
 REFERENCE_MAX_TOKENS = 4096  # B*T*H above which the reference is not timed on a GPU
 
 
@@ -420,21 +421,29 @@ def child_check(name, shape, timed_shapes, dtype="bf16"):
     return {"errors": errs, "strong_gates": strong}
 
 
-def _check_in_child(name, shape, timed_shapes, dtype, timeout_s):
-    """child_check in a child process, killed after timeout_s: a candidate whose first call
+def _start_child_check(name, shape, timed_shapes, dtype):
+    """child_check in a child process (collected by _child_result): a candidate whose first call
     can compile for minutes (fla autotunes every configuration) cannot overrun --quick."""
     code = (f"import json; from gla_cuda import bench; r = bench.child_check({name!r}, {tuple(shape)!r}, "
             f"{[tuple(s) for s in timed_shapes]!r}, {dtype!r}); print('GLA_BENCH_RESULT ' + json.dumps(r))")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _child_result(proc, timeout_s, started):
+    """(errors, strong-gate errors) of a _start_child_check process; killed after timeout_s more."""
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise TimeoutError(f"its first call was still compiling after {timeout_s:.0f} s (once: Triton caches "
-                           "it; run again, or gla-bench --warm)") from None
-    for line in out.stdout.splitlines():
+        proc.kill()
+        proc.communicate()
+        raise TimeoutError(f"its first call was still compiling after {time.perf_counter() - started:.0f} s "
+                           "(once: Triton caches it; run again, or gla-bench --warm)") from None
+    for line in stdout.splitlines():
         if line.startswith("GLA_BENCH_RESULT "):
             r = json.loads(line.split(" ", 1)[1])
             return r["errors"], r["strong_gates"]
-    raise RuntimeError((out.stderr.strip().splitlines() or ["the child process printed no result"])[-1])
+    raise RuntimeError((stderr.strip().splitlines() or ["the child process printed no result"])[-1])
 
 
 def _tolerance(dtype):
@@ -612,7 +621,7 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
                 usable_by[tuple(shape[2:])] = _check(
                     cands, device, dtype, dname, results, log, bar, over_budget, accuracy_shape(shape),
                     groups[tuple(shape[2:])], isolate,
-                    lambda: 3600.0 if budget_s is None else budget_s - (time.perf_counter() - t_start))
+                    lambda: 3600.0 if budget_s is None else budget_s - TIMING_RESERVE_S - (time.perf_counter() - t_start))
             usable = usable_by[tuple(shape[2:])]
             t0 = time.perf_counter()
             B, T, H, K, V = shape
@@ -670,14 +679,30 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, t
            time_left=None):
     """Accuracy of every GLA candidate in dtype at shape; returns {name: fn} of those that pass.
     Candidates in ``isolate`` are checked (and their timed shapes compiled) in a child process
-    killed after time_left() seconds."""
+    started first, so it compiles while the others are checked, and collected last: it is killed
+    once time_left() runs out."""
     usable = {}
     if not cands:
         return usable
     tol = _tolerance(dtype)
     log(f"\naccuracy vs the float64 reference, {dname}, (B, T, H, K, V) = {shape}: relative error norms, "
         f"then with gates of -20 per step; above {tol:g} fails and is not timed")
-    for name, (fn, why) in cands.items():
+    started = time.perf_counter()
+    children = {name: _start_child_check(name, shape, timed_shapes, dname) for name in isolate
+                if cands.get(name, (None,))[0] is not None and not over_budget(f"accuracy {name} {dname}")}
+    try:
+        return _check_all(cands, device, dtype, dname, results, log, bar, over_budget, shape, children,
+                          time_left, tol, started, usable)
+    finally:
+        for proc in children.values():  # any left: the others failed in between
+            proc.kill()
+            proc.communicate()
+
+
+def _check_all(cands, device, dtype, dname, results, log, bar, over_budget, shape, children, time_left, tol,
+               started, usable):
+    for name in [n for n in cands if n not in children] + list(children):
+        fn, why = cands[name]
         bar.start(f"accuracy {dname} {name}")
         if fn is None:
             log(f"  {name:<11} skipped: {why}")
@@ -689,11 +714,11 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, t
                 log(f"  {name:<11} softmax attention (the baseline): no accuracy check")
             except Exception as e:
                 log(f"  {name:<11} cannot run {dname}: {_first_line(e)}")
-        elif not over_budget(f"accuracy {name} {dname}"):
+        elif name in children or not over_budget(f"accuracy {name} {dname}"):
             has_bwd = _has_backward(name, device)
             try:
-                if name in isolate:
-                    errs, strong = _check_in_child(name, shape, timed_shapes, dname, max(5.0, time_left()))
+                if name in children:
+                    errs, strong = _child_result(children.pop(name), max(1.0, time_left()), started)
                 else:
                     errs = accuracy(fn, device, shape, grads=has_bwd, dtype=dtype)
                     strong = accuracy(fn, device, shape, gate="strong", grads=False, dtype=dtype)
