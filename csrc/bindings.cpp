@@ -110,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
 }
 
 // The fused chunked backward: a state walk into a float32 workspace, then the reverse kernel.
-// With several V tiles, dq, dk and dg come back as float32 partial sums per tile, summed here
-// in a fixed order (deterministic).
+// With several V tiles the kernel sums dq, dk, dg over them in a cluster (sm_90+); before sm_90
+// they come back as float32 partial sums per tile, summed here in a fixed order (deterministic).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chunk_bwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
     double scale, const std::optional<at::Tensor>& initial_state,
@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
 
   auto f32 = q.options().dtype(at::kFloat);
   const int tiles = chunk_bwd_v_tiles(p);
-  p.partials = tiles > 1;
+  p.partials = chunk_bwd_needs_partials(p, sm_major);
   at::Tensor dq, dk, dg, parts;
   if (p.partials) {
     parts = at::empty({3, tiles, p.B, p.T, p.H, p.K}, f32);  // dq, dk, dg per V tile

@@ -62,9 +62,10 @@ struct RecurrentParams {
 };
 
 // The fused chunked backward (csrc/chunk_bwd/). Shapes as in FwdParams. dq, dk, dg are written
-// in their own dtypes (q's, q's, g's) when V is one tile of 64; with several V tiles they are
-// float32 partial sums per tile ([V / 64, B * T * H, K], part_stride = B * T * H * K elements
-// apart) that the caller sums in a fixed order. dv is in v's dtype, dh0 float32 [N, H, K, V].
+// in their own dtypes (q's, q's, g's), the V tiles' parts summed in a fixed order inside a
+// thread-block cluster (sm_90+); with `partials` (several V tiles before sm_90) they are
+// float32 partial sums per tile instead ([V / 64, B * T * H, K], part_stride = B * T * H * K
+// elements apart) that the caller sums in a fixed order. dv in v's dtype, dh0 float32 [N, H, K, V].
 struct BwdParams {
   const void* q;
   const void* k;
@@ -80,6 +81,7 @@ struct BwdParams {
   void* dv;
   float* dh0;                 // or nullptr
   bool partials;              // dq, dk, dg float32 partials per V tile
+  int cluster;                // set by chunk_bwd(): V tiles summed in a cluster of this size (or 0)
   int64_t part_stride;
   float* ws;                  // states entering every chunk: [n_slots, H, K, V] float32
   int B, T, H, K, V, N;

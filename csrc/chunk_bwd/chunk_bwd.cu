@@ -61,7 +61,12 @@ int64_t chunk_bwd_workspace_floats(const BwdParams& p) {
 
 int chunk_bwd_v_tiles(const BwdParams& p) { return p.V / chunk_bwd_cfg::kBV; }
 
-cudaError_t chunk_bwd(const BwdParams& p, cudaStream_t stream) {
+bool chunk_bwd_needs_partials(const BwdParams& p, int sm_major) { return chunk_bwd_v_tiles(p) > 1 && sm_major < 9; }
+
+cudaError_t chunk_bwd(const BwdParams& params, cudaStream_t stream) {
+  BwdParams p = params;
+  const int tiles = chunk_bwd_v_tiles(p);
+  p.cluster = tiles > 1 && !p.partials ? tiles : 0;
   if (p.dtype == DType::kBFloat16) return dispatch_k<cute::bfloat16_t>(p, stream);
   if (p.dtype == DType::kFloat16) return dispatch_k<cute::half_t>(p, stream);
   return cudaErrorInvalidValue;

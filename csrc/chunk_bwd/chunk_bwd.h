@@ -12,7 +12,9 @@ namespace gla {
 const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor);
 // Float32 elements of the state workspace (BwdParams::ws) for these shapes.
 int64_t chunk_bwd_workspace_floats(const BwdParams& p);
-// V tiles: with more than one, dq, dk and dg are float32 partials per tile (BwdParams).
+// Whether dq, dk and dg come back as float32 partials per V tile (BwdParams::partials):
+// several V tiles on a GPU without thread-block clusters (before sm_90).
+bool chunk_bwd_needs_partials(const BwdParams& p, int sm_major);
 int chunk_bwd_v_tiles(const BwdParams& p);
 // Launches on `stream`; returns the launch error (cudaGetLastError after the launches).
 cudaError_t chunk_bwd(const BwdParams& p, cudaStream_t stream);

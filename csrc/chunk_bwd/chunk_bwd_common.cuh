@@ -34,6 +34,16 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src,
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
+
+// L2 prefetch of `rows` rows of `bytes` bytes (a multiple of 128) each, `stride` bytes apart.
+template <int kThreads>
+__device__ __forceinline__ void prefetch_rows(const void* base, int rows, int bytes, int64_t stride, int tid) {
+  const int lines = bytes / 128;
+  for (int i = tid; i < rows * lines; i += kThreads)
+    prefetch_l2(static_cast<const char*>(base) + int64_t(i / lines) * stride + 128 * (i % lines));
+}
+
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
   T x[2] = {T(a), T(b)};

@@ -30,11 +30,19 @@
 //   update  dh = exp2(G) dh + (scale q exp2(b))^T do.
 // After the first chunk dh is the gradient with respect to the initial state.
 //
-// With several V tiles, dq, dk and dg are this tile's float32 partial sums (BwdParams).
+// With several V tiles (sm_90+) the CTAs of one (sequence, head) form a thread-block cluster:
+// each CTA leaves its tile's dq, dk, dg (float32) in shared memory and every CTA sums a share of
+// the rows over all CTAs of the cluster, in rank order, through distributed shared memory
+// (deterministic, no float atomics). Before sm_90 they are float32 partials per tile (BwdParams).
 #pragma once
 
 #include "chunk_bwd_common.cuh"
 #include "chunk_bwd_config.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#define GLA_CHUNK_BWD_CLUSTER 1
+#endif
 
 namespace gla {
 namespace chunk_bwd_detail {
@@ -155,6 +163,16 @@ struct Kernel {
       const int Lr = rows_in(c);
       cp_async_wait_all();
       __syncthreads();
+      if (c > 0) {  // the previous chunk's inputs and state come through L2
+        const int64_t t1 = int64_t(c - 1) * C;
+        prefetch_rows<NT>(qb + t1 * HK, C, K * int(sizeof(T)), HK * int(sizeof(T)), tid);
+        prefetch_rows<NT>(kb + t1 * HK, C, K * int(sizeof(T)), HK * int(sizeof(T)), tid);
+        prefetch_rows<NT>(gb + t1 * HK, C, K * int(sizeof(GT)), HK * int(sizeof(GT)), tid);
+        prefetch_rows<NT>(vb + t1 * HV, C, BV * int(sizeof(T)), HV * int(sizeof(T)), tid);
+        prefetch_rows<NT>(dob + t1 * HV, C, BV * int(sizeof(T)), HV * int(sizeof(T)), tid);
+        prefetch_rows<NT>(p.ws + (chunk_bwd_cfg::slot(n, bos, c - 1) * p.H + h) * K * p.V + int64_t(vt) * BV, K,
+                          BV * 4, int64_t(p.V) * 4, tid);
+      }
 
       // ---------------- h: to smem (input dtype); rowsum(h * dh) per channel ----------------
       {
@@ -622,6 +640,16 @@ struct Kernel {
                 dk[t * HK] = dkd[t];
                 dg[t * HK] = (x[t] + offx) + (y[t] + offy) + dgh;
               }
+          } else if (p.cluster > 1) {
+            // this tile's part stays in the float buffers (each thread rewrites only the
+            // elements it read above), summed over the cluster below
+            CUTE_UNROLL
+            for (int t = 0; t < 16; ++t) {
+              const int row = 16 * d + t;
+              sDQ[row * LDF + cl] = dqd[t];
+              sDK[row * LDF + cl] = dkd[t];
+              sDKI[row * LDF + cl] = (x[t] + offx) + (y[t] + offy) + dgh;
+            }
           } else {
             T* dq = static_cast<T*>(p.dq) + base;
             T* dk = static_cast<T*>(p.dk) + base;
@@ -635,6 +663,34 @@ struct Kernel {
               }
           }
         }
+#ifdef GLA_CHUNK_BWD_CLUSTER
+        if (p.cluster > 1) {
+          // rows vt, vt + cluster, ... of this half: the sum over the cluster's CTAs in rank order
+          namespace cg = cooperative_groups;
+          cg::cluster_group cluster = cg::this_cluster();
+          cluster.sync();  // every CTA's part is in its shared memory
+          const int nc = p.cluster, rank = int(cluster.block_rank());
+          const int my_rows = (C - rank + nc - 1) / nc;
+          for (int i = tid; i < my_rows * 64; i += NT) {
+            const int row = rank + nc * (i / 64), cl = i % 64;
+            if (row >= Lr) continue;
+            float sq = 0.f, sk = 0.f, sg = 0.f;
+            for (int j = 0; j < nc; ++j) {
+              const int off = row * LDF + cl;
+              sq += cluster.map_shared_rank(sDQ, j)[off];
+              sk += cluster.map_shared_rank(sDK, j)[off];
+              sg += cluster.map_shared_rank(sDKI, j)[off];
+            }
+            const int64_t o = kout + (int64_t(c) * C + row) * HK + ch0 + cl;
+            static_cast<T*>(p.dq)[o] = T(sq);
+            static_cast<T*>(p.dk)[o] = T(sk);
+            static_cast<GT*>(p.dg)[o] = GT(sg);
+          }
+          cluster.sync();  // no CTA overwrites its buffers while another reads them
+        }
+#else
+        if (p.cluster > 1) __trap();  // the launcher never asks for clusters below sm_90
+#endif
         __syncthreads();  // float buffers and scan totals free for the next half
       }
 

@@ -27,6 +27,23 @@ cudaError_t run_chunk_bwd(const BwdParams& p, cudaStream_t stream) {
   states<<<grid, chunk_bwd_cfg::kThreads, States::kSmem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (p.cluster > 1) {  // the V tiles of one (sequence, head) sum dq, dk, dg in a cluster
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(chunk_bwd_cfg::kThreads);
+    cfg.dynamicSmemBytes = Kern::kSmem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = unsigned(p.cluster);
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    err = cudaLaunchKernelEx(&cfg, kernel, p);
+    if (err != cudaSuccess) return err;
+    return cudaGetLastError();
+  }
   kernel<<<grid, chunk_bwd_cfg::kThreads, Kern::kSmem, stream>>>(p);
   return cudaGetLastError();
 }

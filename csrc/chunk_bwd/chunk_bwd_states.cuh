@@ -19,6 +19,7 @@ struct States {
   static constexpr chunk_bwd_cfg::StatesSmem L{K};
   static constexpr int LDQ = L.ldq(), LDV = L.ldv(), LDKT = L.ldkt(), TPC = L.tpc(), RPT = C / TPC;
   static constexpr int kSmem = L.bytes();
+  static constexpr int kMinBlocks = K == 64 ? 2 : 1;  // K = 64: <= 128 registers, 2 CTAs per SM
   static_assert(K == 64 || K == 128, "K in {64, 128}");
 
   using Atom = MMA_Atom<typename MmaAtomFor<T>::type>;
@@ -78,6 +79,12 @@ struct States {
     for (int c = 0; c < nchunks; ++c) {
       cp_async_wait_all();
       __syncthreads();
+      if (c + 1 < nchunks) {  // the chunk after next comes through L2
+        const int64_t t1 = int64_t(c + 1) * C;
+        prefetch_rows<NT>(kb + t1 * HK, rows_in(c + 1), K * int(sizeof(T)), HK * int(sizeof(T)), tid);
+        prefetch_rows<NT>(gb + t1 * HK, rows_in(c + 1), K * int(sizeof(GT)), HK * int(sizeof(GT)), tid);
+        prefetch_rows<NT>(vb + t1 * HV, rows_in(c + 1), BV * int(sizeof(T)), HV * int(sizeof(T)), tid);
+      }
       {  // the state entering chunk c
         float* hs = p.ws + (chunk_bwd_cfg::slot(n, bos, c) * p.H + h) * K * p.V + int64_t(vt) * BV;
         CUTE_UNROLL
@@ -148,7 +155,7 @@ struct States {
 };
 
 template <class T, class GT, int K>
-__global__ void __launch_bounds__(chunk_bwd_cfg::kThreads, 1) chunk_bwd_states_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(chunk_bwd_cfg::kThreads, States<T, GT, K>::kMinBlocks) chunk_bwd_states_kernel(const BwdParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   States<T, GT, K>::run(p, smem);
 }
