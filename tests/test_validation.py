@@ -138,3 +138,18 @@ def test_auto_skip_leaves_inputs_to_the_next_backend(monkeypatch):
     assert choice.backend is None and choice.reasons["reference"] == "slower here"
     assert gla_cuda.explain_backend(**ins, op="recurrent_fwd").backend == "reference"
     assert gla_cuda.explain_backend(**ins, backend="reference").backend == "reference"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_auto_takes_the_compiled_backward_only_when_it_fills_the_gpu():
+    """auto: the CUDA chunked backward when (sequence, head, V tile) CTAs fill most SMs,
+    Triton below that (measured faster there); forcing cuda still runs it."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    many = make_inputs(sms, 64, 1, 64, 64, dtype=torch.bfloat16, device="cuda")  # one CTA per SM
+    few = make_inputs(1, 64, 2, 64, 64, dtype=torch.bfloat16, device="cuda")  # two CTAs
+    if gla_cuda.explain_backend(**many, op="chunk_bwd", backend="cuda").backend is None:
+        pytest.skip("the cuda backend cannot run the chunked backward here")
+    assert gla_cuda.explain_backend(**many, op="chunk_bwd").backend == "cuda"
+    choice = gla_cuda.explain_backend(**few, op="chunk_bwd")
+    assert choice.backend == "triton" and "CTAs" in choice.reasons["cuda"]
+    assert gla_cuda.explain_backend(**few, op="chunk_bwd", backend="cuda").backend == "cuda"
