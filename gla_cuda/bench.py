@@ -621,7 +621,8 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
                 usable_by[tuple(shape[2:])] = _check(
                     cands, device, dtype, dname, results, log, bar, over_budget, accuracy_shape(shape),
                     groups[tuple(shape[2:])], isolate,
-                    lambda: 3600.0 if budget_s is None else budget_s - TIMING_RESERVE_S - (time.perf_counter() - t_start))
+                    lambda: 3600.0 if budget_s is None else
+                    budget_s - TIMING_RESERVE_S - (time.perf_counter() - t_start))
             usable = usable_by[tuple(shape[2:])]
             t0 = time.perf_counter()
             B, T, H, K, V = shape
@@ -691,49 +692,43 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, t
     children = {name: _start_child_check(name, shape, timed_shapes, dname) for name in isolate
                 if cands.get(name, (None,))[0] is not None and not over_budget(f"accuracy {name} {dname}")}
     try:
-        return _check_all(cands, device, dtype, dname, results, log, bar, over_budget, shape, children,
-                          time_left, tol, started, usable)
+        for name in [n for n in cands if n not in children] + list(children):
+            fn, why = cands[name]
+            bar.start(f"accuracy {dname} {name}")
+            if fn is None:
+                log(f"  {name:<11} skipped: {why}")
+            elif name.startswith("sdpa"):
+                try:  # softmax attention: a different function, nothing to compare; can it run at all?
+                    q = make_inputs(1, 128, 1, shape[3], shape[3], device, dtype=dtype)[0]
+                    fn(q, q, q, q)
+                    usable[name] = fn
+                    log(f"  {name:<11} softmax attention (the baseline): no accuracy check")
+                except Exception as e:
+                    log(f"  {name:<11} cannot run {dname}: {_first_line(e)}")
+            elif name in children or not over_budget(f"accuracy {name} {dname}"):
+                has_bwd = _has_backward(name, device)
+                try:
+                    if name in children:
+                        errs, strong = _child_result(children.pop(name), max(1.0, time_left()), started)
+                    else:
+                        errs = accuracy(fn, device, shape, grads=has_bwd, dtype=dtype)
+                        strong = accuracy(fn, device, shape, gate="strong", grads=False, dtype=dtype)
+                except Exception as e:
+                    log(f"  {name:<11} cannot run: {_first_line(e)}")
+                else:
+                    ok = max(errs.values()) < tol and max(strong.values()) < tol
+                    results["accuracy"].append({"backend": name, "dtype": dname, "op": "chunk", "shape": list(shape),
+                                                "errors": errs, "strong_gates": strong, "ok": ok})
+                    log(f"  {name:<11} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                        + " | g=-20: " + " ".join(f"{k}={v:.1e}" for k, v in strong.items())
+                        + ("" if ok else "  -> FAILS, not timed") + ("" if has_bwd else "  (forward only)"))
+                    if ok:
+                        usable[name] = fn
+            bar.advance()
     finally:
         for proc in children.values():  # any left: the others failed in between
             proc.kill()
             proc.communicate()
-
-
-def _check_all(cands, device, dtype, dname, results, log, bar, over_budget, shape, children, time_left, tol,
-               started, usable):
-    for name in [n for n in cands if n not in children] + list(children):
-        fn, why = cands[name]
-        bar.start(f"accuracy {dname} {name}")
-        if fn is None:
-            log(f"  {name:<11} skipped: {why}")
-        elif name.startswith("sdpa"):
-            try:  # softmax attention: a different function, nothing to compare; can it run at all?
-                q = make_inputs(1, 128, 1, shape[3], shape[3], device, dtype=dtype)[0]
-                fn(q, q, q, q)
-                usable[name] = fn
-                log(f"  {name:<11} softmax attention (the baseline): no accuracy check")
-            except Exception as e:
-                log(f"  {name:<11} cannot run {dname}: {_first_line(e)}")
-        elif name in children or not over_budget(f"accuracy {name} {dname}"):
-            has_bwd = _has_backward(name, device)
-            try:
-                if name in children:
-                    errs, strong = _child_result(children.pop(name), max(1.0, time_left()), started)
-                else:
-                    errs = accuracy(fn, device, shape, grads=has_bwd, dtype=dtype)
-                    strong = accuracy(fn, device, shape, gate="strong", grads=False, dtype=dtype)
-            except Exception as e:
-                log(f"  {name:<11} cannot run: {_first_line(e)}")
-            else:
-                ok = max(errs.values()) < tol and max(strong.values()) < tol
-                results["accuracy"].append({"backend": name, "dtype": dname, "op": "chunk", "shape": list(shape),
-                                            "errors": errs, "strong_gates": strong, "ok": ok})
-                log(f"  {name:<11} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-                    + " | g=-20: " + " ".join(f"{k}={v:.1e}" for k, v in strong.items())
-                    + ("" if ok else "  -> FAILS, not timed") + ("" if has_bwd else "  (forward only)"))
-                if ok:
-                    usable[name] = fn
-        bar.advance()
     return usable
 
 
