@@ -65,15 +65,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               ": q, k, v must share one dtype");
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-    double scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
-    const std::optional<at::Tensor>& cu_seqlens) {
+// The fields the chunked kernels' FwdParams and BwdParams share: shapes, dtypes, the device's
+// SMs, q/k/v/g and cu_seqlens (checked). Returns the compute capability.
+template <class Params>
+std::pair<int, int> chunk_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& g, double scale,
+                                 const std::optional<at::Tensor>& cu_seqlens) {
   const auto device = q.device();
-  check_inputs(q, k, v, g, "cuda_chunk_fwd");
-  c10::cuda::CUDAGuard guard(device);
-
-  FwdParams p{};
   p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.K = q.size(3); p.V = v.size(3);
   p.N = cu_seqlens ? cu_seqlens->numel() - 1 : p.B;
   p.scale = static_cast<float>(scale);
@@ -83,6 +81,25 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
   cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, device.index());
   cudaDeviceGetAttribute(&sm_minor, cudaDevAttrComputeCapabilityMinor, device.index());
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device.index());
+  if (cu_seqlens) {
+    check_cuda_contiguous(*cu_seqlens, "cu_seqlens", device);
+    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt, "cu_seqlens must be int32 here");
+    p.cu_seqlens = cu_seqlens->data_ptr<int32_t>();
+  }
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr();
+  return {sm_major, sm_minor};
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    double scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  const auto device = q.device();
+  check_inputs(q, k, v, g, "cuda_chunk_fwd");
+  c10::cuda::CUDAGuard guard(device);
+
+  FwdParams p{};
+  const auto [sm_major, sm_minor] = chunk_params(p, q, k, v, g, scale, cu_seqlens);
 
   at::Tensor o = at::empty(v.sizes(), v.options());
   at::Tensor ht = output_final_state
@@ -93,12 +110,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
     TORCH_CHECK(initial_state->scalar_type() == at::kFloat, "initial_state must be float32");
     p.h0 = initial_state->data_ptr<float>();
   }
-  if (cu_seqlens) {
-    check_cuda_contiguous(*cu_seqlens, "cu_seqlens", device);
-    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt, "cu_seqlens must be int32 here");
-    p.cu_seqlens = cu_seqlens->data_ptr<int32_t>();
-  }
-  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr();
   p.o = o.data_ptr();
   p.ht = output_final_state ? ht.data_ptr<float>() : nullptr;
   if (const char* why = chunk_fwd_unsupported(p, sm_major, sm_minor))
@@ -125,15 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
               "cuda_chunk_bwd: do must be like v");
 
   BwdParams p{};
-  p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.K = q.size(3); p.V = v.size(3);
-  p.N = cu_seqlens ? cu_seqlens->numel() - 1 : p.B;
-  p.scale = static_cast<float>(scale);
-  p.dtype = to_dtype(q.scalar_type());
-  p.g_dtype = to_dtype(g.scalar_type());
-  int sm_major = 0, sm_minor = 0;
-  cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, device.index());
-  cudaDeviceGetAttribute(&sm_minor, cudaDevAttrComputeCapabilityMinor, device.index());
-  cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device.index());
+  const auto [sm_major, sm_minor] = chunk_params(p, q, k, v, g, scale, cu_seqlens);
   for (auto [x, name] : {std::pair{&initial_state, "initial_state"}, {&dht, "dht"}}) {
     if (!*x) continue;
     check_cuda_contiguous(**x, name, device);
@@ -142,12 +145,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
   }
   if (initial_state) p.h0 = initial_state->data_ptr<float>();
   if (dht) p.dht = dht->data_ptr<float>();
-  if (cu_seqlens) {
-    check_cuda_contiguous(*cu_seqlens, "cu_seqlens", device);
-    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt, "cu_seqlens must be int32 here");
-    p.cu_seqlens = cu_seqlens->data_ptr<int32_t>();
-  }
-  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr();
   p.dout = dout.data_ptr();
   if (const char* why = chunk_bwd_unsupported(p, sm_major, sm_minor))
     TORCH_CHECK(false, "cuda_chunk_bwd: ", why);
