@@ -1,7 +1,7 @@
 """Dev benchmark of the Triton chunked GLA kernels against fla-core's chunk_gla.
 
     python scripts/dev_triton_chunk_bench.py [--no-check] [--no-sweep] [--budget SECONDS]
-    python scripts/dev_triton_chunk_bench.py --warm ITEM   # check:0..5 graph shape:0..3 fla:0..3 sweep:KEY
+    python scripts/dev_triton_chunk_bench.py --warm ITEM   # check:0..5 graph shape:0..3 fla:0..3 sweep:KEY[:SHAPE]
 
 Compiling every kernel variant takes minutes in one process; start the --warm items in
 parallel first (they fill Triton's cache), then run the main script.
@@ -15,17 +15,19 @@ Run fla (--warm fla:I, or the fla timings) alone: its first call autotunes for m
 any timing taken while it runs is worthless (seen: 2-4x slower kernels).  --no-fla times
 ours only.
 
-Notes (H100 80GB HBM3, torch 2.11, triton 3.6, bf16, ms; fla from DESIGN §3 / issue #3,
-not re-measured here):
-  shape               | fused walk (before) | per-chunk kernels (now) | fla 0.6.0
-  8,2048,16,128,128   | 2.78 / 11.45        | 1.13 / 4.20             | 0.87 / 3.52
-  2,8192,16,128,128   |                     | 1.17 / 4.32             | 1.05 / 3.79
-  32,2048,16,64,64    |                     | 1.99 / 7.41             | 1.84 / 6.59
-  8,2048,4,256,512    |                     | 1.06 (A REF 2) / 4.28*  | 0.70 / 3.00
-  (* measured with A REF 1.)  Per kernel at 8,2048,16,128,128: h 0.26, o 0.85, dh 0.27,
-  dv 0.90, dqk 1.73.  The per-chunk kernels with the in-register level hierarchy are
-  latency bound (255 registers, one CTA per SM); TF 0 (bf16 products inside 16-token
-  sub-blocks) saves ~0.1 ms in o and in dv.
+Notes (H100 80GB HBM3, torch 2.11, triton 3.6, bf16, ms, fwd / fwd+bwd):
+  shape               | one kernel per chunk (before) | A kernel + light o/dv, dA kernel | fla 0.6.0 (same run)
+  8,2048,16,128,128   | 1.13 / 4.20                   | 0.93 / 3.97                      | 0.86 / 3.52
+  2,8192,16,128,128   | 1.17 / 4.32                   | 0.97 / -                         | 1.05 / 3.85
+  32,2048,16,64,64    | 1.99 / 7.41                   | 1.52 / 6.82                      | 1.60 / 6.40
+  8,2048,4,256,512    | 1.06 / 4.28                   | 1.08 / 4.11                      | 0.96 / 3.02
+  (middle column: A K tiles 32/4 warps, o/dv V tiles 64, dq/dk/dg K tiles 64/8 warps, walks
+  K 32 x V 64; the defaults now also take the per-kernel sweep winners, A K tiles 16/2 warps,
+  o/dv V tiles 128, walk 2 warps for K >= 128, dh K tiles 64, which saved 0.01-0.2 ms each in
+  the sweep; the combination was not re-timed.)  Per kernel at 8,2048,16,128,128 (middle
+  column): A 0.43 (runs in fwd and bwd), h 0.26 (fwd and bwd), o 0.21, dh 0.27, dv 0.29,
+  dA 0.07, dq/dk/dg ~1.7 (4 warps: 2.57).  fla's fwd at 8,2048,4,256,512 is 0.70 in DESIGN
+  §3, 0.96 here (its autotuning ran beside other processes).
 """
 import argparse
 import importlib.util
@@ -261,34 +263,75 @@ def timing_shape(shape):
     return t_f, t_fb
 
 
-def sweep(budget, only=None):
-    variants = {
-        "o": [dict(REF=2), dict(TF=0), dict(REF=2, TF=0)],
-        "dv": [dict(REF=2), dict(TF=0), dict(REF=2, TF=0)],
-        "dqk": [dict(REF=2), dict(TF=0), dict(REF=2, TF=0), dict(BK=32, REF=2)],
-        "A": [dict(REF=2), dict(TF=0)],
-        "h": [dict(BK=64), dict(num_stages=2)],
-    }
-    for key, vs in variants.items():
-      if only is not None and key != only:
-          continue
-      for shape in SHAPES if key != "A" else SHAPES[3:]:
-        fwd, fb, _ = ours_fns(*shape)
-        if True:
-            if time.time() - T0 > budget:
-                print("sweep: out of time")
-                return
-            res = []
+# Variants per group: (shapes, fwd or fwd+bwd, list of TUNE overrides {kernel: params}).
+KP = "KP"  # BK = the whole (power-of-two) K
+
+
+# launch variants whose numerics the full check also runs (on top of the defaults)
+CHECK_VARIANTS = [{"o": dict(FUSE=True, BV=128, num_warps=8), "dv": dict(FUSE=True, BV=128, num_warps=8),
+                   "dqk": dict(BK=32, num_warps=4)}]
+
+
+SWEEP = {
+    "A": ([0, 2, 3], "fwd", [
+        {"A": dict(BK=32, num_warps=4)}, {"A": dict(BK=64, num_warps=4)},
+        {"A": dict(num_warps=1)}, {"A": dict(BK=32)}, {"A": dict(REF=1)},
+    ]),
+    "dqk": ([0, 2, 3], "fb", [
+        {"dqk": dict(REF=1)}, {"dqk": dict(BV=128)}, {"dqk": dict(BK=32)},
+        {"dqk": dict(num_stages=1)},
+    ]),
+    "h": ([0, 2, 3], "fwd", [
+        {"h": dict(BK=32, BV=64, num_warps=2)}, {"h": dict(BK=64, BV=64, num_warps=2)},
+        {"h": dict(BK=16, BV=64, num_warps=1)}, {"h": dict(BK=32, BV=128, num_warps=4)},
+        {"h": dict(BK=32, BV=64, num_warps=2, num_stages=2)},
+    ]),
+    "dh": ([0, 2, 3], "fb", [
+        {"dh": dict(BK=32, BV=64, num_warps=2)}, {"dh": dict(BK=64, BV=64, num_warps=2)},
+        {"dh": dict(BK=64, BV=128, num_warps=4)}, {"dh": dict(BK=32, BV=128, num_warps=4)},
+    ]),
+    "o": ([0, 2, 3], "fwd", [
+        {"o": dict(BV=64)}, {"o": dict(num_stages=3)}, {"o": dict(BV=256, num_warps=8)},
+        {"o": dict(BK=32)}, {"o": dict(FUSE=True, BV=128, num_warps=8)},
+    ]),
+    "dv": ([0, 2, 3], "fb", [
+        {"dv": dict(BV=64)}, {"dv": dict(BV=256, num_warps=8)}, {"dv": dict(BK=32)},
+    ]),
+    "dA": ([0, 3], "fb", [
+        {"dA": dict(BV=128, num_warps=4)}, {"dA": dict(BV=32, num_warps=2)},
+    ]),
+}
+
+
+def _resolve(var, K):
+    kp = max(16, triton.next_power_of_2(K))
+    return {key: {n: (kp if x == KP else x) for n, x in over.items()} for key, over in var.items()}
+
+
+def sweep(budget, only=None, only_shape=None):
+    for key, (shapes, kind, vs) in SWEEP.items():
+        if only is not None and key != only:
+            continue
+        for si in shapes:
+            if only_shape is not None and si != only_shape:
+                continue
+            shape = SHAPES[si]
+            fwd, fb, _ = ours_fns(*shape)
+            fn = fwd if kind == "fwd" else fb
+            M.TUNE.clear()
+            res = [f"default:{bench(fn):.3f}"]
             for var in vs:
+                if time.time() - T0 > budget:
+                    print("sweep: out of time", flush=True)
+                    return
                 M.TUNE.clear()
-                M.TUNE[key] = var
+                M.TUNE.update(_resolve(var, shape[3]))
                 try:
-                    fn = fwd if key in ("h", "o", "A") else fb
                     res.append(f"{var}:{bench(fn):.3f}")
                 except Exception as ex:
-                    res.append(f"{var}:ERR {type(ex).__name__}")
+                    res.append(f"{var}:ERR {type(ex).__name__} {str(ex)[:200]}")
             M.TUNE.clear()
-            print(f"sweep {shape} {key}: " + "  ".join(res), flush=True)
+            print(f"sweep {shape} {key} {kind}: " + "  ".join(res), flush=True)
 
 
 def warm(item):
@@ -296,6 +339,10 @@ def warm(item):
     kind, _, arg = item.partition(":")
     if kind == "check":
         check(int(arg))
+        for var in CHECK_VARIANTS:
+            M.TUNE.clear()
+            M.TUNE.update(var)
+            check(int(arg))
     elif kind == "fla":
         fwd, fb, _ = fla_fns(*SHAPES[int(arg)], _fla())
         fwd(), fb()
@@ -307,7 +354,8 @@ def warm(item):
     elif kind == "sweep":
         global bench
         bench = lambda fn: (fn(), 0.0)[1]
-        sweep(1e9, only=arg)
+        key, _, si = arg.partition(":")
+        sweep(1e9, only=key, only_shape=int(si) if si else None)
     torch.cuda.synchronize()
     print(f"warm {item} done in {time.time() - T0:.0f}s", flush=True)
 
@@ -328,6 +376,12 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     if not a.no_check:
         check()
+        for var in CHECK_VARIANTS:
+            M.TUNE.clear()
+            M.TUNE.update(var)
+            print("check with", var, flush=True)
+            check()
+        M.TUNE.clear()
         print(f"[check done at {time.time() - T0:.0f}s]", flush=True)
     timings(with_fla=not a.no_fla, budget=a.budget)
     print(f"[timings done at {time.time() - T0:.0f}s]", flush=True)

@@ -19,11 +19,14 @@ Kernels
 ``_dh_kernel``    per (sequence, head, K tile, V tile): the reverse walk of the state
                   gradient; stores the gradient w.r.t. every chunk's final state
                   (``dh``) and ``dh0``.  Per chunk: q, g, do and one MMA.
-``_A_kernel``     per (slot, head): the intra-chunk scores ``A`` (float32), only when
-                  V needs several tiles (otherwise ``_o``/``_dv`` compute A in place).
-``_o_kernel``     per (slot, V tile, head): ``o = (q*exp(b)) h + A v``.
+``_A_kernel``     per (slot, head): the scaled intra-chunk scores ``A``, stored in the
+                  dtype the ``A v`` product rounds them to (the input dtype; float32
+                  for float32 inputs).  Run by the forward and again by the backward.
+``_o_kernel``     per (slot, V tile, head): ``o = (q*exp(b)) h + A v``.  (FUSE: A
+                  computed in place instead, when one V tile covers V; slower.)
 ``_dv_kernel``    per (slot, V tile, head): ``dv = A^T do + (k*exp(Gamma-b)) dh``.
-``_dqk_kernel``   per (slot, K tile, head): ``dq``, ``dk`` and ``dg``.
+``_dA_kernel``    per (slot, head): ``dA = scale * tril(do v^T)`` (float32).
+``_dqk_kernel``   per (slot, K tile, head): ``dq``, ``dk`` and ``dg`` from dA, h, dh.
 
 Intra-chunk scores ``A[t, s] = scale * sum_k q_tk k_sk exp(b_tk - b_sk)`` (s <= t),
 b the in-chunk cumulative sum of g, are computed exactly with a binary hierarchy of
@@ -40,19 +43,20 @@ b reaches the other rows by a gather, a reshape, or (REF 2) directly as the sum 
 gates in between, ``D @ g`` with D in {-1, 0, 1} (exact: 16-bit g on tensor cores,
 float32 accumulation); the choice per kernel is a launch parameter (``_cfg``).
 
-Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py): the per-chunk
-programs with six in-register levels run at one 8-warp CTA per SM and are latency
-bound (a shared-memory round trip, barrier and MMA wait per level); they dominate the
-time.  Splitting the intra-chunk scores into small high-occupancy kernels (per 16-token
-sub-block, as fla does) is the next step.
+Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py): the level
+hierarchy is latency bound (a shared-memory round trip, barrier and MMA wait per level),
+so it runs in small programs (``_A_kernel``: 2 warps, K tiles of 16) apart from the
+light products.  At (8, 2048, 16, 128, 128) the A kernel takes ~0.43 ms (twice per
+forward+backward) and dq/dk/dg ~1.7 ms: these are the kernels to speed up next (e.g.
+levels 0-3 on the diagonal 16-token sub-blocks alone, as batched [4, 16, 16] products).
 
 ``dg`` is chunk-local (no sequence-long cumulative sum):
 ``dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
 + exp(Gamma) rowsum(S_in * dS_end)`` over the chunk, which is
 ``sum_{u >= t} (q dq - k dk)_u + rowsum(S_end * dS_end)`` with the terms that cancel
 exactly taken out (the s == u terms of the intra part, the in-chunk part of S_end).
-Both sums are float32 scans (the exclusive one from inputs loaded one row shifted,
-never as a difference), so dg stays accurate for gates of -20 per step.
+Both sums are float32 scans (the exclusive one is the inclusive scan read one row up by
+a gather, never a difference), so dg stays accurate for gates of -20 per step.
 
 Every exponent is masked to be <= 0 before ``exp``; all accumulation is float32.
 Token indices are int32 inside the kernels (B*T < 2**31), addresses int64.
@@ -315,7 +319,33 @@ def _A_kernel(q, k, g, A, cu, chunk_seq, chunk_off, scale, N, H, K,
         bg = graw.to(tl.float32)
         b = tl.cumsum(bg, axis=0)
         acc += _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
-    tl.store(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :], acc * scale,
+    tl.store(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
+             (acc * scale).to(A.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _dA_kernel(v, do, dA, cu, chunk_seq, chunk_off, scale, N, H, V,
+               C: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+    """dA = scale * tril(do v^T) per (slot, head), float32."""
+    slot = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    rmask = rows < nrow
+    v += (t0 * H + hh) * V
+    do += (t0 * H + hh) * V
+    rv = rows * (H * V)
+    acc = tl.zeros((C, C), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        m = rmask[:, None] & (vv < V)[None, :]
+        p = rv[:, None] + vv[None, :]
+        bdo = tl.load(do + p, mask=m, other=0.)
+        bv = tl.load(v + p, mask=m, other=0.)
+        acc += _mm(bdo, tl.trans(bv), IEEE)
+    acc = tl.where(rows[:, None] >= cols[None, :], acc * scale, 0.)
+    tl.store(dA + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :], acc,
              mask=rmask[:, None])
 
 
@@ -429,7 +459,7 @@ def _dv_kernel(q, k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, scale, N, H, K,
 
 
 @triton.jit
-def _dqk_kernel(q, k, v, g, do, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
+def _dqk_kernel(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
                 N, H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
     NKT = tl.cdiv(K, BK)
@@ -444,8 +474,6 @@ def _dqk_kernel(q, k, v, g, do, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, sca
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     rmask = rows < nrow
-    # rows shifted by one token: row t holds token t - 1 (row 0: none)
-    smask_r = (rows >= 1) & (rows - 1 < nrow)
     kk = kt * BK + tl.arange(0, BK)
     kmask = kk < K
     base_k = (t0 * H + hh) * K
@@ -464,18 +492,10 @@ def _dqk_kernel(q, k, v, g, do, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, sca
     rv = rows * (H * V)
     mk = rmask[:, None] & kmask[None, :]
     p = rk[:, None] + kk[None, :]
-    bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
-    bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
-    graw = tl.load(g + p, mask=mk, other=0.)
-    bg = graw.to(tl.float32)
-    bk_sh = tl.load(k + p - H * K, mask=smask_r[:, None] & kmask[None, :], other=0.).to(tl.float32)
-    b = tl.cumsum(bg, axis=0)
-    gam = _row(b, rows, C - 1)
 
-    dA = tl.zeros((C, C), dtype=tl.float32)
+    # inter-chunk parts: do h^T, v dh^T and rowsum(h * dh) over V
     dq_s = tl.zeros((C, BK), dtype=tl.float32)
     dk_s = tl.zeros((C, BK), dtype=tl.float32)
-    dk_sh = tl.zeros((C, BK), dtype=tl.float32)
     dgh = tl.zeros((BK,), dtype=tl.float32)
     for v0 in range(0, V, BV):
         vv = v0 + tl.arange(0, BV)
@@ -486,24 +506,29 @@ def _dqk_kernel(q, k, v, g, do, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, sca
         pv = rv[:, None] + vv[None, :]
         bdo = tl.load(do + pv, mask=mv, other=0.)
         bv = tl.load(v + pv, mask=mv, other=0.)
-        bv_sh = tl.load(v + pv - H * V, mask=smask_r[:, None] & vmask[None, :], other=0.)
         bh = tl.load(h + soff, mask=smask, other=0.)
         bdh = tl.load(dh + soff, mask=smask, other=0.)
-        dA += _mm(bdo, tl.trans(bv), IEEE)
         dq_s += _mm(bdo, tl.trans(bh.to(DT)), IEEE)
         dk_s += _mm(bv, tl.trans(bdh.to(DT)), IEEE)
-        dk_sh += _mm(bv_sh, tl.trans(bdh.to(DT)), IEEE)
         dgh += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), axis=1)
-    dA = tl.where(rows[:, None] >= cols[None, :], dA * scale, 0.)
 
-    # inter-chunk parts
+    bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
+    bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
+    graw = tl.load(g + p, mask=mk, other=0.)
+    b = tl.cumsum(graw.to(tl.float32), axis=0)
+    gam = _row(b, rows, C - 1)
     bdq = dq_s * scale * tl.exp(b)
     bdk_inter = dk_s * tl.exp(tl.minimum(gam[None, :] - b, 0.))
-    # the same, one token earlier: row t holds (k dk_inter) of token t - 1
-    b_sh = b - bg
-    y_sh = bk_sh * dk_sh * tl.exp(tl.minimum(gam[None, :] - b_sh, 0.))
+    # exclusive prefix sum of k * dk_inter: the inclusive one, read one row up (exact: no
+    # subtraction, which would cancel when strong gates make the last term dominate)
+    cy = tl.cumsum(bk * bdk_inter, axis=0)
+    sh = tl.maximum(rows - 1, 0)
+    y_ex = tl.where((rows >= 1)[:, None],
+                    tl.gather(cy, tl.broadcast_to(sh[:, None], (C, BK)), axis=0), 0.)
 
     # intra parts, off the diagonal: the hierarchy of reference rows (see the docstring)
+    dA = tl.load(dA + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
+                 mask=rmask[:, None], other=0.)
     bdk = tl.zeros((C, BK), dtype=tl.float32)
     for L in tl.static_range(0, LOG2_C):
         e = _level_exp(b, graw, L, C, BK, REF, IEEE)
@@ -516,8 +541,7 @@ def _dqk_kernel(q, k, v, g, do, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, sca
     # (rowsum(S_end * dS_end) expanded, so that no O(1) terms cancel when gates are strong).
     # The diagonal (s == t) terms cancel exactly in q*dq - k*dk and are added afterwards.
     x = bq * bdq - bk * bdk
-    bdg = (tl.cumsum(x, axis=0, reverse=True) + tl.cumsum(y_sh, axis=0)
-           + (tl.exp(gam) * dgh)[None, :])
+    bdg = tl.cumsum(x, axis=0, reverse=True) + y_ex + (tl.exp(gam) * dgh)[None, :]
     a_tt = tl.sum(tl.where(rows[:, None] == cols[None, :], dA, 0.), axis=1)
     bdq += a_tt[:, None] * bk
     bdk += a_tt[:, None] * bq + bdk_inter
@@ -566,24 +590,31 @@ TUNE: dict = {}
 
 def _cfg(K, V):
     """Tile sizes and launch options, chosen from the shape (no autotuning: the first
-    call costs one compilation per kernel).  The state walks use K tiles of 32 (more
-    programs; measured best at every benchmark shape)."""
+    call costs one compilation per kernel).
+
+    Picked kernel by kernel from H100 sweeps (scripts/dev_triton_chunk_bench.py, bf16, the
+    four DESIGN §3 shapes; each value was the best or tied of its sweep, measured with the
+    other kernels at their previous settings): the scores A in their own kernel with small
+    programs (K tiles of 16, 2 warps, REF 2); o and dv as light products reading A (FUSE
+    False: the fused in-register hierarchy was 0.2-0.5 ms slower); dq/dk/dg with K tiles
+    of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower); the state walk with
+    K tiles of 32 and 2 warps for K >= 128.  TF 4 keeps the levels inside 16-token
+    sub-blocks in tf32 (DESIGN §2: float32 on the diagonal sub-blocks)."""
     interp = _interpreting()
     kp, vp = _np2(K), _np2(V)
-    bk_walk = min(kp, 32)
-    one_v = vp <= 128   # o and dv compute the intra-chunk scores in place
-    # Picked from H100 sweeps (scripts/dev_triton_chunk_bench.py): REF 1 (reshape) for o/dv,
-    # 0 (gather) for dqk, 2 (D @ g) for A; TF 4 keeps the levels inside 16-token sub-blocks
-    # in tf32 (TF 0, all levels in the input dtype, measured ~0.1 ms faster for o and dv).
+    big_k = kp >= 128
     c = {
-        "h": dict(BK=bk_walk, BV=min(vp, 64), num_warps=4, num_stages=3),
-        "dh": dict(BK=bk_walk, BV=min(vp, 64), num_warps=4, num_stages=3),
-        "A": dict(BK=min(kp, 64), REF=2, TF=4, num_warps=4, num_stages=2),
-        "o": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=True, REF=1, TF=4,
-                  num_warps=8 if one_v else 4, num_stages=2),
-        "dv": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=True, REF=1, TF=4,
-                   num_warps=8 if one_v else 4, num_stages=2),
-        "dqk": dict(BK=min(kp, 64), BV=min(vp, 64), REF=0, TF=4, num_warps=8, num_stages=2),
+        "h": dict(BK=32 if big_k else min(kp, 64), BV=min(vp, 64), num_warps=2 if big_k else 4,
+                  num_stages=3),
+        "dh": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
+        "A": dict(BK=16, REF=2, TF=4, num_warps=2, num_stages=2),
+        "o": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=False, REF=1, TF=4,
+                  num_warps=4, num_stages=2),
+        "dv": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=False, REF=1, TF=4,
+                   num_warps=4, num_stages=2),
+        "dA": dict(BV=min(vp, 64), num_warps=4, num_stages=2),
+        "dqk": dict(BK=min(kp, 64), BV=min(vp, 64), REF=0, TF=4, num_warps=8,
+                    num_stages=2),
     }
     for key, over in TUNE.items():
         c[key] = {**c[key], **over}
@@ -612,7 +643,9 @@ def _states(k, v, g, h0, ht, meta, IEEE, c):
 
 def _scores(q, k, g, scale, meta, IEEE, c):
     B, T, H, K = q.shape
-    A = torch.empty(B * T, H, C_CHUNK, device=q.device, dtype=torch.float32)
+    # scaled scores in the dtype the A @ v products round them to (float32 for float32
+    # inputs and in the interpreter)
+    A = torch.empty(B * T, H, C_CHUNK, device=q.device, dtype=torch.float32 if IEEE else q.dtype)
     _A_kernel[(meta.NC, H)](q, k, g, A, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
                             meta.N, H, K, C=C_CHUNK, BK=c["BK"], IEEE=IEEE, REF=c["REF"],
                             TF=c["TF"], **_launch(c))
@@ -681,8 +714,14 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
         q, k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
         C=C, BK=c["BK"], BV=c["BV"], FUSE_A=fuse, IEEE=IEEE, REF=c["REF"], TF=c["TF"],
         **_launch(c))
+    # scaled do v^T, lower triangle (float32)
+    c = cfg["dA"]
+    dA = torch.empty(B * T, H, C, device=q.device, dtype=torch.float32)
+    _dA_kernel[(meta.NC, H)](v, do, dA, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, V,
+                             C=C, BV=c["BV"], IEEE=IEEE, **_launch(c))
     c = cfg["dqk"]
     _dqk_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
-        q, k, v, g, do, h, dhb, dq, dk, dg, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
-        N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, REF=c["REF"], TF=c["TF"], **_launch(c))
+        q, k, v, g, do, dA, h, dhb, dq, dk, dg, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
+        N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, REF=c["REF"], TF=c["TF"],
+        **_launch(c))
     return dq, dk, dv, dg, dh0
