@@ -33,8 +33,10 @@ cudaError_t dispatch_k(const BwdParams& p, cudaStream_t stream) {
 const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor) {
   (void)sm_minor;
   if (sm_major < 8) return "chunk_bwd needs sm_80 or newer";
-  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16)
-    return "chunk_bwd needs bfloat16 or float16 q/k/v";
+  // dh and the gated operands of its products are kept in the input dtype: in float16, gates
+  // near -20 per step put them (and with them dh0 and dg) below its range
+  if (p.dtype != DType::kBFloat16)
+    return "chunk_bwd needs bfloat16 q/k/v (in float16, strong gates put dh below its range)";
   if (p.g_dtype != DType::kFloat32 && p.g_dtype != p.dtype)
     return "chunk_bwd needs g in float32 or in the dtype of q/k/v";
   if (p.K != 64 && p.K != 128) return "chunk_bwd needs K in {64, 128}";
@@ -68,7 +70,6 @@ cudaError_t chunk_bwd(const BwdParams& params, cudaStream_t stream) {
   const int tiles = chunk_bwd_v_tiles(p);
   p.cluster = tiles > 1 && !p.partials ? tiles : 0;
   if (p.dtype == DType::kBFloat16) return dispatch_k<cute::bfloat16_t>(p, stream);
-  if (p.dtype == DType::kFloat16) return dispatch_k<cute::half_t>(p, stream);
   return cudaErrorInvalidValue;
 }
 

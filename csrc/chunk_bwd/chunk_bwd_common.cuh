@@ -13,7 +13,6 @@ namespace chunk_bwd_detail {
 
 template <class T> struct MmaAtomFor;
 template <> struct MmaAtomFor<cute::bfloat16_t> { using type = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
-template <> struct MmaAtomFor<cute::half_t> { using type = cute::SM80_16x8x16_F32F16F16F32_TN; };
 
 constexpr float kLog2e = 1.4426950408889634f;
 

@@ -283,8 +283,12 @@ def _dh_kernel(q, g, do, dh, dht, dh0, cu, chunk_off, scale, N, H, K, V,
                       mask=rmask[:, None] & vmask[None, :], other=0.)
         b = tl.cumsum(bg, axis=0)
         gam = _row(b, rows, C - 1)
-        qs = (bq * tl.exp(b) * scale).to(DT)
-        dS = dS * tl.exp(gam)[:, None] + _mm(tl.trans(qs), bdo, IEEE)
+        # exp(b) relative to the chunk's first row, exp(b0) applied in float32 after the
+        # product: rounded to float16, a factor like exp(-20) would be flushed to zero,
+        # and with strong gates it is all there is of dh0 (every factor here is <= 1)
+        b0 = _row(b, rows, 0)
+        qs = (bq * tl.exp(b - b0[None, :]) * scale).to(DT)
+        dS = (dS * tl.exp(gam - b0)[:, None] + _mm(tl.trans(qs), bdo, IEEE)) * tl.exp(b0)[:, None]
     if STORE_DH0:
         tl.store(dh0 + (n * H + hh) * K * V + soff, dS, mask=smask)
 
@@ -461,7 +465,10 @@ def _dv_kernel(q, k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, scale, N, H, K,
 @triton.jit
 def _dqk_kernel(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
                 N, H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
+                IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr, WIDE: tl.constexpr):
+    """dq, dk, dg of one chunk. WIDE (float16 inputs): products in tf32, not float16: dg is
+    made of the off-diagonal terms alone, which strong gates scale by factors like exp(-20),
+    below float16's range."""
     NKT = tl.cdiv(K, BK)
     slot = (tl.program_id(0) // NKT).to(tl.int64)
     kt = tl.program_id(0) % NKT
@@ -469,8 +476,10 @@ def _dqk_kernel(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off,
     n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = q.dtype.element_ty
     DTL = q.dtype.element_ty
-    if IEEE:
+    if IEEE or WIDE:
         DT = tl.float32
+    if WIDE:
+        DTL = tl.float32
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     rmask = rows < nrow
@@ -508,8 +517,8 @@ def _dqk_kernel(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off,
         bv = tl.load(v + pv, mask=mv, other=0.)
         bh = tl.load(h + soff, mask=smask, other=0.)
         bdh = tl.load(dh + soff, mask=smask, other=0.)
-        dq_s += _mm(bdo, tl.trans(bh.to(DT)), IEEE)
-        dk_s += _mm(bv, tl.trans(bdh.to(DT)), IEEE)
+        dq_s += _mm(bdo.to(DT), tl.trans(bh.to(DT)), IEEE)
+        dk_s += _mm(bv.to(DT), tl.trans(bdh.to(DT)), IEEE)
         dgh += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), axis=1)
 
     bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
@@ -723,5 +732,5 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
     _dqk_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, g, do, dA, h, dhb, dq, dk, dg, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
         N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, REF=c["REF"], TF=c["TF"],
-        **_launch(c))
+        WIDE=q.dtype == torch.float16, **_launch(c))
     return dq, dk, dv, dg, dh0
