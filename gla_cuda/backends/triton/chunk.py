@@ -22,8 +22,7 @@ Kernels
 ``_A_kernel``     per (slot, head): the scaled intra-chunk scores ``A``, stored in the
                   dtype the ``A v`` product rounds them to (the input dtype; float32
                   for float32 inputs).  Run by the forward and again by the backward.
-``_o_kernel``     per (slot, V tile, head): ``o = (q*exp(b)) h + A v``.  (FUSE: A
-                  computed in place instead, when one V tile covers V; slower.)
+``_o_kernel``     per (slot, V tile, head): ``o = (q*exp(b)) h + A v``.
 ``_dv_kernel``    per (slot, V tile, head): ``dv = A^T do + (k*exp(Gamma-b)) dh``.
 ``_dA_kernel``    per (slot, head): ``dA = scale * tril(do v^T)`` (float32).
 ``_dqk_kernel``   per (slot, K tile, head): ``dq``, ``dk`` and ``dg`` from dA, h, dh.
@@ -354,9 +353,8 @@ def _dA_kernel(v, do, dA, cu, chunk_seq, chunk_off, scale, N, H, V,
 
 
 @triton.jit
-def _o_kernel(q, k, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
-              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FUSE_A: tl.constexpr,
-              IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
+def _o_kernel(q, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
     NVT = tl.cdiv(V, BV)
     slot = (tl.program_id(0) // NVT).to(tl.int64)
     vt = tl.program_id(0) % NVT
@@ -372,13 +370,11 @@ def _o_kernel(q, k, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
     vmask = vv < V
     # scalar 64-bit bases, 32-bit offset tiles
     q += (t0 * H + hh) * K
-    k += (t0 * H + hh) * K
     g += (t0 * H + hh) * K
     h += (slot * H + hh) * K * V
     rk = rows * (H * K)
     hm = nrow > 0  # surplus slots (varlen) have no state: never read it
     acc = tl.zeros((C, BV), dtype=tl.float32)
-    sA = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
@@ -390,28 +386,20 @@ def _o_kernel(q, k, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
         bh = tl.load(h + kk[:, None] * V + vv[None, :], mask=hm & kmask[:, None] & vmask[None, :], other=0.)
         b = tl.cumsum(bg, axis=0)
         acc += _mm((bq * tl.exp(b)).to(DT), bh.to(DT), IEEE)
-        if FUSE_A:
-            bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
-            sA += _intra_scores(bq, bk, b, graw, rows, cols, C, BK, q.dtype.element_ty, IEEE, REF, TF)
-    if not FUSE_A:
-        sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
-                     mask=rmask[:, None], other=0.)
+    sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
+                 mask=rmask[:, None], other=0.)
     v += (t0 * H + hh) * V
     o += (t0 * H + hh) * V
     pv = (rows * (H * V))[:, None] + vv[None, :]
     mv = rmask[:, None] & vmask[None, :]
     bv = tl.load(v + pv, mask=mv, other=0.)
-    if FUSE_A:
-        acc = (acc + _mm(sA.to(DT), bv, IEEE)) * scale
-    else:
-        acc = acc * scale + _mm(sA.to(DT), bv, IEEE)
+    acc = acc * scale + _mm(sA.to(DT), bv, IEEE)
     tl.store(o + pv, acc.to(o.dtype.element_ty), mask=mv)
 
 
 @triton.jit
-def _dv_kernel(q, k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, scale, N, H, K, V,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FUSE_A: tl.constexpr,
-               IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
+def _dv_kernel(k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, N, H, K, V,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
     NVT = tl.cdiv(V, BV)
     slot = (tl.program_id(0) // NVT).to(tl.int64)
     vt = tl.program_id(0) % NVT
@@ -425,12 +413,10 @@ def _dv_kernel(q, k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, scale, N, H, K,
     rmask = rows < nrow
     vv = vt * BV + tl.arange(0, BV)
     vmask = vv < V
-    q += (t0 * H + hh) * K
     k += (t0 * H + hh) * K
     g += (t0 * H + hh) * K
     rk = rows * (H * K)
     acc = tl.zeros((C, BV), dtype=tl.float32)
-    sA = tl.zeros((C, C), dtype=tl.float32)
     hb = dh + (slot * H + hh) * K * V
     hm = nrow > 0
     for k0 in range(0, K, BK):
@@ -445,14 +431,8 @@ def _dv_kernel(q, k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, scale, N, H, K,
         b = tl.cumsum(bg, axis=0)
         gam = _row(b, rows, C - 1)
         acc += _mm((bk * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(DT), bdh.to(DT), IEEE)
-        if FUSE_A:
-            bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
-            sA += _intra_scores(bq, bk, b, graw, rows, cols, C, BK, k.dtype.element_ty, IEEE, REF, TF)
-    if FUSE_A:
-        sA = sA * scale
-    else:
-        sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
-                     mask=rmask[:, None], other=0.)
+    sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
+                 mask=rmask[:, None], other=0.)
     do += (t0 * H + hh) * V
     dv += (t0 * H + hh) * V
     ov = (rows * (H * V))[:, None] + vv[None, :]
@@ -604,8 +584,8 @@ def _cfg(K, V):
     Picked kernel by kernel from H100 sweeps (scripts/dev_triton_chunk_bench.py, bf16, the
     four DESIGN §3 shapes; each value was the best or tied of its sweep, measured with the
     other kernels at their previous settings): the scores A in their own kernel with small
-    programs (K tiles of 16, 2 warps, REF 2); o and dv as light products reading A (FUSE
-    False: the fused in-register hierarchy was 0.2-0.5 ms slower); dq/dk/dg with K tiles
+    programs (K tiles of 16, 2 warps, REF 2); o and dv as light products reading A (computing
+    A inside them, in registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles
     of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower); the state walk with
     K tiles of 32 and 2 warps for K >= 128.  TF 4 keeps the levels inside 16-token
     sub-blocks in tf32 (DESIGN §2: float32 on the diagonal sub-blocks)."""
@@ -617,10 +597,8 @@ def _cfg(K, V):
                   num_stages=3),
         "dh": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
         "A": dict(BK=16, REF=2, TF=4, num_warps=2, num_stages=2),
-        "o": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=False, REF=1, TF=4,
-                  num_warps=4, num_stages=2),
-        "dv": dict(BK=min(kp, 64), BV=min(vp, 128), FUSE=False, REF=1, TF=4,
-                   num_warps=4, num_stages=2),
+        "o": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
+        "dv": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
         "dA": dict(BV=min(vp, 64), num_warps=4, num_stages=2),
         "dqk": dict(BK=min(kp, 64), BV=min(vp, 64), REF=0, TF=4, num_warps=8,
                     num_stages=2),
@@ -677,13 +655,11 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
         return o, ht
     cfg = _cfg(K, V)
     h = _states(k, v, g, initial_state, ht, meta, IEEE, cfg["h"])
+    A = _scores(q, k, g, scale, meta, IEEE, cfg["A"])
     c = cfg["o"]
-    fuse = c["FUSE"] and triton.cdiv(V, c["BV"]) == 1
-    A = o if fuse else _scores(q, k, g, scale, meta, IEEE, cfg["A"])
     _o_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-        q, k, v, g, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
-        C=C_CHUNK, BK=c["BK"], BV=c["BV"], FUSE_A=fuse, IEEE=IEEE, REF=c["REF"], TF=c["TF"],
-        **_launch(c))
+        q, v, g, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
+        C=C_CHUNK, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
     return o, ht
 
 
@@ -716,13 +692,11 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
         q, g, do, dhb, dht if dht is not None else q, dh0 if dh0 is not None else q,
         meta.cu, meta.chunk_off, scale, N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], NV=NV,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IEEE=IEEE, **_launch(c))
+    A = _scores(q, k, g, scale, meta, IEEE, cfg["A"])
     c = cfg["dv"]
-    fuse = c["FUSE"] and triton.cdiv(V, c["BV"]) == 1
-    A = dv if fuse else _scores(q, k, g, scale, meta, IEEE, cfg["A"])
     _dv_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-        q, k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
-        C=C, BK=c["BK"], BV=c["BV"], FUSE_A=fuse, IEEE=IEEE, REF=c["REF"], TF=c["TF"],
-        **_launch(c))
+        k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, N, H, K, V,
+        C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
     # scaled do v^T, lower triangle (float32)
     c = cfg["dA"]
     dA = torch.empty(B * T, H, C, device=q.device, dtype=torch.float32)
