@@ -22,8 +22,8 @@ Kernels
 ``_A_kernel``     per (slot, head): the scaled intra-chunk scores ``A``, stored in the
                   dtype the ``A v`` product rounds them to (the input dtype; float32
                   for float32 inputs).  Run by the forward and again by the backward.
-``_o_kernel``     per (slot, V tile, head): ``o = (q*exp(b)) h + A v``.
-``_dv_kernel``    per (slot, V tile, head): ``dv = A^T do + (k*exp(Gamma-b)) dh``.
+``_light_kernel`` per (slot, V tile, head): ``o = (q*exp(b)) h + A v``, or (DV)
+                  ``dv = A^T do + (k*exp(Gamma-b)) dh``.
 ``_dA_kernel``    per (slot, head): ``dA = scale * tril(do v^T)`` (float32).
 ``_dqk_kernel``   per (slot, K tile, head): ``dq``, ``dk`` and ``dg`` from dA, h, dh.
 
@@ -353,14 +353,18 @@ def _dA_kernel(v, do, dA, cu, chunk_seq, chunk_off, scale, N, H, V,
 
 
 @triton.jit
-def _o_kernel(q, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
-              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+def _light_kernel(x, g, y, A, out, s, cu, chunk_seq, chunk_off, scale, N, H, K, V,
+                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+                  DV: tl.constexpr):
+    """One (slot, V tile, head) of a light product reading the scores A:
+    o  = scale (q exp(b)) h + A v               (x = q, s = h, y = v), or with DV
+    dv = (k exp(Gamma - b)) dh + A^T do         (x = k, s = dh, y = do)."""
     NVT = tl.cdiv(V, BV)
     slot = (tl.program_id(0) // NVT).to(tl.int64)
     vt = tl.program_id(0) % NVT
     hh = tl.program_id(1).to(tl.int64)
     n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
-    DT = q.dtype.element_ty
+    DT = x.dtype.element_ty
     if IEEE:
         DT = tl.float32
     rows = tl.arange(0, C)
@@ -369,9 +373,9 @@ def _o_kernel(q, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
     vv = vt * BV + tl.arange(0, BV)
     vmask = vv < V
     # scalar 64-bit bases, 32-bit offset tiles
-    q += (t0 * H + hh) * K
+    x += (t0 * H + hh) * K
     g += (t0 * H + hh) * K
-    h += (slot * H + hh) * K * V
+    s += (slot * H + hh) * K * V
     rk = rows * (H * K)
     hm = nrow > 0  # surplus slots (varlen) have no state: never read it
     acc = tl.zeros((C, BV), dtype=tl.float32)
@@ -380,66 +384,28 @@ def _o_kernel(q, v, g, A, o, h, cu, chunk_seq, chunk_off, scale, N, H, K, V,
         kmask = kk < K
         mk = rmask[:, None] & kmask[None, :]
         p = rk[:, None] + kk[None, :]
-        bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
-        graw = tl.load(g + p, mask=mk, other=0.)
-        bg = graw.to(tl.float32)
-        bh = tl.load(h + kk[:, None] * V + vv[None, :], mask=hm & kmask[:, None] & vmask[None, :], other=0.)
+        bx = tl.load(x + p, mask=mk, other=0.).to(tl.float32)
+        bg = tl.load(g + p, mask=mk, other=0.).to(tl.float32)
+        bs = tl.load(s + kk[:, None] * V + vv[None, :], mask=hm & kmask[:, None] & vmask[None, :], other=0.)
         b = tl.cumsum(bg, axis=0)
-        acc += _mm((bq * tl.exp(b)).to(DT), bh.to(DT), IEEE)
+        if DV:
+            gam = _row(b, rows, C - 1)
+            bx = bx * tl.exp(tl.minimum(gam[None, :] - b, 0.))
+        else:
+            bx = bx * tl.exp(b)
+        acc += _mm(bx.to(DT), bs.to(DT), IEEE)
     sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
                  mask=rmask[:, None], other=0.)
-    v += (t0 * H + hh) * V
-    o += (t0 * H + hh) * V
+    y += (t0 * H + hh) * V
+    out += (t0 * H + hh) * V
     pv = (rows * (H * V))[:, None] + vv[None, :]
     mv = rmask[:, None] & vmask[None, :]
-    bv = tl.load(v + pv, mask=mv, other=0.)
-    acc = acc * scale + _mm(sA.to(DT), bv, IEEE)
-    tl.store(o + pv, acc.to(o.dtype.element_ty), mask=mv)
-
-
-@triton.jit
-def _dv_kernel(k, g, do, A, dv, dh, cu, chunk_seq, chunk_off, N, H, K, V,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    NVT = tl.cdiv(V, BV)
-    slot = (tl.program_id(0) // NVT).to(tl.int64)
-    vt = tl.program_id(0) % NVT
-    hh = tl.program_id(1).to(tl.int64)
-    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
-    DT = k.dtype.element_ty
-    if IEEE:
-        DT = tl.float32
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
-    rmask = rows < nrow
-    vv = vt * BV + tl.arange(0, BV)
-    vmask = vv < V
-    k += (t0 * H + hh) * K
-    g += (t0 * H + hh) * K
-    rk = rows * (H * K)
-    acc = tl.zeros((C, BV), dtype=tl.float32)
-    hb = dh + (slot * H + hh) * K * V
-    hm = nrow > 0
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        mk = rmask[:, None] & kmask[None, :]
-        p = rk[:, None] + kk[None, :]
-        bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
-        graw = tl.load(g + p, mask=mk, other=0.)
-        bg = graw.to(tl.float32)
-        bdh = tl.load(hb + kk[:, None] * V + vv[None, :], mask=hm & kmask[:, None] & vmask[None, :], other=0.)
-        b = tl.cumsum(bg, axis=0)
-        gam = _row(b, rows, C - 1)
-        acc += _mm((bk * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(DT), bdh.to(DT), IEEE)
-    sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
-                 mask=rmask[:, None], other=0.)
-    do += (t0 * H + hh) * V
-    dv += (t0 * H + hh) * V
-    ov = (rows * (H * V))[:, None] + vv[None, :]
-    mv = rmask[:, None] & vmask[None, :]
-    bdo = tl.load(do + ov, mask=mv, other=0.)
-    acc += _mm(tl.trans(sA.to(DT)), bdo, IEEE)
-    tl.store(dv + ov, acc.to(dv.dtype.element_ty), mask=mv)
+    by = tl.load(y + pv, mask=mv, other=0.)
+    if DV:
+        acc += _mm(tl.trans(sA.to(DT)), by, IEEE)
+    else:
+        acc = acc * scale + _mm(sA.to(DT), by, IEEE)
+    tl.store(out + pv, acc.to(out.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -657,9 +623,9 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
     h = _states(k, v, g, initial_state, ht, meta, IEEE, cfg["h"])
     A = _scores(q, k, g, scale, meta, IEEE, cfg["A"])
     c = cfg["o"]
-    _o_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-        q, v, g, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
-        C=C_CHUNK, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
+    _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
+        q, g, v, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
+        C=C_CHUNK, BK=c["BK"], BV=c["BV"], IEEE=IEEE, DV=False, **_launch(c))
     return o, ht
 
 
@@ -694,9 +660,9 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IEEE=IEEE, **_launch(c))
     A = _scores(q, k, g, scale, meta, IEEE, cfg["A"])
     c = cfg["dv"]
-    _dv_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-        k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, N, H, K, V,
-        C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, **_launch(c))
+    _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
+        k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
+        C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, DV=True, **_launch(c))
     # scaled do v^T, lower triangle (float32)
     c = cfg["dA"]
     dA = torch.empty(B * T, H, C, device=q.device, dtype=torch.float32)
