@@ -16,18 +16,15 @@ any timing taken while it runs is worthless (seen: 2-4x slower kernels).  --no-f
 ours only.
 
 Notes (H100 80GB HBM3, torch 2.11, triton 3.6, bf16, ms, fwd / fwd+bwd):
-  shape               | one kernel per chunk (before) | A kernel + light o/dv, dA kernel | fla 0.6.0 (same run)
-  8,2048,16,128,128   | 1.13 / 4.20                   | 0.93 / 3.97                      | 0.86 / 3.52
-  2,8192,16,128,128   | 1.17 / 4.32                   | 0.97 / -                         | 1.05 / 3.85
-  32,2048,16,64,64    | 1.99 / 7.41                   | 1.52 / 6.82                      | 1.60 / 6.40
-  8,2048,4,256,512    | 1.06 / 4.28                   | 1.08 / 4.11                      | 0.96 / 3.02
-  (middle column: A K tiles 32/4 warps, o/dv V tiles 64, dq/dk/dg K tiles 64/8 warps, walks
-  K 32 x V 64; the defaults now also take the per-kernel sweep winners, A K tiles 16/2 warps,
-  o/dv V tiles 128, walk 2 warps for K >= 128, dh K tiles 64, which saved 0.01-0.2 ms each in
-  the sweep; the combination was not re-timed.)  Per kernel at 8,2048,16,128,128 (middle
-  column): A 0.43 (runs in fwd and bwd), h 0.26 (fwd and bwd), o 0.21, dh 0.27, dv 0.29,
-  dA 0.07, dq/dk/dg ~1.7 (4 warps: 2.57).  fla's fwd at 8,2048,4,256,512 is 0.70 in DESIGN
-  §3, 0.96 here (its autotuning ran beside other processes).
+  shape               | one kernel per chunk | A kernel + light o/dv | + gate kernel, A by sub-blocks | fla 0.6.0
+  8,2048,16,128,128   | 1.13 / 4.20          | 0.85 / 3.76           | 0.64 / 3.18                    | 0.83 / 3.52
+  2,8192,16,128,128   | 1.17 / 4.32          | 0.96 / 4.09           | 0.71 / 3.40                    | 1.05 / 3.83
+  32,2048,16,64,64    | 1.99 / 7.41          | 1.46 / 6.75           | 1.23 / 6.03                    | 1.60 / 6.37
+  8,2048,4,256,512    | 1.06 / 4.28          | 0.91 / 3.67           | 0.52 / 2.43                    | 0.69 / 2.99
+  (fla from a separate run of the same day.)  Per kernel at 8,2048,16,128,128 (last
+  column): gate 0.12, A 0.27 (both run in fwd and bwd), h 0.09, o 0.13, dh 0.10, dv 0.13,
+  dA 0.07, dq/dk/dg 1.74.  fla: A 0.41 (two kernels), h 0.15, o 0.19, cumsum 0.07, bwd
+  intra 0.98 + inter 0.64.
 """
 import argparse
 import importlib.util
@@ -213,6 +210,8 @@ def timings(with_fla=True, budget=1e9):
             f_f = bench(fwd)
             f_fb = triton.testing.do_bench(fb, warmup=25, rep=100, return_mode="median", grad_to_none=[qs, ks, vs, gs])
             fl[shape] = (f_f, f_fb)
+            breakdown(fwd, "fla fwd")
+            breakdown(fb, "fla fwd+bwd")
             # agreement with fla (both bf16)
             for x in (qs, ks, vs, gs):
                 x.grad = None
@@ -249,9 +248,9 @@ def breakdown(fn, tag):
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t > 0:
-            rows.append((t / 3 / 1000, ev.key[:30]))
+            rows.append((t / 3 / 1000, ev.key[:40]))
     rows.sort(reverse=True)
-    print(f"   {tag} kernels (ms/iter): " + ", ".join(f"{n} {t:.3f}" for t, n in rows[:10]), flush=True)
+    print(f"   {tag} kernels (ms/iter): " + ", ".join(f"{n} {t:.3f}" for t, n in rows[:14]), flush=True)
 
 
 def timing_shape(shape):
@@ -268,36 +267,26 @@ KP = "KP"  # BK = the whole (power-of-two) K
 
 
 # launch variants whose numerics the full check also runs (on top of the defaults)
-CHECK_VARIANTS = [{"o": dict(BV=64), "dv": dict(BV=64), "dqk": dict(BK=32, num_warps=4)}]
+CHECK_VARIANTS = [{"A": dict(REF=0), "dqk": dict(REF=2)},
+                  {"o": dict(BV=64), "dv": dict(BV=64), "dqk": dict(BK=32, num_warps=4, REF=1)}]
 
 
 SWEEP = {
     "A": ([0, 2, 3], "fwd", [
-        {"A": dict(BK=32, num_warps=4)}, {"A": dict(BK=64, num_warps=4)},
-        {"A": dict(num_warps=1)}, {"A": dict(BK=32)}, {"A": dict(REF=1)},
+        {"A": dict(BK=32, num_warps=4)}, {"A": dict(num_warps=4)}, {"A": dict(REF=0)},
+    ]),
+    "gate": ([0, 2, 3], "fwd", [
+        {"gate": dict(BK=32)}, {"gate": dict(BK=KP)}, {"gate": dict(num_warps=8)},
     ]),
     "dqk": ([0, 2, 3], "fb", [
-        {"dqk": dict(REF=1)}, {"dqk": dict(BV=128)}, {"dqk": dict(BK=32)},
-        {"dqk": dict(num_stages=1)},
+        {"dqk": dict(REF=2)}, {"dqk": dict(BK=32, num_warps=4)}, {"dqk": dict(REF=1)},
     ]),
     "h": ([0, 2, 3], "fwd", [
-        {"h": dict(BK=32, BV=64, num_warps=2)}, {"h": dict(BK=64, BV=64, num_warps=2)},
-        {"h": dict(BK=16, BV=64, num_warps=1)}, {"h": dict(BK=32, BV=128, num_warps=4)},
-        {"h": dict(BK=32, BV=64, num_warps=2, num_stages=2)},
+        {"h": dict(BK=32, BV=64, num_warps=2)}, {"h": dict(BK=64, BV=128, num_warps=4)},
+        {"h": dict(num_stages=2)},
     ]),
     "dh": ([0, 2, 3], "fb", [
-        {"dh": dict(BK=32, BV=64, num_warps=2)}, {"dh": dict(BK=64, BV=64, num_warps=2)},
-        {"dh": dict(BK=64, BV=128, num_warps=4)}, {"dh": dict(BK=32, BV=128, num_warps=4)},
-    ]),
-    "o": ([0, 2, 3], "fwd", [
-        {"o": dict(BV=64)}, {"o": dict(num_stages=3)}, {"o": dict(BV=256, num_warps=8)},
-        {"o": dict(BK=32)},
-    ]),
-    "dv": ([0, 2, 3], "fb", [
-        {"dv": dict(BV=64)}, {"dv": dict(BV=256, num_warps=8)}, {"dv": dict(BK=32)},
-    ]),
-    "dA": ([0, 3], "fb", [
-        {"dA": dict(BV=128, num_warps=4)}, {"dA": dict(BV=32, num_warps=2)},
+        {"dh": dict(BK=32, BV=64, num_warps=2)}, {"dh": dict(BK=64, BV=128, num_warps=8)},
     ]),
 }
 

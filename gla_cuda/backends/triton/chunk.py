@@ -8,22 +8,27 @@ built on the device (``searchsorted`` over the cumulative chunk counts), so the
 grids are sized from shapes only (``<= cdiv(T, C) + N`` slots) and nothing ever
 synchronises with the host; surplus programs find no rows and store nothing.
 
-Structure: only the state recurrences are serial, and they are kept light; all
-other work runs in programs over (chunk, head, tile), fully parallel.
+Structure: only the state recurrences are serial, and they are kept light (loads and
+one MMA per chunk: the gates are applied before them); all other work runs in programs
+over (chunk, head, tile), fully parallel.
 
 Kernels
 -------
+``_gate_kernel``  per (slot, K tile, head): the gated operands ``kd = k exp(Gamma - b)``
+                  and ``qx = q exp(b)`` (backward: ``scale q exp(b - b_0)``) and the
+                  per-chunk decays ``exp(Gamma)`` (backward also ``exp(Gamma - b_0)``,
+                  ``exp(b_0)``), so that no walk or light product scans the gates.
 ``_h_kernel``     per (sequence, head, K tile, V tile): walks the chunks and stores
                   the state entering every chunk (``h``) and the final state.  Per
-                  chunk it only loads k, g, v and does one MMA.
+                  chunk it loads kd, v and the decay and does one MMA.
 ``_dh_kernel``    per (sequence, head, K tile, V tile): the reverse walk of the state
                   gradient; stores the gradient w.r.t. every chunk's final state
-                  (``dh``) and ``dh0``.  Per chunk: q, g, do and one MMA.
+                  (``dh``) and ``dh0``.  Per chunk: qx, do, the decays and one MMA.
 ``_A_kernel``     per (slot, head): the scaled intra-chunk scores ``A``, stored in the
                   dtype the ``A v`` product rounds them to (the input dtype; float32
                   for float32 inputs).  Run by the forward and again by the backward.
-``_light_kernel`` per (slot, V tile, head): ``o = (q*exp(b)) h + A v``, or (DV)
-                  ``dv = A^T do + (k*exp(Gamma-b)) dh``.
+``_light_kernel`` per (slot, V tile, head): ``o = scale qx h + A v``, or (DV)
+                  ``dv = kd dh + A^T do``.
 ``_dA_kernel``    per (slot, head): ``dA = scale * tril(do v^T)`` (float32).
 ``_dqk_kernel``   per (slot, K tile, head): ``dq``, ``dk`` and ``dg`` from dA, h, dh.
 
@@ -35,19 +40,19 @@ half, ``exp(b_t - b_s) = exp(b_t - b_r) exp(b_r - b_s)`` and both factors equal
 ``exp(-|b_x - b_r|)`` (exponent <= 0).  So each level is one exponential tile and one
 masked MMA; the six levels (C = 64) plus the element-wise diagonal cover every pair.
 Levels inside a 16-token sub-block (L < 4) multiply float32 operands (tf32 on the
-GPU for 16-bit inputs; exact float32 for float32 inputs); levels 4 and 5 use the input
-dtype, as the off-diagonal sub-blocks of the paper's secondary chunking do.  The
-backward uses the same levels for the intra parts of dq and dk.  The reference row's
-b reaches the other rows by a gather, a reshape, or (REF 2) directly as the sum of the
-gates in between, ``D @ g`` with D in {-1, 0, 1} (exact: 16-bit g on tensor cores,
-float32 accumulation); the choice per kernel is a launch parameter (``_cfg``).
+GPU for 16-bit inputs; exact float32 for float32 inputs) as batched [4, 16, 16]
+products of the diagonal sub-blocks alone; levels 4 and 5 use the input dtype, as the
+off-diagonal sub-blocks of the paper's secondary chunking do.  The backward uses the
+same levels for the intra parts of dq and dk (as full [C, C] products: the batched form
+measured slower there).  The reference row's b reaches the other rows by a gather, a
+reshape, or (REF 2) directly as the sum of the gates in between, ``D @ g`` with D in
+{-1, 0, 1} (exact: 16-bit g on tensor cores, float32 accumulation); the choice per
+kernel is a launch parameter (``_cfg``).
 
-Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py): the level
-hierarchy is latency bound (a shared-memory round trip, barrier and MMA wait per level),
-so it runs in small programs (``_A_kernel``: 2 warps, K tiles of 16) apart from the
-light products.  At (8, 2048, 16, 128, 128) the A kernel takes ~0.43 ms (twice per
-forward+backward) and dq/dk/dg ~1.7 ms: these are the kernels to speed up next (e.g.
-levels 0-3 on the diagonal 16-token sub-blocks alone, as batched [4, 16, 16] products).
+Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
+(8, 2048, 16, 128, 128): gate 0.12, A 0.27 (both run in the forward and again in the
+backward), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg 1.74: the last is the
+kernel to speed up next.
 
 ``dg`` is chunk-local (no sequence-long cumulative sum):
 ``dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
@@ -161,14 +166,28 @@ def _level_mask(rows, cols, L: tl.constexpr):
 
 @triton.jit
 def _intra_scores(bq, bk, b, graw, rows, cols, C: tl.constexpr, BK: tl.constexpr,
-                  DT: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
-    """sum_k q_tk k_sk exp(b_tk - b_sk) for s <= t (0 above the diagonal), one K tile."""
-    acc = tl.where(rows[:, None] == cols[None, :], tl.sum(bq * bk, axis=1)[:, None], 0.0)
-    for L in tl.static_range(0, LOG2_C):
+                      DT: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr):
+    """sum_k q_tk k_sk exp(b_tk - b_sk) for s <= t, one K tile, split by 16-token
+    sub-blocks: the pairs in different sub-blocks (levels 4 and 5) as a [C, C] tile (0 in
+    and above the diagonal sub-blocks), the diagonal sub-blocks (levels 0-3 and t == s) as
+    [C // 16, 16, 16] from batched products: a quarter of the MMA work of [C, C] products
+    (0.27 ms instead of 0.43 at (8, 2048, 16, 128, 128) on the H100)."""
+    S: tl.constexpr = 16
+    NS: tl.constexpr = C // S
+    acc = tl.zeros((C, C), dtype=tl.float32)
+    for L in tl.static_range(4, LOG2_C):
         e = _level_exp(b, graw, L, C, BK, REF, IEEE)
         d = _mm_lvl(bq * e, tl.trans(bk * e), L, DT, IEEE, TF)
         acc += tl.where(_level_mask(rows, cols, L), d, 0.0)
-    return acc
+    a = tl.arange(0, S)
+    q3 = tl.reshape(bq, (NS, S, BK))
+    k3 = tl.reshape(bk, (NS, S, BK))
+    acc3 = tl.where((a[:, None] == a[None, :])[None, :, :], tl.sum(q3 * k3, axis=2)[:, :, None], 0.0)
+    for L in tl.static_range(0, 4):
+        e3 = tl.reshape(_level_exp(b, graw, L, C, BK, REF, IEEE), (NS, S, BK))
+        d3 = _mm_lvl(q3 * e3, tl.permute(k3 * e3, (0, 2, 1)), L, DT, IEEE, TF)
+        acc3 += tl.where(_level_mask(a, a, L)[None, :, :], d3, 0.0)
+    return acc, acc3
 
 
 @triton.jit
@@ -190,11 +209,13 @@ def _slot_info(chunk_seq, chunk_off, cu, slot, N, C: tl.constexpr):
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _h_kernel(k, v, g, h, h0, ht, cu, chunk_off, N, H, K, V,
+def _h_kernel(kd, v, vec, h, h0, ht, cu, chunk_off, N, H, K, V,
               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr):
     # program id -> (sequence, head, K tile, V tile); the tiles of one (sequence, head)
-    # are neighbours, so they run together and share k/g/v through L2
+    # are neighbours, so they run together and share kd/v through L2.  The gates were
+    # applied by _gate_kernel (kd = k exp(Gamma - b), vec[.., 0, :] = exp(Gamma)): the
+    # serial loop is loads and one MMA per chunk.
     NT = tl.cdiv(K, BK) * NV
     pid = tl.program_id(0)
     tile = pid % NT
@@ -202,9 +223,6 @@ def _h_kernel(k, v, g, h, h0, ht, cu, chunk_off, N, H, K, V,
     hh = (pid // NT % H).to(tl.int64)
     kt = tile // NV
     vt = tile % NV
-    DT = k.dtype.element_ty
-    if IEEE:
-        DT = tl.float32
     bos = tl.load(cu + n).to(tl.int32)
     eos = tl.load(cu + n + 1).to(tl.int32)
     slot0 = tl.load(chunk_off + n).to(tl.int64)
@@ -224,25 +242,26 @@ def _h_kernel(k, v, g, h, h0, ht, cu, chunk_off, N, H, K, V,
         t0 = bos + c * C
         rmask = rows < eos - t0
         t0 = t0.to(tl.int64)
-        tl.store(h + ((slot0 + c) * H + hh) * K * V + soff, S.to(h.dtype.element_ty), mask=smask)
-        pk = (rows * (H * K))[:, None] + kk[None, :]
-        mk = rmask[:, None] & kmask[None, :]
-        bk = tl.load(k + (t0 * H + hh) * K + pk, mask=mk, other=0.)
-        bg = tl.load(g + (t0 * H + hh) * K + pk, mask=mk, other=0.).to(tl.float32)
+        sh = (slot0 + c) * H + hh
+        tl.store(h + sh * K * V + soff, S.to(h.dtype.element_ty), mask=smask)
+        bk = tl.load(kd + (t0 * H + hh) * K + (rows * (H * K))[:, None] + kk[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.)
         bv = tl.load(v + (t0 * H + hh) * V + ((rows * (H * V))[:, None] + vv[None, :]),
                      mask=rmask[:, None] & vmask[None, :], other=0.)
-        b = tl.cumsum(bg, axis=0)
-        gam = _row(b, rows, C - 1)
-        kd = (bk.to(tl.float32) * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(DT)
-        S = S * tl.exp(gam)[:, None] + _mm(tl.trans(kd), bv, IEEE)
+        eg = tl.load(vec + sh * 3 * K + kk, mask=kmask, other=0.)
+        S = S * eg[:, None] + _mm(tl.trans(bk), bv, IEEE)
     if STORE_HT:
         tl.store(ht + (n * H + hh) * K * V + soff, S, mask=smask)
 
 
 @triton.jit
-def _dh_kernel(q, g, do, dh, dht, dh0, cu, chunk_off, scale, N, H, K, V,
+def _dh_kernel(qx, do, vec, dh, dht, dh0, cu, chunk_off, N, H, K, V,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
+    # qx = scale q exp(b - b_0) and vec[.., 1:3, :] = exp(Gamma - b_0), exp(b_0) from
+    # _gate_kernel: exp(b) relative to the chunk's first row, exp(b_0) applied in float32
+    # after the product: rounded to float16, a factor like exp(-20) would be flushed to
+    # zero, and with strong gates it is all there is of dh0 (every factor is <= 1)
     NT = tl.cdiv(K, BK) * NV
     pid = tl.program_id(0)
     tile = pid % NT
@@ -250,9 +269,6 @@ def _dh_kernel(q, g, do, dh, dht, dh0, cu, chunk_off, scale, N, H, K, V,
     hh = (pid // NT % H).to(tl.int64)
     kt = tile // NV
     vt = tile % NV
-    DT = q.dtype.element_ty
-    if IEEE:
-        DT = tl.float32
     bos = tl.load(cu + n).to(tl.int32)
     eos = tl.load(cu + n + 1).to(tl.int32)
     slot0 = tl.load(chunk_off + n).to(tl.int64)
@@ -273,21 +289,15 @@ def _dh_kernel(q, g, do, dh, dht, dh0, cu, chunk_off, scale, N, H, K, V,
         t0 = bos + c * C
         rmask = rows < eos - t0
         t0 = t0.to(tl.int64)
-        tl.store(dh + ((slot0 + c) * H + hh) * K * V + soff, dS.to(dh.dtype.element_ty), mask=smask)
-        pk = (rows * (H * K))[:, None] + kk[None, :]
-        mk = rmask[:, None] & kmask[None, :]
-        bq = tl.load(q + (t0 * H + hh) * K + pk, mask=mk, other=0.).to(tl.float32)
-        bg = tl.load(g + (t0 * H + hh) * K + pk, mask=mk, other=0.).to(tl.float32)
+        sh = (slot0 + c) * H + hh
+        tl.store(dh + sh * K * V + soff, dS.to(dh.dtype.element_ty), mask=smask)
+        bq = tl.load(qx + (t0 * H + hh) * K + (rows * (H * K))[:, None] + kk[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.)
         bdo = tl.load(do + (t0 * H + hh) * V + ((rows * (H * V))[:, None] + vv[None, :]),
                       mask=rmask[:, None] & vmask[None, :], other=0.)
-        b = tl.cumsum(bg, axis=0)
-        gam = _row(b, rows, C - 1)
-        # exp(b) relative to the chunk's first row, exp(b0) applied in float32 after the
-        # product: rounded to float16, a factor like exp(-20) would be flushed to zero,
-        # and with strong gates it is all there is of dh0 (every factor here is <= 1)
-        b0 = _row(b, rows, 0)
-        qs = (bq * tl.exp(b - b0[None, :]) * scale).to(DT)
-        dS = (dS * tl.exp(gam - b0)[:, None] + _mm(tl.trans(qs), bdo, IEEE)) * tl.exp(b0)[:, None]
+        e1 = tl.load(vec + sh * 3 * K + K + kk, mask=kmask, other=0.)
+        e0 = tl.load(vec + sh * 3 * K + 2 * K + kk, mask=kmask, other=0.)
+        dS = (dS * e1[:, None] + _mm(tl.trans(bq), bdo, IEEE)) * e0[:, None]
     if STORE_DH0:
         tl.store(dh0 + (n * H + hh) * K * V + soff, dS, mask=smask)
 
@@ -297,9 +307,44 @@ def _dh_kernel(q, g, do, dh, dht, dh0, cu, chunk_off, scale, N, H, K, V,
 # ----------------------------------------------------------------------------
 
 @triton.jit
+def _gate_kernel(q, k, g, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N, H, K,
+                 C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr):
+    """Per (slot, K tile, head): the gated operands of the state walks and light
+    products, so that none of them scans the gates: kd = k exp(Gamma - b);
+    qx = q exp(b) (o), or with BWD scale q exp(b - b_0) (dh);
+    vec[slot, head] = exp(Gamma), exp(Gamma - b_0), exp(b_0) (per channel, float32)."""
+    NKT = tl.cdiv(K, BK)
+    slot = (tl.program_id(0) // NKT).to(tl.int64)
+    kt = tl.program_id(0) % NKT
+    hh = tl.program_id(1).to(tl.int64)
+    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
+    rows = tl.arange(0, C)
+    kk = kt * BK + tl.arange(0, BK)
+    kmask = kk < K
+    m = (rows < nrow)[:, None] & kmask[None, :]
+    p = (t0 * H + hh) * K + (rows * (H * K))[:, None] + kk[None, :]
+    bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
+    bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+    b = tl.cumsum(tl.load(g + p, mask=m, other=0.).to(tl.float32), axis=0)
+    gam = _row(b, rows, C - 1)
+    tl.store(kd + p, (bk * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(kd.dtype.element_ty), mask=m)
+    vec += (slot * H + hh) * 3 * K + kk
+    vm = kmask & (nrow > 0)
+    tl.store(vec, tl.exp(gam), mask=vm)
+    if BWD:
+        b0 = _row(b, rows, 0)
+        tl.store(qx + p, (bq * tl.exp(tl.minimum(b - b0[None, :], 0.)) * scale).to(qx.dtype.element_ty), mask=m)
+        tl.store(vec + K, tl.exp(gam - b0), mask=vm)
+        tl.store(vec + 2 * K, tl.exp(b0), mask=vm)
+    else:
+        tl.store(qx + p, (bq * tl.exp(b)).to(qx.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _A_kernel(q, k, g, A, cu, chunk_seq, chunk_off, scale, N, H, K,
               C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr,
               TF: tl.constexpr):
+    """Per (slot, head): the scaled intra-chunk scores A."""
     slot = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1).to(tl.int64)
     n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
@@ -307,23 +352,29 @@ def _A_kernel(q, k, g, A, cu, chunk_seq, chunk_off, scale, N, H, K,
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     rmask = rows < nrow
-    q += (t0 * H + hh) * K
-    k += (t0 * H + hh) * K
-    g += (t0 * H + hh) * K
+    base = (t0 * H + hh) * K
     roff = rows * (H * K)
     acc = tl.zeros((C, C), dtype=tl.float32)
+    acc3 = tl.zeros((C // 16, 16, 16), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         m = rmask[:, None] & (kk < K)[None, :]
-        p = roff[:, None] + kk[None, :]
+        p = base + roff[:, None] + kk[None, :]
         bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
         bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
         graw = tl.load(g + p, mask=m, other=0.)
-        bg = graw.to(tl.float32)
-        b = tl.cumsum(bg, axis=0)
-        acc += _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
-    tl.store(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
-             (acc * scale).to(A.dtype.element_ty), mask=rmask[:, None])
+        b = tl.cumsum(graw.to(tl.float32), axis=0)
+        off, d3 = _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
+        acc += off
+        acc3 += d3
+    # the off-diagonal sub-blocks from acc, the diagonal ones from acc3
+    A += (t0 * H + hh) * C
+    tl.store(A + (rows * (H * C))[:, None] + cols[None, :], (acc * scale).to(A.dtype.element_ty),
+             mask=rmask[:, None] & ((rows // 16)[:, None] != (cols // 16)[None, :]))
+    i3 = tl.arange(0, C // 16)[:, None, None]
+    r3 = i3 * 16 + tl.arange(0, 16)[None, :, None]
+    tl.store(A + r3 * (H * C) + i3 * 16 + tl.arange(0, 16)[None, None, :],
+             (acc3 * scale).to(A.dtype.element_ty), mask=r3 < nrow)
 
 
 @triton.jit
@@ -353,20 +404,19 @@ def _dA_kernel(v, do, dA, cu, chunk_seq, chunk_off, scale, N, H, V,
 
 
 @triton.jit
-def _light_kernel(x, g, y, A, out, s, cu, chunk_seq, chunk_off, scale, N, H, K, V,
+def _light_kernel(x, y, A, out, s, cu, chunk_seq, chunk_off, scale, N, H, K, V,
                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
                   DV: tl.constexpr):
-    """One (slot, V tile, head) of a light product reading the scores A:
-    o  = scale (q exp(b)) h + A v               (x = q, s = h, y = v), or with DV
-    dv = (k exp(Gamma - b)) dh + A^T do         (x = k, s = dh, y = do)."""
+    """One (slot, V tile, head) of a light product of the gated operands of _gate_kernel
+    and the scores A:
+    o  = scale (q exp(b)) h + A v          (x = qx, s = h, y = v), or with DV
+    dv = (k exp(Gamma - b)) dh + A^T do    (x = kd, s = dh, y = do)."""
     NVT = tl.cdiv(V, BV)
     slot = (tl.program_id(0) // NVT).to(tl.int64)
     vt = tl.program_id(0) % NVT
     hh = tl.program_id(1).to(tl.int64)
     n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = x.dtype.element_ty
-    if IEEE:
-        DT = tl.float32
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     rmask = rows < nrow
@@ -374,7 +424,6 @@ def _light_kernel(x, g, y, A, out, s, cu, chunk_seq, chunk_off, scale, N, H, K, 
     vmask = vv < V
     # scalar 64-bit bases, 32-bit offset tiles
     x += (t0 * H + hh) * K
-    g += (t0 * H + hh) * K
     s += (slot * H + hh) * K * V
     rk = rows * (H * K)
     hm = nrow > 0  # surplus slots (varlen) have no state: never read it
@@ -382,18 +431,9 @@ def _light_kernel(x, g, y, A, out, s, cu, chunk_seq, chunk_off, scale, N, H, K, 
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
-        mk = rmask[:, None] & kmask[None, :]
-        p = rk[:, None] + kk[None, :]
-        bx = tl.load(x + p, mask=mk, other=0.).to(tl.float32)
-        bg = tl.load(g + p, mask=mk, other=0.).to(tl.float32)
+        bx = tl.load(x + rk[:, None] + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.)
         bs = tl.load(s + kk[:, None] * V + vv[None, :], mask=hm & kmask[:, None] & vmask[None, :], other=0.)
-        b = tl.cumsum(bg, axis=0)
-        if DV:
-            gam = _row(b, rows, C - 1)
-            bx = bx * tl.exp(tl.minimum(gam[None, :] - b, 0.))
-        else:
-            bx = bx * tl.exp(b)
-        acc += _mm(bx.to(DT), bs.to(DT), IEEE)
+        acc += _mm(bx, bs.to(DT), IEEE)
     sA = tl.load(A + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
                  mask=rmask[:, None], other=0.)
     y += (t0 * H + hh) * V
@@ -552,16 +592,17 @@ def _cfg(K, V):
     other kernels at their previous settings): the scores A in their own kernel with small
     programs (K tiles of 16, 2 warps, REF 2); o and dv as light products reading A (computing
     A inside them, in registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles
-    of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower); the state walk with
-    K tiles of 32 and 2 warps for K >= 128.  TF 4 keeps the levels inside 16-token
-    sub-blocks in tf32 (DESIGN §2: float32 on the diagonal sub-blocks)."""
+    of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower; REF 2 or 1 there:
+    0.3-2 ms slower); the state walks (reading gated operands) with 64 x 64 tiles and
+    4 warps (K tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4 keeps the
+    levels inside 16-token sub-blocks in tf32 (DESIGN §2: float32 on the diagonal
+    sub-blocks)."""
     interp = _interpreting()
     kp, vp = _np2(K), _np2(V)
-    big_k = kp >= 128
     c = {
-        "h": dict(BK=32 if big_k else min(kp, 64), BV=min(vp, 64), num_warps=2 if big_k else 4,
-                  num_stages=3),
+        "h": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
         "dh": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
+        "gate": dict(BK=min(kp, 64), num_warps=4, num_stages=1),
         "A": dict(BK=16, REF=2, TF=4, num_warps=2, num_stages=2),
         "o": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
         "dv": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
@@ -581,28 +622,38 @@ def _launch(c):
     return dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 
-def _states(k, v, g, h0, ht, meta, IEEE, c):
+def _states(kd, v, vec, h0, ht, meta, IEEE, c):
     """States entering every chunk (per slot), and the final states into ht."""
-    B, T, H, K = k.shape
+    B, T, H, K = kd.shape
     V = v.shape[-1]
-    h = torch.empty(meta.NC, H, K, V, device=k.device, dtype=_state_dtype(k.dtype))
+    h = torch.empty(meta.NC, H, K, V, device=kd.device, dtype=_state_dtype(v.dtype))
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
     _h_kernel[(meta.N * H * NK * NV,)](
-        k, v, g, h, h0 if h0 is not None else k, ht if ht is not None else k, meta.cu,
+        kd, v, vec, h, h0 if h0 is not None else kd, ht if ht is not None else kd, meta.cu,
         meta.chunk_off, meta.N, H, K, V, C=C_CHUNK, BK=c["BK"], BV=c["BV"], NV=NV,
         USE_H0=h0 is not None, STORE_HT=ht is not None, IEEE=IEEE, **_launch(c))
     return h
 
 
-def _scores(q, k, g, scale, meta, IEEE, c):
+def _prep(q, k, g, scale, meta, IEEE, cfg, bwd):
+    """The scores A (_A_kernel) and the gated operands (qx, kd, vec) of _gate_kernel."""
     B, T, H, K = q.shape
-    # scaled scores in the dtype the A @ v products round them to (float32 for float32
-    # inputs and in the interpreter)
-    A = torch.empty(B * T, H, C_CHUNK, device=q.device, dtype=torch.float32 if IEEE else q.dtype)
+    # scaled scores in the dtype the A @ v products round them to, gated operands in the
+    # dtype their products take (float32 for float32 inputs and in the interpreter)
+    dt = torch.float32 if IEEE else q.dtype
+    A = torch.empty(B * T, H, C_CHUNK, device=q.device, dtype=dt)
+    qx = torch.empty(q.shape, device=q.device, dtype=dt)
+    kd = torch.empty(q.shape, device=q.device, dtype=dt)
+    vec = torch.empty(meta.NC, H, 3, K, device=q.device, dtype=torch.float32)
+    c = cfg["gate"]
+    _gate_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
+        q, k, g, qx, kd, vec, meta.cu, meta.chunk_seq, meta.chunk_off, scale, meta.N, H, K,
+        C=C_CHUNK, BK=c["BK"], BWD=bwd, **_launch(c))
+    c = cfg["A"]
     _A_kernel[(meta.NC, H)](q, k, g, A, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
                             meta.N, H, K, C=C_CHUNK, BK=c["BK"], IEEE=IEEE, REF=c["REF"],
                             TF=c["TF"], **_launch(c))
-    return A
+    return A, qx, kd, vec
 
 
 def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -620,11 +671,11 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return o, ht
     cfg = _cfg(K, V)
-    h = _states(k, v, g, initial_state, ht, meta, IEEE, cfg["h"])
-    A = _scores(q, k, g, scale, meta, IEEE, cfg["A"])
+    A, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=False)
+    h = _states(kd, v, vec, initial_state, ht, meta, IEEE, cfg["h"])
     c = cfg["o"]
     _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-        q, g, v, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
+        qx, v, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
         C=C_CHUNK, BK=c["BK"], BV=c["BV"], IEEE=IEEE, DV=False, **_launch(c))
     return o, ht
 
@@ -648,20 +699,21 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
             dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         return dq, dk, dv, dg, dh0
     cfg = _cfg(K, V)
-    # states entering every chunk (recomputed, never saved by the forward)
-    h = _states(k, v, g, initial_state, None, meta, IEEE, cfg["h"])
+    # scores, gated operands and states entering every chunk (recomputed, never saved
+    # by the forward)
+    A, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=True)
+    h = _states(kd, v, vec, initial_state, None, meta, IEEE, cfg["h"])
     # gradient w.r.t. every chunk's final state
     dhb = torch.empty(meta.NC, H, K, V, device=q.device, dtype=h.dtype)
     c = cfg["dh"]
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
     _dh_kernel[(N * H * NK * NV,)](
-        q, g, do, dhb, dht if dht is not None else q, dh0 if dh0 is not None else q,
-        meta.cu, meta.chunk_off, scale, N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], NV=NV,
+        qx, do, vec, dhb, dht if dht is not None else q, dh0 if dh0 is not None else q,
+        meta.cu, meta.chunk_off, N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], NV=NV,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IEEE=IEEE, **_launch(c))
-    A = _scores(q, k, g, scale, meta, IEEE, cfg["A"])
     c = cfg["dv"]
     _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
-        k, g, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
+        kd, do, A, dv, dhb, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
         C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, DV=True, **_launch(c))
     # scaled do v^T, lower triangle (float32)
     c = cfg["dA"]
