@@ -2,9 +2,10 @@
 # One call on the GPU machine: build with every core, run the GPU tests, the main job
 # and the benchmark; logs go to $OUT (or ./gpu_logs). Wheels in .whl/ (nvidia-cutlass,
 # fla-core) are installed first, for machines without network (README: Layout).
-#   bash scripts/gpu_check.sh [build|warm|test|main|example|sanitize|bench ...]
+#   bash scripts/gpu_check.sh [build|warm|test|main|example|sanitize|wait|bench ...]
 #   (default: build warm test main bench). warm compiles the benchmark's kernels in the
-#   background while the steps after it run; bench waits for it. Every step fits in
+#   background while the steps after it run; bench (or wait) waits for it. Triton's cache
+#   is build/triton_cache, so a later call on the same (still warm) machine reuses it. Every step fits in
 #   DEADLINE_S seconds from the start (default 580: the device tool's call limit is 600).
 set -uo pipefail
 deadline=$(( $(date +%s) + ${DEADLINE_S:-580} ))
@@ -12,7 +13,7 @@ left() { echo $(( deadline - $(date +%s) )); }
 OUT=${OUT:-$PWD/gpu_logs}; mkdir -p "$OUT"
 steps=${*:-build warm test main bench}
 SHAPES=${SHAPES:-8,2048,16,128,128 2,8192,16,128,128 32,2048,16,64,64 8,2048,4,256,512}
-export PYTHONUNBUFFERED=1 MAX_JOBS=$(nproc) GLA_PTXAS_VERBOSE=1
+export PYTHONUNBUFFERED=1 MAX_JOBS=$(nproc) GLA_PTXAS_VERBOSE=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton_cache}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
@@ -46,6 +47,8 @@ for step in $steps; do
         timeout $(( $(left) < 300 ? $(left) : 300 )) python3 -c "import sys; from gla_cuda import bench; bench.warm(tuple(map(int, sys.argv[1].split(','))))" $s \
           >> "$OUT/warm.log" 2>&1 &
       done ;;
+    wait)
+      wait; echo "warm-up done ($(date +%T))" ;;
     bench)
       wait; echo "warm-up done ($(date +%T))"
       timeout $(left) python3 -m gla_cuda.bench --out "$OUT" --shapes $SHAPES ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1 ;;
