@@ -348,14 +348,36 @@ def warm(item):
     print(f"warm {item} done in {time.time() - T0:.0f}s", flush=True)
 
 
+def first_call():
+    """Seconds of the first forward and the first backward call per shape (compiling; no
+    autotuning), then of a second call: run with an empty TRITON_CACHE_DIR."""
+    for shape in SHAPES:
+        _, _, (q, k, v, g, do, scale) = ours_fns(*shape)
+        times = []
+        for _ in range(2):
+            t0 = time.time()
+            M.chunk_fwd(q, k, v, g, scale, None, False, None)
+            torch.cuda.synchronize()
+            t1 = time.time()
+            M.chunk_bwd(q, k, v, g, scale, None, None, do, None)
+            torch.cuda.synchronize()
+            times += [t1 - t0, time.time() - t1]
+        print(f"{shape}: first call fwd {times[0]:.2f} s, bwd {times[1]:.2f} s; second call fwd "
+              f"{times[2] * 1e3:.1f} ms, bwd {times[3] * 1e3:.1f} ms", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--warm", default=None)
+    ap.add_argument("--first-call", action="store_true", help="compile time of the first calls (empty the cache first)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-fla", action="store_true", help="time ours only (fla's first call autotunes for minutes)")
     ap.add_argument("--budget", type=float, default=330)
     a = ap.parse_args()
+    if a.first_call:
+        first_call()
+        sys.exit(0)
     if a.warm:
         import warnings
         warnings.filterwarnings("ignore")

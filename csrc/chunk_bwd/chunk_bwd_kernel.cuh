@@ -12,7 +12,8 @@
 //           channel (float32) for dg.
 //   prep    b (float32, smem), exp(G), kg = k exp2(G - b) (input dtype).
 //   scores  A = scale tril(q k^T gated) as in the forward (diagonal 16 x 16 blocks element-wise
-//           in float32, the others by MMA on operands gated relative to a reference row);
+//           in float32 with running products of exp(g), staged in the dq/dk float buffers; the
+//           others by MMA on operands gated relative to a reference row);
 //           dA = scale do v^T (this V tile's part).
 //   dv      dv = kg dh + A^T do                            (complete for this V tile)
 //   dq, dk  per 64-channel half, into float32 smem:
@@ -95,6 +96,9 @@ struct Kernel {
     float* sDGH = reinterpret_cast<float*>(smem + L.off_dgh());
     float* sTot = reinterpret_cast<float*>(smem + L.off_tot());
     float* sScan = reinterpret_cast<float*>(smem + L.off_scan());
+    // per-step factors exp(g) for the diagonal score blocks, in the float buffers (free until dq)
+    float* sE = sDQ;
+    static_assert(C * LDB * 4 <= 3 * C * LDF * 4, "exp(g) must fit in the float buffers");
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int n = blockIdx.x / p.H, h = blockIdx.x % p.H, vt = blockIdx.y;
@@ -219,11 +223,14 @@ struct Kernel {
         }
         const float gam2 = gam * kLog2e;
         if (sg == 0) sGam[ch] = ex2(gam2);
+        float bprev = off * kLog2e;  // b of the row before this segment
         CUTE_UNROLL
         for (int r = 0; r < RPT; ++r) {
           const int t = sg * RPT + r;
           const float b = (gv[r] + off) * kLog2e;
           sB[t * LDB + ch] = b;
+          sE[t * LDB + ch] = ex2(b - bprev);  // exp(g_t) <= 1 (row 0 is never read)
+          bprev = b;
           sKG[t * LDQ + ch] = T(float(sK[t * LDQ + ch]) * ex2(gam2 - b));
         }
       }
@@ -233,9 +240,11 @@ struct Kernel {
       {
         // Diagonal 16 x 16 blocks of A, element-wise in float32: warp pair (2d, 2d+1) owns
         // block d; 8 lanes own query rows ta and 15 - ta, NCH pieces of 8 channels per lane.
+        // Keys are walked from s = t down with w = exp(b_t - b_s) a running product of the
+        // per-step factors (no exp, every factor <= 1).
         const int d = warp >> 1, gq = lane >> 3, li = lane & 7;
         const int ta = (warp & 1) * 4 + gq, tb = 15 - ta;
-        float qf[NCH * 8], bt[NCH * 8];
+        float qf[NCH * 8], w[NCH * 8];
         for (int pp = 0; pp < 17; ++pp) {
           const bool first = pp == 0 || pp == ta + 1;
           const int t = pp <= ta ? ta : tb;
@@ -247,12 +256,8 @@ struct Kernel {
               const int cc = (li + 8 * m) * 8;
               const uint4 qa = *reinterpret_cast<const uint4*>(sQ + rt * LDQ + cc);
               const T* qe = reinterpret_cast<const T*>(&qa);
-              const float4 b0 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc);
-              const float4 b1 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc + 4);
               CUTE_UNROLL
               for (int e = 0; e < 8; ++e) qf[m * 8 + e] = float(qe[e]);
-              bt[m * 8 + 0] = b0.x; bt[m * 8 + 1] = b0.y; bt[m * 8 + 2] = b0.z; bt[m * 8 + 3] = b0.w;
-              bt[m * 8 + 4] = b1.x; bt[m * 8 + 5] = b1.y; bt[m * 8 + 6] = b1.z; bt[m * 8 + 7] = b1.w;
             }
           }
           float acc = 0.f;
@@ -261,11 +266,16 @@ struct Kernel {
             const int cc = (li + 8 * m) * 8;
             const uint4 ka = *reinterpret_cast<const uint4*>(sK + rs * LDQ + cc);
             const T* ke = reinterpret_cast<const T*>(&ka);
-            const float4 b0 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc);
-            const float4 b1 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc + 4);
-            const float bs[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            // w(t, s) = w(t, s + 1) * e_{s+1}; the row index is clamped when unused (first)
+            const int re = first ? rs : rs + 1;
+            const float4 e0 = *reinterpret_cast<const float4*>(sE + re * LDB + cc);
+            const float4 e1 = *reinterpret_cast<const float4*>(sE + re * LDB + cc + 4);
+            const float ev[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
             CUTE_UNROLL
-            for (int e = 0; e < 8; ++e) acc += qf[m * 8 + e] * float(ke[e]) * ex2(bt[m * 8 + e] - bs[e]);
+            for (int e = 0; e < 8; ++e) {
+              w[m * 8 + e] = first ? 1.f : w[m * 8 + e] * ev[e];
+              acc += qf[m * 8 + e] * float(ke[e]) * w[m * 8 + e];
+            }
           }
           acc += __shfl_xor_sync(0xffffffffu, acc, 1);
           acc += __shfl_xor_sync(0xffffffffu, acc, 2);
