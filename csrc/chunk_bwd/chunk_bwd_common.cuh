@@ -8,20 +8,13 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/copy_atom.hpp>
 
+#include "device_common.cuh"
+
 namespace gla {
 namespace chunk_bwd_detail {
 
 template <class T> struct MmaAtomFor;
 template <> struct MmaAtomFor<cute::bfloat16_t> { using type = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// 2^x for x <= 0 (flushes to 0 far below; never overflows).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // 16-byte global->shared cp.async; with valid == false the 16 bytes are zero-filled and
 // nothing is read (src must still be a valid address expression, it is not dereferenced).
@@ -33,22 +26,12 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src,
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
-
 // L2 prefetch of `rows` rows of `bytes` bytes (a multiple of 128) each, `stride` bytes apart.
 template <int kThreads>
 __device__ __forceinline__ void prefetch_rows(const void* base, int rows, int bytes, int64_t stride, int tid) {
   const int lines = bytes / 128;
   for (int i = tid; i < rows * lines; i += kThreads)
     prefetch_l2(static_cast<const char*>(base) + int64_t(i / lines) * stride + 128 * (i % lines));
-}
-
-template <class T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  T x[2] = {T(a), T(b)};
-  uint32_t r;
-  memcpy(&r, x, 4);
-  return r;
 }
 
 // Copies `rows` rows of `width` elements (16-byte pieces) from global (row stride `gstride`

@@ -103,13 +103,7 @@ struct Kernel {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int n = blockIdx.x / p.H, h = blockIdx.x % p.H, vt = blockIdx.y;
     int64_t bos, eos;
-    if (p.cu_seqlens != nullptr) {
-      bos = p.cu_seqlens[n];
-      eos = p.cu_seqlens[n + 1];
-    } else {
-      bos = int64_t(n) * p.T;
-      eos = bos + p.T;
-    }
+    sequence_bounds(p, n, bos, eos);
     const int64_t len = eos > bos ? eos - bos : 0;
     const int nchunks = int((len + C - 1) / C);
     const int64_t HK = int64_t(p.H) * K, HV = int64_t(p.H) * p.V;

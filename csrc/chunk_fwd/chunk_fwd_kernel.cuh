@@ -41,6 +41,7 @@
 #include <cute/atom/copy_atom.hpp>
 #include <cute/arch/copy_sm80.hpp>
 
+#include "device_common.cuh"
 #include "gla_params.h"
 #include "chunk_fwd_config.h"
 
@@ -53,30 +54,11 @@ template <class T> struct MmaAtomFor;
 template <> struct MmaAtomFor<cute::bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
 template <> struct MmaAtomFor<cute::half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
 
-// 2^x for x <= 0 (flushes to 0 far below; never overflows).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // One 16-byte global->shared cp.async through CuTe's copy op.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
       *reinterpret_cast<const cute::uint128_t*>(gmem_src),
       *reinterpret_cast<cute::uint128_t*>(smem_dst));
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-template <class T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  T x[2] = {T(a), T(b)};
-  uint32_t r;
-  memcpy(&r, x, 4);
-  return r;
 }
 
 template <class T>
@@ -135,13 +117,7 @@ struct Kernel {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int n = blockIdx.x / p.H, h = blockIdx.x % p.H, vt = blockIdx.y;
     int64_t bos, eos;
-    if (p.cu_seqlens != nullptr) {
-      bos = p.cu_seqlens[n];
-      eos = p.cu_seqlens[n + 1];
-    } else {
-      bos = int64_t(n) * p.T;
-      eos = bos + p.T;
-    }
+    sequence_bounds(p, n, bos, eos);
     int64_t len = eos > bos ? eos - bos : 0;
     // this CTA's segment of the sequence
     const int seg = blockIdx.z;
@@ -163,7 +139,6 @@ struct Kernel {
     const T* vb = static_cast<const T*>(p.v) + bos * HV + int64_t(h) * p.V + vt * BV;
     T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + vt * BV;
     const float scale = p.scale;
-    constexpr float kLog2e = 1.4426950408889634f;
 
     auto rows_in = [&](int c) { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); };
 
