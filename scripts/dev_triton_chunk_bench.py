@@ -1,7 +1,7 @@
 """Dev benchmark of the Triton chunked GLA kernels against fla-core's chunk_gla.
 
     python scripts/dev_triton_chunk_bench.py [--no-check] [--no-sweep] [--budget SECONDS]
-    python scripts/dev_triton_chunk_bench.py --warm ITEM   # check:0..5 graph shape:0..3 fla:0..3 sweep:KEY[:SHAPE]
+    python scripts/dev_triton_chunk_bench.py --warm ITEM   # check:0..6 graph shape:0..3 fla:0..3 sweep:KEY[:SHAPE]
 
 Compiling every kernel variant takes minutes in one process; start the --warm items in
 parallel first (they fill Triton's cache), then run the main script.
@@ -74,6 +74,9 @@ def make(B, T, H, K, V, dtype, gmode="ls", N=None, dev="cuda", seed=0):
         g = F.logsigmoid(torch.randn(B, T, H, K, device=dev)) / 16
     elif gmode == "neg20":
         g = -20 + 0.5 * torch.rand(B, T, H, K, device=dev)
+    elif gmode == "mixed":  # head 0: channels 16-31 strong (the exact hierarchy); others weak
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=dev)) / 16
+        g[:, :, 0, 16:32] = -3 + torch.rand(B, T, 16, device=dev)
     else:
         g = torch.zeros(B, T, H, K, device=dev)
     do = torch.randn(B, T, H, V, device=dev).to(dtype)
@@ -90,6 +93,7 @@ def check(only=None):
         dict(B=1, T=260, H=2, K=100, V=200, dtype=torch.float32, cu=[0, 0, 1, 70, 200, 260]),
         dict(B=2, T=300, H=2, K=64, V=64, dtype=torch.float32, gmode="neg20"),
         dict(B=2, T=130, H=2, K=64, V=64, dtype=torch.float16),
+        dict(B=2, T=300, H=4, K=128, V=128, dtype=torch.bfloat16, gmode="mixed"),
     ]
     ok = True
     if only is not None:
@@ -267,19 +271,22 @@ KP = "KP"  # BK = the whole (power-of-two) K
 
 
 # launch variants whose numerics the full check also runs (on top of the defaults)
-CHECK_VARIANTS = [{"A": dict(REF=0), "dqk": dict(REF=2)},
-                  {"o": dict(BV=64), "dv": dict(BV=64), "dqk": dict(BK=32, num_warps=4, REF=1)}]
+CHECK_VARIANTS = [{"A": dict(SPAN=-1.0)},  # every chunk flagged: the exact hierarchy everywhere
+                  {"A_exact": dict(REF=0), "dqk_exact": dict(REF=2)},
+                  {"o": dict(BV=64), "dv": dict(BV=64), "dqk": dict(BK=32, num_warps=4),
+                   "A": dict(SPAN=-1.0), "dqk_exact": dict(BK=32, num_warps=4, REF=1)}]
 
 
 SWEEP = {
     "A": ([0, 2, 3], "fwd", [
-        {"A": dict(BK=32, num_warps=4)}, {"A": dict(num_warps=4)}, {"A": dict(REF=0)},
+        {"A": dict(BK=32)}, {"A": dict(num_warps=8)}, {"A": dict(BK=KP)}, {"A": dict(BK=16, num_warps=2)},
     ]),
     "gate": ([0, 2, 3], "fwd", [
         {"gate": dict(BK=32)}, {"gate": dict(BK=KP)}, {"gate": dict(num_warps=8)},
     ]),
     "dqk": ([0, 2, 3], "fb", [
-        {"dqk": dict(REF=2)}, {"dqk": dict(BK=32, num_warps=4)}, {"dqk": dict(REF=1)},
+        {"dqk": dict(BK=32, num_warps=4)}, {"dqk": dict(num_warps=4)}, {"dqk": dict(BV=128)},
+        {"dqk": dict(num_stages=1)},
     ]),
     "h": ([0, 2, 3], "fwd", [
         {"h": dict(BK=32, BV=64, num_warps=2)}, {"h": dict(BK=64, BV=128, num_warps=4)},
@@ -297,8 +304,9 @@ def _resolve(var, K):
 
 
 def sweep(budget, only=None, only_shape=None):
+    keys = os.environ.get("SWEEP_KEYS")  # e.g. "A,dqk"
     for key, (shapes, kind, vs) in SWEEP.items():
-        if only is not None and key != only:
+        if (only is not None and key != only) or (keys and key not in keys.split(",")):
             continue
         for si in shapes:
             if only_shape is not None and si != only_shape:

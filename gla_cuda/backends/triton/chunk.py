@@ -26,28 +26,45 @@ Kernels
                   (``dh``) and ``dh0``.  Per chunk: qx, do, the decays and one MMA.
 ``_A_kernel``     per (slot, head): the scaled intra-chunk scores ``A``, stored in the
                   dtype the ``A v`` product rounds them to (the input dtype; float32
-                  for float32 inputs).  Run by the forward and again by the backward.
+                  for float32 inputs), and the flag ``exact[slot, head]`` (below).
+                  Run by the forward and again by the backward.
 ``_light_kernel`` per (slot, V tile, head): ``o = scale qx h + A v``, or (DV)
                   ``dv = kd dh + A^T do``.
 ``_dA_kernel``    per (slot, head): ``dA = scale * tril(do v^T)`` (float32).
 ``_dqk_kernel``   per (slot, K tile, head): ``dq``, ``dk`` and ``dg`` from dA, h, dh.
 
 Intra-chunk scores ``A[t, s] = scale * sum_k q_tk k_sk exp(b_tk - b_sk)`` (s <= t),
-b the in-chunk cumulative sum of g, are computed exactly with a binary hierarchy of
-reference rows: the pairs (t > s) whose highest differing index bit is L lie in the
-upper and lower halves of one 2^(L+1)-token block; with r the first row of the upper
-half, ``exp(b_t - b_s) = exp(b_t - b_r) exp(b_r - b_s)`` and both factors equal
-``exp(-|b_x - b_r|)`` (exponent <= 0).  So each level is one exponential tile and one
-masked MMA; the six levels (C = 64) plus the element-wise diagonal cover every pair.
-Levels inside a 16-token sub-block (L < 4) multiply float32 operands (tf32 on the
-GPU for 16-bit inputs; exact float32 for float32 inputs) as batched [4, 16, 16]
-products of the diagonal sub-blocks alone; levels 4 and 5 use the input dtype, as the
-off-diagonal sub-blocks of the paper's secondary chunking do.  The backward uses the
-same levels for the intra parts of dq and dk (as full [C, C] products: the batched form
-measured slower there).  The reference row's b reaches the other rows by a gather, a
-reshape, or (REF 2) directly as the sum of the gates in between, ``D @ g`` with D in
-{-1, 0, 1} (exact: 16-bit g on tensor cores, float32 accumulation); the choice per
-kernel is a launch parameter (``_cfg``).
+b the in-chunk cumulative sum of g, and the intra parts of dq and dk take one of two
+forms per (chunk, head):
+
+* one reference row r (the middle row) for the whole chunk: ``exp(b_t - b_s) =
+  exp(b_t - b_r) exp(b_r - b_s)``, so A is one product of the gated operands
+  ``q exp(b - b_r)`` and ``k exp(b_r - b)`` (tf32; the intra dq and dk likewise).  The
+  factors are not bounded by 1 but by ``exp(SPAN)``, so this is taken only where
+  ``|b_t - b_r| <= SPAN`` in every channel: far from float32's range, and relative errors
+  of products are the same at any scale.  Gates up to about 1.2 per step (on average
+  over half a chunk) take it.
+* otherwise ``_A_kernel`` flags the chunk and a second launch of each kernel (EXACT 1)
+  redoes only the flagged chunks exactly with a binary hierarchy of reference rows: the
+  pairs (t > s) whose highest differing index bit is L lie in the upper and lower halves
+  of one 2^(L+1)-token block; with r the first row of the upper half, ``exp(b_t - b_s)
+  = exp(b_t - b_r) exp(b_r - b_s)`` and both factors equal ``exp(-|b_x - b_r|)``
+  (exponent <= 0).  So each level is one exponential tile and one masked MMA; the six
+  levels (C = 64) plus the element-wise diagonal cover every pair.  Levels inside a
+  16-token sub-block (L < 4) multiply float32 operands (tf32 on the GPU for 16-bit
+  inputs; exact float32 for float32 inputs) as batched [4, 16, 16] products of the
+  diagonal sub-blocks alone; levels 4 and 5 use the input dtype, as the off-diagonal
+  sub-blocks of the paper's secondary chunking do.  The backward uses the same levels
+  for the intra parts of dq and dk (as full [C, C] products: the batched form measured
+  slower there).  The reference row's b reaches the other rows by a gather, a reshape,
+  or (REF 2) directly as the sum of the gates in between, ``D @ g`` with D in {-1, 0, 1}
+  (exact: 16-bit g on tensor cores, float32 accumulation); the choice per kernel is a
+  launch parameter (``_cfg``).
+
+The flagged launches cost one early-exiting pass over the grid when nothing is flagged.
+With gates of -20 per step every chunk is flagged and the backward runs the exact
+hierarchy alone (as before the one-reference form existed: its times are those of the
+first column of the table in scripts/dev_triton_chunk_bench.py).
 
 Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
 (8, 2048, 16, 128, 128): gate 0.12, A 0.27 (both run in the forward and again in the
@@ -62,7 +79,8 @@ exactly taken out (the s == u terms of the intra part, the in-chunk part of S_en
 Both sums are float32 scans (the exclusive one is the inclusive scan read one row up by
 a gather, never a difference), so dg stays accurate for gates of -20 per step.
 
-Every exponent is masked to be <= 0 before ``exp``; all accumulation is float32.
+Every exponent is masked to be <= 0 before ``exp``, except those of the one-reference
+form, which are bounded by SPAN; all accumulation is float32.
 Token indices are int32 inside the kernels (B*T < 2**31), addresses int64.
 """
 from __future__ import annotations
@@ -74,6 +92,10 @@ import triton
 import triton.language as tl
 
 C_CHUNK = 64   # tokens per chunk
+# Largest |b_t - b_r| (natural log units, b the in-chunk cumulative gate, r the middle row)
+# for which a chunk takes the single-reference path: operands scaled by up to exp(40)
+# = 2e17 stay far from float32's range (3e38, and 1e-38 for the reciprocal side)
+SPAN = 40.0
 LOG2_C = tl.constexpr(6)
 
 
@@ -341,10 +363,14 @@ def _gate_kernel(q, k, g, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N, H, K,
 
 
 @triton.jit
-def _A_kernel(q, k, g, A, cu, chunk_seq, chunk_off, scale, N, H, K,
+def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
               C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr,
-              TF: tl.constexpr):
-    """Per (slot, head): the scaled intra-chunk scores A."""
+              TF: tl.constexpr, SPAN: tl.constexpr, EXACT: tl.constexpr):
+    """Per (slot, head): the scaled intra-chunk scores A.
+    EXACT 0: with the middle row r as the one reference of the chunk, A = (q exp(b - b_r))
+    (k exp(b_r - b))^T, one tf32 product per K tile; a chunk with |b_t - b_r| > SPAN in
+    some channel (gates too strong for it) is flagged in exact[slot, head] instead.
+    EXACT 1: only the flagged chunks, by the hierarchy of reference rows."""
     slot = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1).to(tl.int64)
     n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
@@ -354,27 +380,47 @@ def _A_kernel(q, k, g, A, cu, chunk_seq, chunk_off, scale, N, H, K,
     rmask = rows < nrow
     base = (t0 * H + hh) * K
     roff = rows * (H * K)
-    acc = tl.zeros((C, C), dtype=tl.float32)
-    acc3 = tl.zeros((C // 16, 16, 16), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        m = rmask[:, None] & (kk < K)[None, :]
-        p = base + roff[:, None] + kk[None, :]
-        bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
-        bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
-        graw = tl.load(g + p, mask=m, other=0.)
-        b = tl.cumsum(graw.to(tl.float32), axis=0)
-        off, d3 = _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
-        acc += off
-        acc3 += d3
-    # the off-diagonal sub-blocks from acc, the diagonal ones from acc3
     A += (t0 * H + hh) * C
-    tl.store(A + (rows * (H * C))[:, None] + cols[None, :], (acc * scale).to(A.dtype.element_ty),
-             mask=rmask[:, None] & ((rows // 16)[:, None] != (cols // 16)[None, :]))
-    i3 = tl.arange(0, C // 16)[:, None, None]
-    r3 = i3 * 16 + tl.arange(0, 16)[None, :, None]
-    tl.store(A + r3 * (H * C) + i3 * 16 + tl.arange(0, 16)[None, None, :],
-             (acc3 * scale).to(A.dtype.element_ty), mask=r3 < nrow)
+    pa = A + (rows * (H * C))[:, None] + cols[None, :]
+    if EXACT == 0:
+        acc = tl.zeros((C, C), dtype=tl.float32)
+        span = 0.
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            m = rmask[:, None] & (kk < K)[None, :]
+            p = base + roff[:, None] + kk[None, :]
+            bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
+            bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+            b = tl.cumsum(tl.load(g + p, mask=m, other=0.).to(tl.float32), axis=0)
+            d = b - _row(b, rows, C // 2)[None, :]
+            span = tl.maximum(span, tl.max(tl.abs(d)))
+            d = tl.minimum(tl.maximum(d, -SPAN), SPAN)  # finite even where flagged
+            acc += _mm_lvl(bq * tl.exp(d), tl.trans(bk * tl.exp(-d)), 0, DT, IEEE, TF)
+        tl.store(exact + slot * H + hh, (span > SPAN).to(tl.int8))
+        if span <= SPAN:
+            tl.store(pa, (tl.where(rows[:, None] >= cols[None, :], acc, 0.) * scale).to(A.dtype.element_ty),
+                     mask=rmask[:, None])
+    elif tl.load(exact + slot * H + hh) != 0:
+        acc = tl.zeros((C, C), dtype=tl.float32)
+        acc3 = tl.zeros((C // 16, 16, 16), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            m = rmask[:, None] & (kk < K)[None, :]
+            p = base + roff[:, None] + kk[None, :]
+            bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
+            bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+            graw = tl.load(g + p, mask=m, other=0.)
+            b = tl.cumsum(graw.to(tl.float32), axis=0)
+            off, d3 = _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
+            acc += off
+            acc3 += d3
+        # the off-diagonal sub-blocks from acc, the diagonal ones from acc3
+        tl.store(pa, (acc * scale).to(A.dtype.element_ty),
+                 mask=rmask[:, None] & ((rows // 16)[:, None] != (cols // 16)[None, :]))
+        i3 = tl.arange(0, C // 16)[:, None, None]
+        r3 = i3 * 16 + tl.arange(0, 16)[None, :, None]
+        tl.store(A + r3 * (H * C) + i3 * 16 + tl.arange(0, 16)[None, None, :],
+                 (acc3 * scale).to(A.dtype.element_ty), mask=r3 < nrow)
 
 
 @triton.jit
@@ -449,16 +495,29 @@ def _light_kernel(x, y, A, out, s, cu, chunk_seq, chunk_off, scale, N, H, K, V,
 
 
 @triton.jit
-def _dqk_kernel(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
+def _dqk_kernel(q, k, v, g, do, dA, h, dh, dq, dk, dg, exact, cu, chunk_seq, chunk_off, scale,
                 N, H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr, WIDE: tl.constexpr):
-    """dq, dk, dg of one chunk. WIDE (float16 inputs): products in tf32, not float16: dg is
-    made of the off-diagonal terms alone, which strong gates scale by factors like exp(-20),
-    below float16's range."""
+                IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr, WIDE: tl.constexpr,
+                EXACT: tl.constexpr):
+    """dq, dk, dg of one chunk: EXACT 0 the chunks not flagged by _A_kernel (the intra
+    parts with one reference row, one product each), EXACT 1 the flagged ones (the
+    hierarchy).  WIDE (float16 inputs): products in tf32, not float16: dg is made of the
+    off-diagonal terms alone, which strong gates scale by factors like exp(-20), below
+    float16's range."""
     NKT = tl.cdiv(K, BK)
     slot = (tl.program_id(0) // NKT).to(tl.int64)
     kt = tl.program_id(0) % NKT
     hh = tl.program_id(1).to(tl.int64)
+    if tl.load(exact + slot * H + hh).to(tl.int32) == EXACT:
+        _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
+                   N, H, K, V, slot, kt, hh, C, BK, BV, IEEE, REF, TF, WIDE, EXACT)
+
+
+@triton.jit
+def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, scale,
+               N, H, K, V, slot, kt, hh, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               IEEE: tl.constexpr, REF: tl.constexpr, TF: tl.constexpr, WIDE: tl.constexpr,
+               EXACT: tl.constexpr):
     n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
     DT = q.dtype.element_ty
     DTL = q.dtype.element_ty
@@ -525,11 +584,20 @@ def _dqk_kernel(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off,
     dA = tl.load(dA + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
                  mask=rmask[:, None], other=0.)
     bdk = tl.zeros((C, BK), dtype=tl.float32)
-    for L in tl.static_range(0, LOG2_C):
-        e = _level_exp(b, graw, L, C, BK, REF, IEEE)
-        dAl = tl.where(_level_mask(rows, cols, L), dA, 0.)
-        bdq += e * _mm_lvl(dAl, bk * e, L, DTL, IEEE, TF)
-        bdk += e * _mm_lvl(tl.trans(dAl), bq * e, L, DTL, IEEE, TF)
+    if EXACT:
+        for L in tl.static_range(0, LOG2_C):
+            e = _level_exp(b, graw, L, C, BK, REF, IEEE)
+            dAl = tl.where(_level_mask(rows, cols, L), dA, 0.)
+            bdq += e * _mm_lvl(dAl, bk * e, L, DTL, IEEE, TF)
+            bdk += e * _mm_lvl(tl.trans(dAl), bq * e, L, DTL, IEEE, TF)
+    else:
+        # one reference row r (the middle one) for the chunk: the gated operands stay
+        # within exp(+-SPAN) (_A_kernel checked), so one tf32 product each
+        er = tl.exp(b - _row(b, rows, C // 2)[None, :])
+        rr = 1. / er
+        dAs = tl.where(rows[:, None] > cols[None, :], dA, 0.)
+        bdq += er * _mm_lvl(dAs, bk * rr, 0, DTL, IEEE, TF)
+        bdk += rr * _mm_lvl(tl.trans(dAs), bq * er, 0, DTL, IEEE, TF)
 
     # dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
     #        + exp(Gamma) * rowsum(S_in * dS_end)
@@ -603,12 +671,14 @@ def _cfg(K, V):
         "h": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
         "dh": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
         "gate": dict(BK=min(kp, 64), num_warps=4, num_stages=1),
-        "A": dict(BK=16, REF=2, TF=4, num_warps=2, num_stages=2),
+        "A": dict(BK=min(kp, 32), TF=4, SPAN=SPAN, num_warps=4, num_stages=2),
+        "A_exact": dict(BK=16, REF=2, TF=4, num_warps=2, num_stages=2),
         "o": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
         "dv": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
         "dA": dict(BV=min(vp, 64), num_warps=4, num_stages=2),
-        "dqk": dict(BK=min(kp, 64), BV=min(vp, 64), REF=0, TF=4, num_warps=8,
-                    num_stages=2),
+        "dqk": dict(BK=min(kp, 32), BV=min(vp, 64), TF=4, num_warps=4, num_stages=2),
+        "dqk_exact": dict(BK=min(kp, 64), BV=min(vp, 64), REF=0, TF=4, num_warps=8,
+                          num_stages=2),
     }
     for key, over in TUNE.items():
         c[key] = {**c[key], **over}
@@ -649,11 +719,16 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, bwd):
     _gate_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, g, qx, kd, vec, meta.cu, meta.chunk_seq, meta.chunk_off, scale, meta.N, H, K,
         C=C_CHUNK, BK=c["BK"], BWD=bwd, **_launch(c))
-    c = cfg["A"]
-    _A_kernel[(meta.NC, H)](q, k, g, A, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
-                            meta.N, H, K, C=C_CHUNK, BK=c["BK"], IEEE=IEEE, REF=c["REF"],
-                            TF=c["TF"], **_launch(c))
-    return A, qx, kd, vec
+    # the scores with one reference row per chunk, then the chunks flagged as too strongly
+    # gated for it (exact[slot, head] != 0) by the exact hierarchy
+    exact = torch.empty(meta.NC, H, device=q.device, dtype=torch.int8)
+    for key in ("A", "A_exact"):
+        c = cfg[key]
+        _A_kernel[(meta.NC, H)](q, k, g, A, exact, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
+                                meta.N, H, K, C=C_CHUNK, BK=c["BK"], IEEE=IEEE, REF=c.get("REF", 0),
+                                TF=c["TF"], SPAN=c.get("SPAN", SPAN), EXACT=int(key == "A_exact"),
+                                **_launch(c))
+    return A, exact, qx, kd, vec
 
 
 def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -671,7 +746,7 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return o, ht
     cfg = _cfg(K, V)
-    A, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=False)
+    A, _, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=False)
     h = _states(kd, v, vec, initial_state, ht, meta, IEEE, cfg["h"])
     c = cfg["o"]
     _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
@@ -701,7 +776,7 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
     cfg = _cfg(K, V)
     # scores, gated operands and states entering every chunk (recomputed, never saved
     # by the forward)
-    A, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=True)
+    A, exact, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=True)
     h = _states(kd, v, vec, initial_state, None, meta, IEEE, cfg["h"])
     # gradient w.r.t. every chunk's final state
     dhb = torch.empty(meta.NC, H, K, V, device=q.device, dtype=h.dtype)
@@ -720,9 +795,10 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
     dA = torch.empty(B * T, H, C, device=q.device, dtype=torch.float32)
     _dA_kernel[(meta.NC, H)](v, do, dA, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, V,
                              C=C, BV=c["BV"], IEEE=IEEE, **_launch(c))
-    c = cfg["dqk"]
-    _dqk_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
-        q, k, v, g, do, dA, h, dhb, dq, dk, dg, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
-        N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, REF=c["REF"], TF=c["TF"],
-        WIDE=q.dtype == torch.float16, **_launch(c))
+    for key in ("dqk", "dqk_exact"):
+        c = cfg[key]
+        _dqk_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
+            q, k, v, g, do, dA, h, dhb, dq, dk, dg, exact, meta.cu, meta.chunk_seq, meta.chunk_off,
+            scale, N, H, K, V, C=C, BK=c["BK"], BV=c["BV"], IEEE=IEEE, REF=c.get("REF", 0),
+            TF=c["TF"], WIDE=q.dtype == torch.float16, EXACT=int(key == "dqk_exact"), **_launch(c))
     return dq, dk, dv, dg, dh0
