@@ -279,14 +279,14 @@ CHECK_VARIANTS = [{"A": dict(SPAN=-1.0)},  # every chunk flagged: the exact hier
 
 SWEEP = {
     "A": ([0, 2, 3], "fwd", [
-        {"A": dict(BK=32)}, {"A": dict(num_warps=8)}, {"A": dict(BK=KP)}, {"A": dict(BK=16, num_warps=2)},
+        {"A": dict(BK=64)}, {"A": dict(BK=32, num_warps=2)}, {"A": dict(BK=16, num_warps=2)},
     ]),
     "gate": ([0, 2, 3], "fwd", [
         {"gate": dict(BK=32)}, {"gate": dict(BK=KP)}, {"gate": dict(num_warps=8)},
     ]),
     "dqk": ([0, 2, 3], "fb", [
-        {"dqk": dict(BK=32, num_warps=4)}, {"dqk": dict(num_warps=4)}, {"dqk": dict(BV=128)},
-        {"dqk": dict(num_stages=1)},
+        {"dqk": dict(num_stages=1)}, {"dqk": dict(BK=16, num_warps=2)}, {"dqk": dict(BV=128)},
+        {"dqk": dict(BK=64, num_warps=8)},
     ]),
     "h": ([0, 2, 3], "fwd", [
         {"h": dict(BK=32, BV=64, num_warps=2)}, {"h": dict(BK=64, BV=128, num_warps=4)},

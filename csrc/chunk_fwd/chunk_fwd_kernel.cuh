@@ -11,7 +11,10 @@
 //   prep    per channel: b (float32, smem), exp(G) (smem), kg^T = (k * exp2(G - b))^T
 //           (smem, input dtype, the A operand of the state update) and, for K <= 128,
 //           the per-step factors e_t = exp2(b_t - b_{t-1}) (float32, smem).
-//   scores  A = scale * tril(q k^T gated), 64 x 64, written to smem in the input dtype:
+//   scores  A = scale * tril(q k^T gated), 64 x 64, written to smem in the input dtype.
+//           Where every |b_t - b_r| <= kSpan2 (r = 32, the middle row; checked per chunk,
+//           a CTA-wide vote), one MMA: q~ = q exp2(b - b_r), k~ = k exp2(b_r - b) (factors
+//           up to exp(40) for bf16, exp(4) for fp16; K <= 128). Otherwise (strong gates):
 //           - 16 x 16 sub-blocks below the diagonal (query block i > key block j) by
 //             tensor-core MMA on operands built in registers with reference row r = 16 i:
 //             q~ = q * exp2(b_t - b_r), k~ = k * exp2(b_r - b_s);
@@ -85,6 +88,12 @@ struct Kernel {
   static constexpr bool kHasE = L.has_e();
   static constexpr int kVStages = L.v_stages();
   static constexpr int NCH = K / 64;  // 8-channel pieces per lane in the diagonal blocks
+  // One reference row (the middle one) for the whole chunk's scores where the gates allow:
+  // A = scale tril(q~ k~^T), q~ = q exp2(b - b_r) (written over the e buffer, so K <= 128),
+  // k~ = k exp2(b_r - b) (over k), one MMA. The factors are bounded by exp(+-kSpan) instead
+  // of 1: 40 nats for bf16 (its float32 exponent range), 4 for fp16 (its max is 65504).
+  static constexpr bool kOneRef = kHasE;
+  static constexpr float kSpan2 = (cute::is_same_v<T, cute::half_t> ? 4.f : 40.f) * kLog2e;
   static_assert(C == 64 && NT == 256, "warp roles assume 8 warps and 64-token chunks");
   static_assert(K % 64 == 0 && NT % K == 0 && RPT % 2 == 0, "K in {64, 128, 256}");
   static_assert(BV % 64 == 0, "BV multiple of 64");
@@ -257,6 +266,7 @@ struct Kernel {
       }
 
       // ---------------- prep: cumsum of g per channel, exp(G), kg^T ----------------
+      float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
       {
         const int ch = tid % K, seg = tid / K;
         float gv[RPT];
@@ -281,6 +291,8 @@ struct Kernel {
         for (int r = 0; r < RPT; r += 2) {
           const int t = seg * RPT + r;
           const float b0 = (gv[r] + off) * kLog2e, b1 = (gv[r + 1] + off) * kLog2e;
+          bmax = fmaxf(bmax, fmaxf(b0, b1));
+          bmin = fminf(bmin, fminf(b0, b1));
           sB[t * LDB + ch] = b0;
           sB[(t + 1) * LDB + ch] = b1;
           if constexpr (kHasE) {
@@ -295,10 +307,63 @@ struct Kernel {
         }
       }
       __syncthreads();
+      // one reference row for this chunk if every |b_t - b_r| <= kSpan2 (uniform per CTA)
+      bool one_ref = false;
+      if constexpr (kOneRef) {
+        if (!state_only) {
+          const float br = sB[(C / 2) * LDB + tid % K];
+          one_ref = !__syncthreads_or(bmax - br > kSpan2 || br - bmin > kSpan2);
+        }
+      }
 
       if (!state_only) {
       // ---------------- intra-chunk scores -> sA ----------------
-      {
+      if (one_ref) {
+        T* sQt = reinterpret_cast<T*>(sE);
+        const float* sBr = sB + (C / 2) * LDB;
+        for (int i = tid; i < C * K / 2; i += NT) {
+          const int t = i / (K / 2), cc = (i % (K / 2)) * 2;
+          const float2 b = *reinterpret_cast<const float2*>(sB + t * LDB + cc);
+          const float2 r = *reinterpret_cast<const float2*>(sBr + cc);
+          const float2 x = load_pair(sQ + t * LDQ + cc);
+          const float2 y = load_pair(sK + t * LDQ + cc);
+          *reinterpret_cast<uint32_t*>(sQt + t * LDQ + cc) = pack2<T>(x.x * ex2(b.x - r.x), x.y * ex2(b.y - r.y));
+          *reinterpret_cast<uint32_t*>(sK + t * LDQ + cc) = pack2<T>(y.x * ex2(r.x - b.x), y.y * ex2(r.y - b.y));
+        }
+        __syncthreads();
+        MmaO mmaO;
+        auto thr = mmaO.get_thread_slice(tid);
+        auto lqk = make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDQ>{}, _1{}));
+        Tensor sQf = make_tensor(make_smem_ptr(sQt), lqk);
+        Tensor sKf = make_tensor(make_smem_ptr(sK), lqk);
+        Tensor rQ = thr.partition_fragment_A(sQf);
+        Tensor rK = thr.partition_fragment_B(sKf);
+        auto s2rQ = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
+        auto ts2rQ = s2rQ.get_thread_slice(tid);
+        Tensor tXsQ = ts2rQ.partition_S(sQf);
+        Tensor tXrQ = ts2rQ.retile_D(rQ);
+        auto s2rK = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
+        auto ts2rK = s2rK.get_thread_slice(tid);
+        Tensor tXsK = ts2rK.partition_S(sKf);
+        Tensor tXrK = ts2rK.retile_D(rK);
+        Tensor acc = partition_fragment_C(mmaO, Shape<Int<C>, Int<C>>{});
+        clear(acc);
+        CUTE_UNROLL
+        for (int kk = 0; kk < K / 16; ++kk) {
+          copy(s2rQ, tXsQ(_, _, kk), tXrQ(_, _, kk));
+          copy(s2rK, tXsK(_, _, kk), tXrK(_, _, kk));
+          gemm(mmaO, acc, rQ(_, _, kk), rK(_, _, kk), acc);
+        }
+        Tensor tC = thr.partition_C(make_tensor(make_smem_ptr(sA),
+                                                make_layout(Shape<Int<C>, Int<C>>{}, make_stride(Int<LDA>{}, _1{}))));
+        Tensor tCc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc); i += 2) {
+          const int t = get<0>(tCc(i)), s0 = get<1>(tCc(i));  // columns s0, s0 + 1
+          *reinterpret_cast<uint32_t*>(&tC(i)) =
+              pack2<T>(s0 <= t ? acc(i) * scale : 0.f, s0 + 1 <= t ? acc(i + 1) * scale : 0.f);
+        }
+      } else {
         // Diagonal 16 x 16 sub-blocks, element-wise in float32. Warp pair (2d, 2d+1) owns
         // block d; a group of 8 lanes owns query rows ta and 15 - ta (17 pairs s <= t in all),
         // each lane NCH pieces of 8 channels; the group reduces with shuffles. For each row
@@ -444,7 +509,7 @@ struct Kernel {
           for (int i = 0; i < size(acc); i += 2)
             *reinterpret_cast<uint32_t*>(&tC(i)) = pack2<T>(acc(i) * scale, acc(i + 1) * scale);
         }
-      }
+      }  // one_ref
       __syncthreads();
 
       if (c + 1 < nchunks) {  // k is read by prep and the scores only
