@@ -9,8 +9,8 @@
 //   load    q, k, g (K wide) and v (BV wide) with cp.async (16-byte pieces) into smem;
 //           rows past the sequence end are clamped copies and masked below.
 //   prep    per channel: b (float32, smem), exp(G) (smem), kg^T = (k * exp2(G - b))^T
-//           (smem, input dtype, the A operand of the state update) and, for K <= 128,
-//           the per-step factors e_t = exp2(b_t - b_{t-1}) (float32, smem).
+//           (smem, input dtype, the A operand of the state update); in the exact path
+//           below, for K <= 128, the per-step factors e_t = exp2(b_t - b_{t-1}) (float32, smem).
 //   scores  A = scale * tril(q k^T gated), 64 x 64, written to smem in the input dtype.
 //           Where every |b_t - b_r| <= kSpan2 (r = 32, the middle row; checked per chunk,
 //           a CTA-wide vote), one MMA: q~ = q exp2(b - b_r), k~ = k exp2(b_r - b) (factors
@@ -286,7 +286,6 @@ struct Kernel {
         }
         const float gam2 = gam * kLog2e;
         if (seg == 0) sGam[ch] = ex2(gam2);
-        float bprev = off * kLog2e;  // b of the row before this segment (== its last b)
         CUTE_UNROLL
         for (int r = 0; r < RPT; r += 2) {
           const int t = seg * RPT + r;
@@ -295,12 +294,6 @@ struct Kernel {
           bmin = fminf(bmin, fminf(b0, b1));
           sB[t * LDB + ch] = b0;
           sB[(t + 1) * LDB + ch] = b1;
-          if constexpr (kHasE) {
-            // e_t = exp(b_t - b_{t-1}) <= 1 (e_0 is never read)
-            sE[t * LDB + ch] = ex2(b0 - bprev);
-            sE[(t + 1) * LDB + ch] = ex2(b1 - b0);
-            bprev = b1;
-          }
           const float k0 = t < Lr ? float(sK[t * LDQ + ch]) * ex2(gam2 - b0) : 0.f;
           const float k1 = t + 1 < Lr ? float(sK[(t + 1) * LDQ + ch]) * ex2(gam2 - b1) : 0.f;
           *reinterpret_cast<uint32_t*>(sKT + ch * LDKT + t) = pack2<T>(k0, k1);
@@ -364,6 +357,13 @@ struct Kernel {
               pack2<T>(s0 <= t ? acc(i) * scale : 0.f, s0 + 1 <= t ? acc(i + 1) * scale : 0.f);
         }
       } else {
+        if constexpr (kHasE) {  // e_t = exp(b_t - b_{t-1}) <= 1 (e_0 is never read)
+          for (int i = tid; i < (C - 1) * K; i += NT) {
+            const int t = 1 + i / K, ch = i % K;
+            sE[t * LDB + ch] = ex2(sB[t * LDB + ch] - sB[(t - 1) * LDB + ch]);
+          }
+          __syncthreads();
+        }
         // Diagonal 16 x 16 sub-blocks, element-wise in float32. Warp pair (2d, 2d+1) owns
         // block d; a group of 8 lanes owns query rows ta and 15 - ta (17 pairs s <= t in all),
         // each lane NCH pieces of 8 channels; the group reduces with shuffles. For each row
