@@ -16,15 +16,16 @@ any timing taken while it runs is worthless (seen: 2-4x slower kernels).  --no-f
 ours only.
 
 Notes (H100 80GB HBM3, torch 2.11, triton 3.6, bf16, ms, fwd / fwd+bwd):
-  shape               | one kernel per chunk | A kernel + light o/dv | + gate kernel, A by sub-blocks | fla 0.6.0
-  8,2048,16,128,128   | 1.13 / 4.20          | 0.85 / 3.76           | 0.64 / 3.18                    | 0.83 / 3.52
-  2,8192,16,128,128   | 1.17 / 4.32          | 0.96 / 4.09           | 0.71 / 3.40                    | 1.05 / 3.83
-  32,2048,16,64,64    | 1.99 / 7.41          | 1.46 / 6.75           | 1.23 / 6.03                    | 1.60 / 6.37
-  8,2048,4,256,512    | 1.06 / 4.28          | 0.91 / 3.67           | 0.52 / 2.43                    | 0.69 / 2.99
-  (fla from a separate run of the same day.)  Per kernel at 8,2048,16,128,128 (last
-  column): gate 0.12, A 0.27 (both run in fwd and bwd), h 0.09, o 0.13, dh 0.10, dv 0.13,
-  dA 0.07, dq/dk/dg 1.74.  fla: A 0.41 (two kernels), h 0.15, o 0.19, cumsum 0.07, bwd
-  intra 0.98 + inter 0.64.
+  shape               | one kernel per chunk | A kernel + light o/dv | + gate kernel, A by sub-blocks | + one reference row | fla 0.6.0
+  8,2048,16,128,128   | 1.13 / 4.20          | 0.85 / 3.76           | 0.64 / 3.18                    | 0.56 / 2.32         | 0.83 / 3.52
+  2,8192,16,128,128   | 1.17 / 4.32          | 0.96 / 4.09           | 0.71 / 3.40                    | 0.63 / 2.53         | 1.05 / 3.83
+  32,2048,16,64,64    | 1.99 / 7.41          | 1.46 / 6.75           | 1.23 / 6.03                    | 1.05 / 4.36         | 1.60 / 6.37
+  8,2048,4,256,512    | 1.06 / 4.28          | 0.91 / 3.67           | 0.52 / 2.43                    | 0.49 / 1.97         | 0.69 / 2.99
+  (fla from a separate run.)  Per kernel at 8,2048,16,128,128 (last of ours): gate 0.12,
+  A 0.19 (both run in fwd and bwd), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg
+  1.03 (1.74 with the exact hierarchy: the column before).  fla: A 0.41 (two kernels),
+  h 0.15, o 0.19, cumsum 0.07, bwd intra 0.98 + inter 0.64.
+  SWEEP_KEYS=A,dqk limits the sweep to those groups.
 """
 import argparse
 import importlib.util

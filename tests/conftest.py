@@ -41,7 +41,9 @@ def rel_err(out, ref):
 
 def make_inputs(B, T, H, K, V, dtype=torch.float32, device="cpu", g_dtype=None, gate="normal",
                 h0=False, N=None, seed=None):
-    """Fresh random inputs. gate: 'normal' (logsigmoid/16), 'zero' (g = 0), 'strong' (≈ −20)."""
+    """Fresh random inputs. gate: 'normal' (logsigmoid/16), 'zero' (g = 0), 'strong' (≈ −20),
+    'mixed' (normal, but ≈ −2.5 per step in 16 channels of head 0 over tokens 64-127: too strong
+    for one reference row per chunk there, so only that chunk of that head takes the exact path)."""
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
@@ -51,6 +53,9 @@ def make_inputs(B, T, H, K, V, dtype=torch.float32, device="cpu", g_dtype=None, 
         g = torch.zeros(B, T, H, K, dtype=torch.float64)
     elif gate == "strong":
         g = -20 + r(B, T, H, K).abs().neg()
+    elif gate == "mixed":
+        g = torch.nn.functional.logsigmoid(r(B, T, H, K)) / 16
+        g[:, 64:128, 0, :16] = -2.5 - 0.5 * r(B, T, K)[:, 64:128, :16].abs()
     else:
         raise ValueError(gate)
     to = lambda x, dt: x.to(dtype=dt, device=device)

@@ -81,10 +81,11 @@ def test_varlen(device, backend, mode, dtype, h0):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("gate", ["zero", "strong"])
+@pytest.mark.parametrize("gate", ["zero", "strong", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_extreme_gates(device, backend, mode, gate, dtype):
-    """g = 0 (no decay) and g ≈ −20 per step (every exponent must stay <= 0). In float16,
+    """g = 0 (no decay), g ≈ −20 per step (every exponent must stay <= 0) and strong gates in
+    one chunk of one head only (the kernels pick the exact path per chunk and head). In float16,
     factors like exp(−20) lie below its range: no kernel may round them to it. g is float32
     there, as float16 training keeps it: dg of such gates (|dg| ~ 1e-8) has no float16 value."""
     ins = make_inputs(2, 130, 2, 64, 64, dtype=dtype, device=device, h0=True, gate=gate,

@@ -67,9 +67,9 @@ hierarchy alone (as before the one-reference form existed: its times are those o
 first column of the table in scripts/dev_triton_chunk_bench.py).
 
 Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
-(8, 2048, 16, 128, 128): gate 0.12, A 0.27 (both run in the forward and again in the
-backward), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg 1.74: the last is the
-kernel to speed up next.
+(8, 2048, 16, 128, 128): gate 0.12, A 0.19 (both launches; both kernels run in the forward and
+again in the backward), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg 1.03 (both
+launches; 1.74 with the exact hierarchy for every chunk).
 
 ``dg`` is chunk-local (no sequence-long cumulative sum):
 ``dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
@@ -657,14 +657,16 @@ def _cfg(K, V):
 
     Picked kernel by kernel from H100 sweeps (scripts/dev_triton_chunk_bench.py, bf16, the
     four DESIGN §3 shapes; each value was the best or tied of its sweep, measured with the
-    other kernels at their previous settings): the scores A in their own kernel with small
-    programs (K tiles of 16, 2 warps, REF 2); o and dv as light products reading A (computing
-    A inside them, in registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles
-    of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower; REF 2 or 1 there:
-    0.3-2 ms slower); the state walks (reading gated operands) with 64 x 64 tiles and
-    4 warps (K tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4 keeps the
-    levels inside 16-token sub-blocks in tf32 (DESIGN §2: float32 on the diagonal
-    sub-blocks)."""
+    other kernels at their previous settings): the scores A in their own kernel (one
+    reference row: K tiles of 32, 4 warps, 2 warps within 2%; the exact launch: K tiles of
+    16, 2 warps, REF 2); o and dv as light products reading A (computing A inside them, in
+    registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles of 32 and 4 warps (one reference row: 64 and 8
+    warps within 2%, 16 and 2 warps 0.4-0.6 ms slower) and, for the exact launch, K tiles of
+    64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower; REF 2 or 1 there: 0.3-2 ms
+    slower); the state walks (reading gated operands) with 64 x 64 tiles and 4 warps (K
+    tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4 keeps the levels inside
+    16-token sub-blocks in tf32 (DESIGN §2: float32 on the diagonal sub-blocks); the
+    one-reference products are tf32 throughout."""
     interp = _interpreting()
     kp, vp = _np2(K), _np2(V)
     c = {
