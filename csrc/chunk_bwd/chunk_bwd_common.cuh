@@ -8,6 +8,8 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/copy_atom.hpp>
 
+#include "cute_gemm.cuh"
+
 #include "device_common.cuh"
 
 namespace gla {

@@ -326,26 +326,9 @@ struct Kernel {
         MmaO mma;
         auto thr = mma.get_thread_slice(tid);
         auto lrow = make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(Int<LDV>{}, _1{}));
-        Tensor sDOf = smem_view(sDO, lrow);
-        Tensor sVf = smem_view(sV, lrow);
-        Tensor rA = thr.partition_fragment_A(sDOf);
-        Tensor rB = thr.partition_fragment_B(sVf);
-        auto cpA = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
-        auto cpB = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
-        auto tA = cpA.get_thread_slice(tid);
-        auto tB = cpB.get_thread_slice(tid);
-        Tensor sA_ = tA.partition_S(sDOf);
-        Tensor rA_ = tA.retile_D(rA);
-        Tensor sB_ = tB.partition_S(sVf);
-        Tensor rB_ = tB.retile_D(rB);
         Tensor acc = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
         clear(acc);
-        CUTE_UNROLL
-        for (int kk = 0; kk < BV / 16; ++kk) {
-          copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
-          copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
-          gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
-        }
+        gemm_smem<SM75_U32x4_LDSM_N, SM75_U32x4_LDSM_N, T>(mma, smem_view(sDO, lrow), smem_view(sV, lrow), acc, tid);
         Tensor tC = thr.partition_C(smem_view(sDA, make_layout(Shape<Int<C>, Int<C>>{}, make_stride(Int<LDA>{}, _1{}))));
         Tensor tc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
         CUTE_UNROLL
@@ -373,24 +356,7 @@ struct Kernel {
         Tensor sDOt = smem_view(sDO, make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
         Tensor acc = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
         clear(acc);
-        {
-          Tensor rA = thr.partition_fragment_A(sKGf);
-          Tensor rB = thr.partition_fragment_B(sDHt);
-          auto cpA = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
-          auto cpB = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
-          auto tA = cpA.get_thread_slice(tid);
-          auto tB = cpB.get_thread_slice(tid);
-          Tensor sA_ = tA.partition_S(sKGf);
-          Tensor rA_ = tA.retile_D(rA);
-          Tensor sB_ = tB.partition_S(sDHt);
-          Tensor rB_ = tB.retile_D(rB);
-          CUTE_UNROLL
-          for (int kk = 0; kk < K / 16; ++kk) {
-            copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
-            copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
-            gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
-          }
-        }
+        gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mma, sKGf, sDHt, acc, tid);
         {
           Tensor rA = thr.partition_fragment_A(sAt);
           Tensor rB = thr.partition_fragment_B(sDOt);
@@ -709,22 +675,7 @@ struct Kernel {
         for (int i = 0; i < size(rS); ++i) rS(i) *= sGam[get<0>(tUc(i))];
         Tensor sQT = smem_view(sKG, make_layout(Shape<Int<K>, Int<C>>{}, make_stride(Int<LDQT>{}, _1{})));
         Tensor sDOt = smem_view(sDO, make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
-        Tensor rA = thrU.partition_fragment_A(sQT);
-        Tensor rB = thrU.partition_fragment_B(sDOt);
-        auto cpA = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaU);
-        auto cpB = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mmaU);
-        auto tA = cpA.get_thread_slice(tid);
-        auto tB = cpB.get_thread_slice(tid);
-        Tensor sA_ = tA.partition_S(sQT);
-        Tensor rA_ = tA.retile_D(rA);
-        Tensor sB_ = tB.partition_S(sDOt);
-        Tensor rB_ = tB.retile_D(rB);
-        CUTE_UNROLL
-        for (int kk = 0; kk < C / 16; ++kk) {
-          copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
-          copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
-          gemm(mmaU, rS, rA(_, _, kk), rB(_, _, kk), rS);
-        }
+        gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mmaU, sQT, sDOt, rS, tid);
       }
       __syncthreads();  // do and qg^T no longer read
       CUTE_UNROLL

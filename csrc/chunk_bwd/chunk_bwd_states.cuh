@@ -122,22 +122,7 @@ struct States {
         for (int i = 0; i < size(rS); ++i) rS(i) *= sGam[get<0>(tc(i))];
         Tensor sKTf = make_tensor(make_smem_ptr(sKT), make_layout(Shape<Int<K>, Int<C>>{}, make_stride(Int<LDKT>{}, _1{})));
         Tensor sVt = make_tensor(make_smem_ptr(sV), make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
-        Tensor rA = thr.partition_fragment_A(sKTf);
-        Tensor rB = thr.partition_fragment_B(sVt);
-        auto cpA = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
-        auto cpB = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
-        auto tA = cpA.get_thread_slice(tid);
-        auto tB = cpB.get_thread_slice(tid);
-        Tensor sA_ = tA.partition_S(sKTf);
-        Tensor rA_ = tA.retile_D(rA);
-        Tensor sB_ = tB.partition_S(sVt);
-        Tensor rB_ = tB.retile_D(rB);
-        CUTE_UNROLL
-        for (int kk = 0; kk < C / 16; ++kk) {
-          copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
-          copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
-          gemm(mma, rS, rA(_, _, kk), rB(_, _, kk), rS);
-        }
+        gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mma, sKTf, sVt, rS, tid);
       }
       __syncthreads();  // v, kg^T, exp(G) no longer read
       if (c + 1 < nchunks) {

@@ -44,6 +44,7 @@
 #include <cute/atom/copy_atom.hpp>
 #include <cute/arch/copy_sm80.hpp>
 
+#include "cute_gemm.cuh"
 #include "device_common.cuh"
 #include "gla_params.h"
 #include "chunk_fwd_config.h"
@@ -327,26 +328,10 @@ struct Kernel {
         MmaO mmaO;
         auto thr = mmaO.get_thread_slice(tid);
         auto lqk = make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDQ>{}, _1{}));
-        Tensor sQf = make_tensor(make_smem_ptr(sQt), lqk);
-        Tensor sKf = make_tensor(make_smem_ptr(sK), lqk);
-        Tensor rQ = thr.partition_fragment_A(sQf);
-        Tensor rK = thr.partition_fragment_B(sKf);
-        auto s2rQ = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
-        auto ts2rQ = s2rQ.get_thread_slice(tid);
-        Tensor tXsQ = ts2rQ.partition_S(sQf);
-        Tensor tXrQ = ts2rQ.retile_D(rQ);
-        auto s2rK = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
-        auto ts2rK = s2rK.get_thread_slice(tid);
-        Tensor tXsK = ts2rK.partition_S(sKf);
-        Tensor tXrK = ts2rK.retile_D(rK);
         Tensor acc = partition_fragment_C(mmaO, Shape<Int<C>, Int<C>>{});
         clear(acc);
-        CUTE_UNROLL
-        for (int kk = 0; kk < K / 16; ++kk) {
-          copy(s2rQ, tXsQ(_, _, kk), tXrQ(_, _, kk));
-          copy(s2rK, tXsK(_, _, kk), tXrK(_, _, kk));
-          gemm(mmaO, acc, rQ(_, _, kk), rK(_, _, kk), acc);
-        }
+        gemm_smem<SM75_U32x4_LDSM_N, SM75_U32x4_LDSM_N, T>(mmaO, make_tensor(make_smem_ptr(sQt), lqk),
+                                                          make_tensor(make_smem_ptr(sK), lqk), acc, tid);
         Tensor tC = thr.partition_C(make_tensor(make_smem_ptr(sA),
                                                 make_layout(Shape<Int<C>, Int<C>>{}, make_stride(Int<LDA>{}, _1{}))));
         Tensor tCc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
@@ -598,22 +583,7 @@ struct Kernel {
         if (tid < K) decay *= sGam[tid];
         Tensor sKTf = make_tensor(make_smem_ptr(sKT), make_layout(Shape<Int<K>, Int<C>>{}, make_stride(Int<LDKT>{}, _1{})));
         Tensor sVt = make_tensor(make_smem_ptr(sV), make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
-        Tensor rKT = thrU.partition_fragment_A(sKTf);
-        Tensor rV = thrU.partition_fragment_B(sVt);
-        auto s2rK = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaU);
-        auto ts2rK = s2rK.get_thread_slice(tid);
-        Tensor tXsK = ts2rK.partition_S(sKTf);
-        Tensor tXrK = ts2rK.retile_D(rKT);
-        auto s2rV = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mmaU);
-        auto ts2rV = s2rV.get_thread_slice(tid);
-        Tensor tXsV = ts2rV.partition_S(sVt);
-        Tensor tXrV = ts2rV.retile_D(rV);
-        CUTE_UNROLL
-        for (int kk = 0; kk < C / 16; ++kk) {
-          copy(s2rK, tXsK(_, _, kk), tXrK(_, _, kk));
-          copy(s2rV, tXsV(_, _, kk), tXrV(_, _, kk));
-          gemm(mmaU, rS, rKT(_, _, kk), rV(_, _, kk), rS);
-        }
+        gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mmaU, sKTf, sVt, rS, tid);
         CUTE_UNROLL
         for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
       }

@@ -363,6 +363,16 @@ def _gate_kernel(q, k, g, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N, H, K,
 
 
 @triton.jit
+def _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK: tl.constexpr):
+    """Rows of one chunk, channels k0 .. k0 + BK: q and k in float32, g as stored."""
+    kk = k0 + tl.arange(0, BK)
+    m = rmask[:, None] & (kk < K)[None, :]
+    p = base + roff[:, None] + kk[None, :]
+    return (tl.load(q + p, mask=m, other=0.).to(tl.float32), tl.load(k + p, mask=m, other=0.).to(tl.float32),
+            tl.load(g + p, mask=m, other=0.))
+
+
+@triton.jit
 def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
               C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr,
               TF: tl.constexpr, SPAN: tl.constexpr, EXACT: tl.constexpr):
@@ -386,12 +396,8 @@ def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
         acc = tl.zeros((C, C), dtype=tl.float32)
         span = 0.
         for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            m = rmask[:, None] & (kk < K)[None, :]
-            p = base + roff[:, None] + kk[None, :]
-            bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
-            bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
-            b = tl.cumsum(tl.load(g + p, mask=m, other=0.).to(tl.float32), axis=0)
+            bq, bk, graw = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
+            b = tl.cumsum(graw.to(tl.float32), axis=0)
             d = b - _row(b, rows, C // 2)[None, :]
             span = tl.maximum(span, tl.max(tl.abs(d)))
             d = tl.minimum(tl.maximum(d, -SPAN), SPAN)  # finite even where flagged
@@ -404,12 +410,7 @@ def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
         acc = tl.zeros((C, C), dtype=tl.float32)
         acc3 = tl.zeros((C // 16, 16, 16), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            m = rmask[:, None] & (kk < K)[None, :]
-            p = base + roff[:, None] + kk[None, :]
-            bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
-            bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
-            graw = tl.load(g + p, mask=m, other=0.)
+            bq, bk, graw = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
             b = tl.cumsum(graw.to(tl.float32), axis=0)
             off, d3 = _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
             acc += off

@@ -1,0 +1,35 @@
+// The smem -> register -> tensor-core MMA loop shared by the chunked kernels.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/copy_atom.hpp>
+
+namespace gla {
+
+// acc += A B^T for shared-memory tiles A (M x Kd) and B (N x Kd) of element type T: per k-block
+// of the tiled MMA, both operands go to registers through the ldmatrix atoms CopyA and CopyB
+// (SM75_U32x4_LDSM_N for a K-contiguous tile, SM75_U16x8_LDSM_T for an M/N-contiguous one).
+template <class CopyA, class CopyB, class T, class Mma, class SA, class SB, class Acc>
+__device__ __forceinline__ void gemm_smem(const Mma& mma, const SA& sA, const SB& sB, Acc& acc, int tid) {
+  using namespace cute;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor rA = thr.partition_fragment_A(sA);
+  Tensor rB = thr.partition_fragment_B(sB);
+  auto cpA = make_tiled_copy_A(Copy_Atom<CopyA, T>{}, mma);
+  auto cpB = make_tiled_copy_B(Copy_Atom<CopyB, T>{}, mma);
+  auto tA = cpA.get_thread_slice(tid);
+  auto tB = cpB.get_thread_slice(tid);
+  Tensor sA_ = tA.partition_S(sA);
+  Tensor rA_ = tA.retile_D(rA);
+  Tensor sB_ = tB.partition_S(sB);
+  Tensor rB_ = tB.retile_D(rB);
+  CUTE_UNROLL
+  for (int kk = 0; kk < size<2>(rA); ++kk) {
+    copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
+    copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
+    gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
+  }
+}
+
+}  // namespace gla
