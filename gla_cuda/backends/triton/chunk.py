@@ -62,9 +62,9 @@ forms per (chunk, head):
   launch parameter (``_cfg``).
 
 The flagged launches cost one early-exiting pass over the grid when nothing is flagged.
-With gates of -20 per step every chunk is flagged and the backward runs the exact
-hierarchy alone (as before the one-reference form existed: its times are those of the
-first column of the table in scripts/dev_triton_chunk_bench.py).
+With gates of -20 per step every chunk is flagged: the kernels then run the exact
+hierarchy (the '+ gate kernel, A by sub-blocks' times in scripts/dev_triton_chunk_bench.py)
+plus the first scores launch, whose result is discarded.
 
 Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
 (8, 2048, 16, 128, 128): gate 0.12, A 0.19 (both launches; both kernels run in the forward and
@@ -368,8 +368,9 @@ def _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK: tl.constexpr):
     kk = k0 + tl.arange(0, BK)
     m = rmask[:, None] & (kk < K)[None, :]
     p = base + roff[:, None] + kk[None, :]
-    return (tl.load(q + p, mask=m, other=0.).to(tl.float32), tl.load(k + p, mask=m, other=0.).to(tl.float32),
-            tl.load(g + p, mask=m, other=0.))
+    bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
+    bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+    return bq, bk, tl.load(g + p, mask=m, other=0.)
 
 
 @triton.jit
@@ -404,8 +405,8 @@ def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
             acc += _mm_lvl(bq * tl.exp(d), tl.trans(bk * tl.exp(-d)), 0, DT, IEEE, TF)
         tl.store(exact + slot * H + hh, (span > SPAN).to(tl.int8))
         if span <= SPAN:
-            tl.store(pa, (tl.where(rows[:, None] >= cols[None, :], acc, 0.) * scale).to(A.dtype.element_ty),
-                     mask=rmask[:, None])
+            acc = tl.where(rows[:, None] >= cols[None, :], acc, 0.) * scale
+            tl.store(pa, acc.to(A.dtype.element_ty), mask=rmask[:, None])
     elif tl.load(exact + slot * H + hh) != 0:
         acc = tl.zeros((C, C), dtype=tl.float32)
         acc3 = tl.zeros((C // 16, 16, 16), dtype=tl.float32)
@@ -661,13 +662,13 @@ def _cfg(K, V):
     other kernels at their previous settings): the scores A in their own kernel (one
     reference row: K tiles of 32, 4 warps, 2 warps within 2%; the exact launch: K tiles of
     16, 2 warps, REF 2); o and dv as light products reading A (computing A inside them, in
-    registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles of 32 and 4 warps (one reference row: 64 and 8
-    warps within 2%, 16 and 2 warps 0.4-0.6 ms slower) and, for the exact launch, K tiles of
-    64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower; REF 2 or 1 there: 0.3-2 ms
-    slower); the state walks (reading gated operands) with 64 x 64 tiles and 4 warps (K
-    tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4 keeps the levels inside
-    16-token sub-blocks in tf32 (DESIGN §2: float32 on the diagonal sub-blocks); the
-    one-reference products are tf32 throughout."""
+    registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles of 32 and 4 warps (one
+    reference row: 64 and 8 warps within 2%, 16 and 2 warps 0.4-0.6 ms slower) and, for the
+    exact launch, K tiles of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower;
+    REF 2 or 1 there: 0.3-2 ms slower); the state walks (reading gated operands) with
+    64 x 64 tiles and 4 warps (K tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4
+    keeps the levels inside 16-token sub-blocks in tf32 (DESIGN §2: float32 on the diagonal
+    sub-blocks); the one-reference products are tf32 throughout."""
     interp = _interpreting()
     kp, vp = _np2(K), _np2(V)
     c = {
