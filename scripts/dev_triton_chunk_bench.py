@@ -26,6 +26,9 @@ Notes (H100 80GB HBM3, torch 2.11, triton 3.6, bf16, ms, fwd / fwd+bwd):
   1.03 (1.74 with the exact hierarchy: the column before).  fla: A 0.41 (two kernels),
   h 0.15, o 0.19, cumsum 0.07, bwd intra 0.98 + inter 0.64.
   SWEEP_KEYS=A,dqk limits the sweep to those groups.
+  Registers and spills without a GPU: triton.compile(ASTSource(fn=M._dqk_kernel, signature=...,
+  constexprs=...), target=GPUTarget("cuda", 90, 32)) works on the CPU machine, and Triton's own
+  ptxas -v --gpu-name sm_90a on the PTX prints them (seen: dq/dk/dg 255 registers with spills).
 """
 import argparse
 import importlib.util
