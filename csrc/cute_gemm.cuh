@@ -10,8 +10,10 @@ namespace gla {
 // acc += A B^T for shared-memory tiles A (M x Kd) and B (N x Kd) of element type T: per k-block
 // of the tiled MMA, both operands go to registers through the ldmatrix atoms CopyA and CopyB
 // (SM75_U32x4_LDSM_N for a K-contiguous tile, SM75_U16x8_LDSM_T for an M/N-contiguous one).
+// Only the k-blocks kb_begin <= kk < kb_end (causal products skip the blocks that are zero).
 template <class CopyA, class CopyB, class T, class Mma, class SA, class SB, class Acc>
-__device__ __forceinline__ void gemm_smem(const Mma& mma, const SA& sA, const SB& sB, Acc& acc, int tid) {
+__device__ __forceinline__ void gemm_smem(const Mma& mma, const SA& sA, const SB& sB, Acc& acc, int tid,
+                                          int kb_begin = 0, int kb_end = 1 << 30) {
   using namespace cute;
   auto thr = mma.get_thread_slice(tid);
   Tensor rA = thr.partition_fragment_A(sA);
@@ -26,9 +28,11 @@ __device__ __forceinline__ void gemm_smem(const Mma& mma, const SA& sA, const SB
   Tensor rB_ = tB.retile_D(rB);
   CUTE_UNROLL
   for (int kk = 0; kk < size<2>(rA); ++kk) {
-    copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
-    copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
-    gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
+    if (kk >= kb_begin && kk < kb_end) {
+      copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
+      copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
+      gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
+    }
   }
 }
 

@@ -357,26 +357,8 @@ struct Kernel {
         Tensor acc = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
         clear(acc);
         gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mma, sKGf, sDHt, acc, tid);
-        {
-          Tensor rA = thr.partition_fragment_A(sAt);
-          Tensor rB = thr.partition_fragment_B(sDOt);
-          auto cpA = make_tiled_copy_A(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
-          auto cpB = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
-          auto tA = cpA.get_thread_slice(tid);
-          auto tB = cpB.get_thread_slice(tid);
-          Tensor sA_ = tA.partition_S(sAt);
-          Tensor rA_ = tA.retile_D(rA);
-          Tensor sB_ = tB.partition_S(sDOt);
-          Tensor rB_ = tB.retile_D(rB);
-          CUTE_UNROLL
-          for (int kk = 0; kk < C / 16; ++kk) {
-            if (kk >= wi) {  // key block wi receives from query blocks wi.. only
-              copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
-              copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
-              gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
-            }
-          }
-        }
+        // key block wi receives from query blocks wi.. only
+        gemm_smem<SM75_U16x8_LDSM_T, SM75_U16x8_LDSM_T, T>(mma, sAt, sDOt, acc, tid, wi);
         Tensor gDV = make_tensor(make_gmem_ptr(dvb + int64_t(c) * C * HV),
                                  make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(HV, _1{})));
         Tensor tG = thr.partition_C(gDV);
@@ -434,20 +416,7 @@ struct Kernel {
           Tensor tBr = thr.partition_B(make_tensor(make_smem_ptr(sB + r * LDB + ch0), lbBR));
           Tensor acc = partition_fragment_C(mma, Shape<Int<C>, _64>{});
           clear(acc);
-          {
-            Tensor rA = thr.partition_fragment_A(sDOf);
-            Tensor rB = thr.partition_fragment_B(sHf);
-            Tensor sA_ = tLN_A.partition_S(sDOf);
-            Tensor rA_ = tLN_A.retile_D(rA);
-            Tensor sB_ = tLN_B.partition_S(sHf);
-            Tensor rB_ = tLN_B.retile_D(rB);
-            CUTE_UNROLL
-            for (int kk = 0; kk < BV / 16; ++kk) {
-              copy(cpLN_A, sA_(_, _, kk), rA_(_, _, kk));
-              copy(cpLN_B, sB_(_, _, kk), rB_(_, _, kk));
-              gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
-            }
-          }
+          gemm_smem<SM75_U32x4_LDSM_N, SM75_U32x4_LDSM_N, T>(mma, sDOf, sHf, acc, tid);
           CUTE_UNROLL
           for (int i = 0; i < size(acc); ++i) acc(i) *= scale * ex2(tCr(i));
           {
@@ -482,18 +451,7 @@ struct Kernel {
           Tensor tCg = thr.partition_C(make_tensor(make_smem_ptr(sB + (C - 1) * LDB + ch0), lbR));
           Tensor acc = partition_fragment_C(mma, Shape<Int<C>, _64>{});
           clear(acc);
-          Tensor rA = thr.partition_fragment_A(sVf);
-          Tensor rB = thr.partition_fragment_B(sDHf);
-          Tensor sA_ = tLN_A.partition_S(sVf);
-          Tensor rA_ = tLN_A.retile_D(rA);
-          Tensor sB_ = tLN_B.partition_S(sDHf);
-          Tensor rB_ = tLN_B.retile_D(rB);
-          CUTE_UNROLL
-          for (int kk = 0; kk < BV / 16; ++kk) {
-            copy(cpLN_A, sA_(_, _, kk), rA_(_, _, kk));
-            copy(cpLN_B, sB_(_, _, kk), rB_(_, _, kk));
-            gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
-          }
+          gemm_smem<SM75_U32x4_LDSM_N, SM75_U32x4_LDSM_N, T>(mma, sVf, sDHf, acc, tid);
           Tensor tF = thr.partition_C(make_tensor(make_smem_ptr(sDKI), lf));
           CUTE_UNROLL
           for (int i = 0; i < size(acc); i += 2)

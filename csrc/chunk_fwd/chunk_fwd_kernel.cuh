@@ -538,25 +538,7 @@ struct Kernel {
         }
 
         // intra-chunk: key blocks 0..wi only (the scores above the diagonal are zero)
-        const int wi = warp % 4;
-        Tensor rA = thr.partition_fragment_A(sAf);
-        Tensor rV = thr.partition_fragment_B(sVt);
-        auto s2rA = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
-        auto ts2rA = s2rA.get_thread_slice(tid);
-        Tensor tXsA = ts2rA.partition_S(sAf);
-        Tensor tXrA = ts2rA.retile_D(rA);
-        auto s2rV = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mmaO);
-        auto ts2rV = s2rV.get_thread_slice(tid);
-        Tensor tXsV = ts2rV.partition_S(sVt);
-        Tensor tXrV = ts2rV.retile_D(rV);
-        CUTE_UNROLL
-        for (int kk = 0; kk < C / 16; ++kk) {
-          if (kk <= wi) {
-            copy(s2rA, tXsA(_, _, kk), tXrA(_, _, kk));
-            copy(s2rV, tXsV(_, _, kk), tXrV(_, _, kk));
-            gemm(mmaO, acc, rA(_, _, kk), rV(_, _, kk), acc);
-          }
-        }
+        gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mmaO, sAf, sVt, acc, tid, 0, warp % 4 + 1);
 
         // store the rows inside the sequence, two columns per 32-bit store
         Tensor gO = make_tensor(make_gmem_ptr(ob + int64_t(c) * C * HV),
