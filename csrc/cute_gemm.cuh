@@ -10,10 +10,16 @@ namespace gla {
 // acc += A B^T for shared-memory tiles A (M x Kd) and B (N x Kd) of element type T: per k-block
 // of the tiled MMA, both operands go to registers through the ldmatrix atoms CopyA and CopyB
 // (SM75_U32x4_LDSM_N for a K-contiguous tile, SM75_U16x8_LDSM_T for an M/N-contiguous one).
-// Only the k-blocks kb_begin <= kk < kb_end (causal products skip the blocks that are zero).
-template <class CopyA, class CopyB, class T, class Mma, class SA, class SB, class Acc>
+// Only the k-blocks kb_begin <= kk < kb_end (causal products skip the blocks that are zero);
+// gate_b(rB, kk) may rescale B's registers of k-block kk before its MMA (operands gated in
+// registers).
+struct NoGate {
+  template <class R>
+  __device__ __forceinline__ void operator()(R&, int) const {}
+};
+template <class CopyA, class CopyB, class T, class Mma, class SA, class SB, class Acc, class GateB = NoGate>
 __device__ __forceinline__ void gemm_smem(const Mma& mma, const SA& sA, const SB& sB, Acc& acc, int tid,
-                                          int kb_begin = 0, int kb_end = 1 << 30) {
+                                          int kb_begin = 0, int kb_end = 1 << 30, GateB gate_b = {}) {
   using namespace cute;
   auto thr = mma.get_thread_slice(tid);
   Tensor rA = thr.partition_fragment_A(sA);
@@ -31,6 +37,7 @@ __device__ __forceinline__ void gemm_smem(const Mma& mma, const SA& sA, const SB
     if (kk >= kb_begin && kk < kb_end) {
       copy(cpA, sA_(_, _, kk), rA_(_, _, kk));
       copy(cpB, sB_(_, _, kk), rB_(_, _, kk));
+      gate_b(rB, kk);
       gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
     }
   }

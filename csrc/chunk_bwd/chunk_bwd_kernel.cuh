@@ -392,14 +392,16 @@ struct Kernel {
         auto lT = make_layout(Shape<_64, Int<C>>{}, make_stride(_1{}, Int<LDQ>{}));   // q, k as (channel, row)
         Tensor tCb = thr.partition_C(make_tensor(make_smem_ptr(sB + ch0), lbC));
         Tensor tBb = thr.partition_B(make_tensor(make_smem_ptr(sB + ch0), lbB));
-        auto cpLN_A = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
-        auto cpLT_A = make_tiled_copy_A(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
-        auto cpLN_B = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
-        auto cpLT_B = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
-        auto tLN_A = cpLN_A.get_thread_slice(tid);
-        auto tLT_A = cpLT_A.get_thread_slice(tid);
-        auto tLN_B = cpLN_B.get_thread_slice(tid);
-        auto tLT_B = cpLT_B.get_thread_slice(tid);
+        // a B operand gated in registers: k-block kk times exp2(x - y), x and y B-partitioned b
+        auto gate_b = [](auto x, auto y) {
+          return [x, y](auto& rB, int kk) {
+            CUTE_UNROLL
+            for (int nn = 0; nn < size<1>(rB); ++nn)
+              CUTE_UNROLL
+              for (int i = 0; i < size<0>(rB); ++i)
+                rB(i, nn, kk) = T(float(rB(i, nn, kk)) * ex2(x(i, nn, kk) - y(i, nn, kk)));
+          };
+        };
         Tensor sDOf = smem_view(sDO, make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(Int<LDV>{}, _1{})));
         Tensor sVf = smem_view(sV, make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(Int<LDV>{}, _1{})));
         Tensor sHf = smem_view(sH + ch0 * LDH, make_layout(Shape<_64, Int<BV>>{}, make_stride(Int<LDH>{}, _1{})));
@@ -419,27 +421,9 @@ struct Kernel {
           gemm_smem<SM75_U32x4_LDSM_N, SM75_U32x4_LDSM_N, T>(mma, sDOf, sHf, acc, tid);
           CUTE_UNROLL
           for (int i = 0; i < size(acc); ++i) acc(i) *= scale * ex2(tCr(i));
-          {
-            Tensor rA = thr.partition_fragment_A(sDAf);
-            Tensor rB = thr.partition_fragment_B(sKt);
-            Tensor sA_ = tLN_A.partition_S(sDAf);
-            Tensor rA_ = tLN_A.retile_D(rA);
-            Tensor sB_ = tLT_B.partition_S(sKt);
-            Tensor rB_ = tLT_B.retile_D(rB);
-            CUTE_UNROLL
-            for (int kk = 0; kk < C / 16; ++kk) {
-              if (kk < wi) {  // key blocks before the query block
-                copy(cpLN_A, sA_(_, _, kk), rA_(_, _, kk));
-                copy(cpLT_B, sB_(_, _, kk), rB_(_, _, kk));
-                CUTE_UNROLL
-                for (int nn = 0; nn < size<1>(rB); ++nn)
-                  CUTE_UNROLL
-                  for (int i = 0; i < size<0>(rB); ++i)
-                    rB(i, nn, kk) = T(float(rB(i, nn, kk)) * ex2(tBr(i, nn, kk) - tBb(i, nn, kk)));
-                gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
-              }
-            }
-          }
+          // key blocks before the query block, k~ = k exp2(b_r - b_s)
+          gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mma, sDAf, sKt, acc, tid, 0, wi,
+                                                            gate_b(tBr, tBb));
           Tensor tF = thr.partition_C(make_tensor(make_smem_ptr(sDQ), lf));
           CUTE_UNROLL
           for (int i = 0; i < size(acc); i += 2)
@@ -465,25 +449,9 @@ struct Kernel {
           Tensor tBR = thr.partition_B(make_tensor(make_smem_ptr(sB + R * LDB + ch0), lbBR));
           Tensor acc = partition_fragment_C(mma, Shape<Int<C>, _64>{});
           clear(acc);
-          Tensor rA = thr.partition_fragment_A(sDAt);
-          Tensor rB = thr.partition_fragment_B(sQt);
-          Tensor sA_ = tLT_A.partition_S(sDAt);
-          Tensor rA_ = tLT_A.retile_D(rA);
-          Tensor sB_ = tLT_B.partition_S(sQt);
-          Tensor rB_ = tLT_B.retile_D(rB);
-          CUTE_UNROLL
-          for (int kk = 0; kk < C / 16; ++kk) {
-            if (kk > wi) {  // query blocks after the key block
-              copy(cpLT_A, sA_(_, _, kk), rA_(_, _, kk));
-              copy(cpLT_B, sB_(_, _, kk), rB_(_, _, kk));
-              CUTE_UNROLL
-              for (int nn = 0; nn < size<1>(rB); ++nn)
-                CUTE_UNROLL
-                for (int i = 0; i < size<0>(rB); ++i)
-                  rB(i, nn, kk) = T(float(rB(i, nn, kk)) * ex2(tBb(i, nn, kk) - tBR(i, nn, kk)));
-              gemm(mma, acc, rA(_, _, kk), rB(_, _, kk), acc);
-            }
-          }
+          // query blocks after the key block, q~ = q exp2(b_t - b_R)
+          gemm_smem<SM75_U16x8_LDSM_T, SM75_U16x8_LDSM_T, T>(mma, sDAt, sQt, acc, tid, wi + 1, C / 16,
+                                                            gate_b(tBb, tBR));
           Tensor tF = thr.partition_C(make_tensor(make_smem_ptr(sDK), lf));
           CUTE_UNROLL
           for (int i = 0; i < size(acc); i += 2)
