@@ -52,12 +52,12 @@ RECURRENT_FWD_AUTO_MAX_T = 16
 # one CTA per SM, with no segment splitting yet: with few CTAs the GPU idles. Measured on the
 # H100 (bf16, K = V = 128, 16K tokens): 128 CTAs 2.96 ms vs Triton 3.35; 64 CTAs 4.53 vs 3.19.
 CHUNK_BWD_AUTO_MIN_CTAS_PER_SM = 0.75
-# Head dims where the Triton kernels are faster (H100, bf16, gla-bench side by side, 2026-11-22):
-# the chunked forward at K = 256 (0.514 vs 1.279 ms at (8, 2048, 4, 256, 512): the compiled one
-# recomputes the scores per V tile); the chunked backward at K = 128 (2.525 vs 2.661 ms at
-# (8, 2048, 16, 128, 128)); at K = 64 the compiled backward is 2.3x faster (2.05 vs 4.79 ms).
-CHUNK_FWD_AUTO_MAX_K = 128
-CHUNK_BWD_AUTO_MAX_K = 64
+# Largest head dim K at which auto takes the compiled chunked kernel; above it the Triton one is
+# faster (H100, bf16, gla-bench side by side, 2026-11-22): forward at K = 256 0.525 vs 1.28 ms at
+# (8, 2048, 4, 256, 512) (the compiled one recomputes the scores per V tile); backward at K = 128
+# 1.763 vs 2.563 ms at (8, 2048, 16, 128, 128); at K = 64 the compiled backward is 1.6x faster
+# (2.037 vs 3.254 ms at (32, 2048, 16, 64, 64)).
+CHUNK_AUTO_MAX_K = {"chunk_fwd": 128, "chunk_bwd": 64}
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,13 +70,10 @@ def auto_skip_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]
     if op == "recurrent_fwd" and q.shape[0] * q.shape[1] > RECURRENT_FWD_AUTO_MAX_T * sequences:
         return (f"sequences average more than {RECURRENT_FWD_AUTO_MAX_T} tokens: the Triton "
                 "recurrent kernel is as fast or faster there (forcing cuda runs it)")
-    K = q.shape[-1]
-    if op == "chunk_fwd" and K > CHUNK_FWD_AUTO_MAX_K:
-        return (f"K={K}: the Triton chunked forward is faster above K={CHUNK_FWD_AUTO_MAX_K} "
-                "(forcing cuda runs it)")
-    if op == "chunk_bwd" and K > CHUNK_BWD_AUTO_MAX_K:
-        return (f"K={K}: the Triton chunked backward is faster above K={CHUNK_BWD_AUTO_MAX_K} "
-                "(forcing cuda runs it)")
+    K, max_k = q.shape[-1], CHUNK_AUTO_MAX_K.get(op)
+    if max_k is not None and K > max_k:
+        kind = "forward" if op == "chunk_fwd" else "backward"
+        return f"K={K}: the Triton chunked {kind} is faster above K={max_k} (forcing cuda runs it)"
     if op == "chunk_bwd":
         ctas = sequences * q.shape[2] * -(-v.shape[-1] // 64)
         sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
