@@ -277,8 +277,10 @@ KP = "KP"  # BK = the whole (power-of-two) K
 # launch variants whose numerics the full check also runs (on top of the defaults)
 CHECK_VARIANTS = [{"A": dict(SPAN=-1.0)},  # every chunk flagged: the exact hierarchy everywhere
                   {"A_exact": dict(REF=0), "dqk_exact": dict(REF=2)},
-                  {"o": dict(BV=64), "dv": dict(BV=64), "dqk": dict(BK=32, num_warps=4),
-                   "A": dict(SPAN=-1.0), "dqk_exact": dict(BK=32, num_warps=4, REF=1)}]
+                  # other tiles: the one-reference dq/dk on most cases, the exact one on the
+                  # -20 and mixed cases
+                  {"o": dict(BV=64), "dv": dict(BV=64), "dqk": dict(BK=64, num_warps=8),
+                   "dqk_exact": dict(BK=32, num_warps=4, REF=1)}]
 
 
 SWEEP = {
