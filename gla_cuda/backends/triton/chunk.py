@@ -68,8 +68,8 @@ plus the first scores launch, whose result is discarded.
 
 Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
 (8, 2048, 16, 128, 128): gate 0.12, A 0.19 (both launches; both kernels run in the forward and
-again in the backward), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg 1.03 (both
-launches; 1.74 with the exact hierarchy for every chunk).
+again in the backward), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg 0.77 (both
+launches; 1.50 with the exact hierarchy for every chunk).
 
 ``dg`` is chunk-local (no sequence-long cumulative sum):
 ``dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
@@ -549,6 +549,17 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
     mk = rmask[:, None] & kmask[None, :]
     p = rk[:, None] + kk[None, :]
 
+    # every load is issued before the inter-chunk products, so that their latencies
+    # overlap (0.79 instead of 0.96 ms at (8, 2048, 16, 128, 128) on the H100): q, k, g,
+    # dA strictly below the diagonal as a tile and its diagonal as a vector
+    bq = tl.load(q + p, mask=mk, other=0.)
+    bk = tl.load(k + p, mask=mk, other=0.)
+    graw = tl.load(g + p, mask=mk, other=0.)
+    dA += (t0 * H + hh) * C
+    a_tt = tl.load(dA + rows * (H * C) + rows, mask=rmask, other=0.)
+    dA = tl.load(dA + (rows * (H * C))[:, None] + cols[None, :],
+                 mask=rmask[:, None] & (rows[:, None] > cols[None, :]), other=0.)
+
     # inter-chunk parts: do h^T, v dh^T and rowsum(h * dh) over V
     dq_s = tl.zeros((C, BK), dtype=tl.float32)
     dk_s = tl.zeros((C, BK), dtype=tl.float32)
@@ -567,12 +578,11 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
         dq_s += _mm(bdo.to(DT), tl.trans(bh.to(DT)), IEEE)
         dk_s += _mm(bv.to(DT), tl.trans(bdh.to(DT)), IEEE)
         dgh += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), axis=1)
-
-    bq = tl.load(q + p, mask=mk, other=0.).to(tl.float32)
-    bk = tl.load(k + p, mask=mk, other=0.).to(tl.float32)
-    graw = tl.load(g + p, mask=mk, other=0.)
+    bq = bq.to(tl.float32)
+    bk = bk.to(tl.float32)
     b = tl.cumsum(graw.to(tl.float32), axis=0)
     gam = _row(b, rows, C - 1)
+
     bdq = dq_s * scale * tl.exp(b)
     bdk_inter = dk_s * tl.exp(tl.minimum(gam[None, :] - b, 0.))
     # exclusive prefix sum of k * dk_inter: the inclusive one, read one row up (exact: no
@@ -583,8 +593,6 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
                     tl.gather(cy, tl.broadcast_to(sh[:, None], (C, BK)), axis=0), 0.)
 
     # intra parts, off the diagonal: the hierarchy of reference rows (see the docstring)
-    dA = tl.load(dA + (t0 * H + hh) * C + (rows * (H * C))[:, None] + cols[None, :],
-                 mask=rmask[:, None], other=0.)
     bdk = tl.zeros((C, BK), dtype=tl.float32)
     if EXACT:
         for L in tl.static_range(0, LOG2_C):
@@ -597,9 +605,8 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
         # within exp(+-SPAN) (_A_kernel checked), so one tf32 product each
         er = tl.exp(b - _row(b, rows, C // 2)[None, :])
         rr = 1. / er
-        dAs = tl.where(rows[:, None] > cols[None, :], dA, 0.)
-        bdq += er * _mm_lvl(dAs, bk * rr, 0, DTL, IEEE, TF)
-        bdk += rr * _mm_lvl(tl.trans(dAs), bq * er, 0, DTL, IEEE, TF)
+        bdq += er * _mm_lvl(dA, bk * rr, 0, DTL, IEEE, TF)
+        bdk += rr * _mm_lvl(tl.trans(dA), bq * er, 0, DTL, IEEE, TF)
 
     # dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
     #        + exp(Gamma) * rowsum(S_in * dS_end)
@@ -607,7 +614,6 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
     # The diagonal (s == t) terms cancel exactly in q*dq - k*dk and are added afterwards.
     x = bq * bdq - bk * bdk
     bdg = tl.cumsum(x, axis=0, reverse=True) + y_ex + (tl.exp(gam) * dgh)[None, :]
-    a_tt = tl.sum(tl.where(rows[:, None] == cols[None, :], dA, 0.), axis=1)
     bdq += a_tt[:, None] * bk
     bdk += a_tt[:, None] * bq + bdk_inter
     tl.store(dq + p, bdq.to(dq.dtype.element_ty), mask=mk)
@@ -662,8 +668,9 @@ def _cfg(K, V):
     other kernels at their previous settings): the scores A in their own kernel (one
     reference row: K tiles of 32, 4 warps, 2 warps within 2%; the exact launch: K tiles of
     16, 2 warps, REF 2); o and dv as light products reading A (computing A inside them, in
-    registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles of 32 and 4 warps (one
-    reference row: 64 and 8 warps within 2%, 16 and 2 warps 0.4-0.6 ms slower) and, for the
+    registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles of 32, V tiles of 128 and 4
+    warps (one reference row: K tiles of 64 and 8 warps 0.14 ms slower, 8 warps or K tiles of
+    16 0.3-0.4 ms slower, V tiles of 64 0.02-0.07 ms slower) and, for the
     exact launch, K tiles of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower;
     REF 2 or 1 there: 0.3-2 ms slower); the state walks (reading gated operands) with
     64 x 64 tiles and 4 warps (K tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4
@@ -680,7 +687,7 @@ def _cfg(K, V):
         "o": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
         "dv": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
         "dA": dict(BV=min(vp, 64), num_warps=4, num_stages=2),
-        "dqk": dict(BK=min(kp, 32), BV=min(vp, 64), TF=4, num_warps=4, num_stages=2),
+        "dqk": dict(BK=min(kp, 32), BV=min(vp, 128), TF=4, num_warps=4, num_stages=2),
         "dqk_exact": dict(BK=min(kp, 64), BV=min(vp, 64), REF=0, TF=4, num_warps=8,
                           num_stages=2),
     }
