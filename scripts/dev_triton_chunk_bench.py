@@ -16,15 +16,16 @@ any timing taken while it runs is worthless (seen: 2-4x slower kernels).  --no-f
 ours only.
 
 Notes (H100 80GB HBM3, torch 2.11, triton 3.6, bf16, ms, fwd / fwd+bwd):
-  shape               | one kernel per chunk | A kernel + light o/dv | + gate kernel, A by sub-blocks | + one reference row | fla 0.6.0
-  8,2048,16,128,128   | 1.13 / 4.20          | 0.85 / 3.76           | 0.64 / 3.18                    | 0.56 / 2.32         | 0.83 / 3.52
-  2,8192,16,128,128   | 1.17 / 4.32          | 0.96 / 4.09           | 0.71 / 3.40                    | 0.63 / 2.53         | 1.05 / 3.83
-  32,2048,16,64,64    | 1.99 / 7.41          | 1.46 / 6.75           | 1.23 / 6.03                    | 1.05 / 4.36         | 1.60 / 6.37
-  8,2048,4,256,512    | 1.06 / 4.28          | 0.91 / 3.67           | 0.52 / 2.43                    | 0.49 / 1.97         | 0.69 / 2.99
-  (fla from a separate run.)  Per kernel at 8,2048,16,128,128 (last of ours): gate 0.12,
-  A 0.19 (both run in fwd and bwd), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg
-  1.03 (1.74 with the exact hierarchy: the column before).  fla: A 0.41 (two kernels),
-  h 0.15, o 0.19, cumsum 0.07, bwd intra 0.98 + inter 0.64.
+  shape               | one kernel per chunk | A kernel + light o/dv | + gate kernel, A by sub-blocks | + one reference row | + dq/dk loads first, gate in A | fla 0.6.0
+  8,2048,16,128,128   | 1.13 / 4.20          | 0.85 / 3.76           | 0.64 / 3.18                    | 0.56 / 2.32         | 0.50 / 2.04                    | 0.83 / 3.52
+  2,8192,16,128,128   | 1.17 / 4.32          | 0.96 / 4.09           | 0.71 / 3.40                    | 0.63 / 2.53         | 0.57 / 2.20                    | 1.05 / 3.83
+  32,2048,16,64,64    | 1.99 / 7.41          | 1.46 / 6.75           | 1.23 / 6.03                    | 1.05 / 4.36         | 0.93 / 3.84                    | 1.60 / 6.37
+  8,2048,4,256,512    | 1.06 / 4.28          | 0.91 / 3.67           | 0.52 / 2.43                    | 0.49 / 1.97         | 0.47 / 1.71                    | 0.69 / 2.99
+  (fla from a separate run; the last column with A's K tiles of 32, before they became 64:
+  forward+backward 0.02-0.07 ms less.)  Per kernel at 8,2048,16,128,128 (last of ours): A
+  with the gated operands 0.25 in fwd, 0.33 in bwd, h 0.09, o 0.13, dh 0.10, dv 0.13, dA
+  0.07, dq/dk/dg 0.77 (1.50 with the exact hierarchy).  fla: A 0.41 (two kernels), h 0.15,
+  o 0.19, cumsum 0.07, bwd intra 0.98 + inter 0.64.
   SWEEP_KEYS=A,dqk limits the sweep to those groups.
   Registers and spills without a GPU: triton.compile(ASTSource(fn=M._dqk_kernel, signature=...,
   constexprs=...), target=GPUTarget("cuda", 90, 32)) works on the CPU machine, and Triton's own
@@ -54,7 +55,8 @@ def _load(name, rel):
 
 
 R = _load("gla_ref", "gla_cuda/backends/reference.py")
-M = _load("gla_triton_chunk", "gla_cuda/backends/triton/chunk.py")
+# GLA_CHUNK=path: another version of the kernels (A/B runs against a saved copy)
+M = _load("gla_triton_chunk", os.environ.get("GLA_CHUNK", "gla_cuda/backends/triton/chunk.py"))
 T0 = time.time()
 
 
@@ -284,11 +286,8 @@ CHECK_VARIANTS = [{"A": dict(SPAN=-1.0)},  # every chunk flagged: the exact hier
 
 
 SWEEP = {
-    "A": ([0, 2, 3], "fwd", [
-        {"A": dict(BK=64)}, {"A": dict(BK=32, num_warps=2)}, {"A": dict(BK=16, num_warps=2)},
-    ]),
-    "gate": ([0, 2, 3], "fwd", [
-        {"gate": dict(BK=32)}, {"gate": dict(BK=KP)}, {"gate": dict(num_warps=8)},
+    "A": ([0, 2, 3], "fb", [
+        {"A": dict(BK=64)}, {"A": dict(BK=32, num_warps=8)}, {"A": dict(BK=16, num_warps=2)},
     ]),
     "dqk": ([0, 2, 3], "fb", [
         {"dqk": dict(num_stages=1)}, {"dqk": dict(BK=16, num_warps=2)}, {"dqk": dict(BV=128)},

@@ -14,20 +14,20 @@ over (chunk, head, tile), fully parallel.
 
 Kernels
 -------
-``_gate_kernel``  per (slot, K tile, head): the gated operands ``kd = k exp(Gamma - b)``
-                  and ``qx = q exp(b)`` (backward: ``scale q exp(b - b_0)``) and the
+``_A_kernel``     per (slot, head): the scaled intra-chunk scores ``A``, stored in the
+                  dtype the ``A v`` product rounds them to (the input dtype; float32
+                  for float32 inputs), and the flag ``exact[slot, head]`` (below).
+                  From the same loads, the gated operands ``kd = k exp(Gamma - b)`` and
+                  ``qx = q exp(b)`` (backward: ``scale q exp(b - b_0)``) and the
                   per-chunk decays ``exp(Gamma)`` (backward also ``exp(Gamma - b_0)``,
                   ``exp(b_0)``), so that no walk or light product scans the gates.
+                  Run by the forward and again by the backward.
 ``_h_kernel``     per (sequence, head, K tile, V tile): walks the chunks and stores
                   the state entering every chunk (``h``) and the final state.  Per
                   chunk it loads kd, v and the decay and does one MMA.
 ``_dh_kernel``    per (sequence, head, K tile, V tile): the reverse walk of the state
                   gradient; stores the gradient w.r.t. every chunk's final state
                   (``dh``) and ``dh0``.  Per chunk: qx, do, the decays and one MMA.
-``_A_kernel``     per (slot, head): the scaled intra-chunk scores ``A``, stored in the
-                  dtype the ``A v`` product rounds them to (the input dtype; float32
-                  for float32 inputs), and the flag ``exact[slot, head]`` (below).
-                  Run by the forward and again by the backward.
 ``_light_kernel`` per (slot, V tile, head): ``o = scale qx h + A v``, or (DV)
                   ``dv = kd dh + A^T do``.
 ``_dA_kernel``    per (slot, head): ``dA = scale * tril(do v^T)`` (float32).
@@ -67,9 +67,9 @@ hierarchy (the '+ gate kernel, A by sub-blocks' times in scripts/dev_triton_chun
 plus the first scores launch, whose result is discarded.
 
 Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
-(8, 2048, 16, 128, 128): gate 0.12, A 0.19 (both launches; both kernels run in the forward and
-again in the backward), h 0.09, o 0.13, dh 0.10, dv 0.13, dA 0.07, dq/dk/dg 0.77 (both
-launches; 1.50 with the exact hierarchy for every chunk).
+(8, 2048, 16, 128, 128): A with the gated operands 0.25 (forward; 0.33 in the backward, which
+also stores exp(Gamma - b_0), exp(b_0); both launches), h 0.09, o 0.13, dh 0.10, dv 0.13, dA
+0.07, dq/dk/dg 0.77 (both launches; 1.50 with the exact hierarchy for every chunk).
 
 ``dg`` is chunk-local (no sequence-long cumulative sum):
 ``dg_t = sum_{u >= t} (q dq - k dk_intra)_u + sum_{s < t} (k dk_inter)_s
@@ -236,7 +236,7 @@ def _h_kernel(kd, v, vec, h, h0, ht, cu, chunk_off, N, H, K, V,
               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr):
     # program id -> (sequence, head, K tile, V tile); the tiles of one (sequence, head)
     # are neighbours, so they run together and share kd/v through L2.  The gates were
-    # applied by _gate_kernel (kd = k exp(Gamma - b), vec[.., 0, :] = exp(Gamma)): the
+    # applied by _A_kernel (kd = k exp(Gamma - b), vec[.., 0, :] = exp(Gamma)): the
     # serial loop is loads and one MMA per chunk.
     NT = tl.cdiv(K, BK) * NV
     pid = tl.program_id(0)
@@ -281,7 +281,7 @@ def _dh_kernel(qx, do, vec, dh, dht, dh0, cu, chunk_off, N, H, K, V,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
     # qx = scale q exp(b - b_0) and vec[.., 1:3, :] = exp(Gamma - b_0), exp(b_0) from
-    # _gate_kernel: exp(b) relative to the chunk's first row, exp(b_0) applied in float32
+    # _A_kernel: exp(b) relative to the chunk's first row, exp(b_0) applied in float32
     # after the product: rounded to float16, a factor like exp(-20) would be flushed to
     # zero, and with strong gates it is all there is of dh0 (every factor is <= 1)
     NT = tl.cdiv(K, BK) * NV
@@ -329,58 +329,46 @@ def _dh_kernel(qx, do, vec, dh, dht, dh0, cu, chunk_off, N, H, K, V,
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _gate_kernel(q, k, g, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N, H, K,
-                 C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr):
-    """Per (slot, K tile, head): the gated operands of the state walks and light
-    products, so that none of them scans the gates: kd = k exp(Gamma - b);
-    qx = q exp(b) (o), or with BWD scale q exp(b - b_0) (dh);
-    vec[slot, head] = exp(Gamma), exp(Gamma - b_0), exp(b_0) (per channel, float32)."""
-    NKT = tl.cdiv(K, BK)
-    slot = (tl.program_id(0) // NKT).to(tl.int64)
-    kt = tl.program_id(0) % NKT
-    hh = tl.program_id(1).to(tl.int64)
-    n, t0, nrow = _slot_info(chunk_seq, chunk_off, cu, slot, N, C)
-    rows = tl.arange(0, C)
-    kk = kt * BK + tl.arange(0, BK)
-    kmask = kk < K
-    m = (rows < nrow)[:, None] & kmask[None, :]
-    p = (t0 * H + hh) * K + (rows * (H * K))[:, None] + kk[None, :]
-    bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
-    bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
-    b = tl.cumsum(tl.load(g + p, mask=m, other=0.).to(tl.float32), axis=0)
+def _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, kmask, vrow, nrow, scale, K,
+                 C: tl.constexpr, BWD: tl.constexpr):
+    """The gated operands of one K tile, so that no state walk or light product scans the
+    gates: kd = k exp(Gamma - b); qx = q exp(b) (o), or with BWD scale q exp(b - b_0)
+    (dh); vec[slot, head] = exp(Gamma), with BWD also exp(Gamma - b_0), exp(b_0) (per
+    channel, float32; vrow points at the slot's row; g0 = b_0, the first row's gates)."""
     gam = _row(b, rows, C - 1)
     tl.store(kd + p, (bk * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(kd.dtype.element_ty), mask=m)
-    vec += (slot * H + hh) * 3 * K + kk
     vm = kmask & (nrow > 0)
-    tl.store(vec, tl.exp(gam), mask=vm)
+    tl.store(vrow + kk, tl.exp(gam), mask=vm)
     if BWD:
-        b0 = _row(b, rows, 0)
+        b0 = g0.to(tl.float32)
         tl.store(qx + p, (bq * tl.exp(tl.minimum(b - b0[None, :], 0.)) * scale).to(qx.dtype.element_ty), mask=m)
-        tl.store(vec + K, tl.exp(gam - b0), mask=vm)
-        tl.store(vec + 2 * K, tl.exp(b0), mask=vm)
+        tl.store(vrow + K + kk, tl.exp(gam - b0), mask=vm)
+        tl.store(vrow + 2 * K + kk, tl.exp(b0), mask=vm)
     else:
         tl.store(qx + p, (bq * tl.exp(b)).to(qx.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK: tl.constexpr):
-    """Rows of one chunk, channels k0 .. k0 + BK: q and k in float32, g as stored."""
+    """Rows of one chunk, channels k0 .. k0 + BK: q and k in float32, g as stored, and
+    the tile's offsets, mask and channels."""
     kk = k0 + tl.arange(0, BK)
     m = rmask[:, None] & (kk < K)[None, :]
     p = base + roff[:, None] + kk[None, :]
     bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
     bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
-    return bq, bk, tl.load(g + p, mask=m, other=0.)
+    return bq, bk, tl.load(g + p, mask=m, other=0.), p, m, kk
 
 
 @triton.jit
-def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
+def _A_kernel(q, k, g, A, exact, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N, H, K,
               C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr,
-              TF: tl.constexpr, SPAN: tl.constexpr, EXACT: tl.constexpr):
+              TF: tl.constexpr, SPAN: tl.constexpr, EXACT: tl.constexpr, BWD: tl.constexpr):
     """Per (slot, head): the scaled intra-chunk scores A.
     EXACT 0: with the middle row r as the one reference of the chunk, A = (q exp(b - b_r))
     (k exp(b_r - b))^T, one tf32 product per K tile; a chunk with |b_t - b_r| > SPAN in
-    some channel (gates too strong for it) is flagged in exact[slot, head] instead.
+    some channel (gates too strong for it) is flagged in exact[slot, head] instead.  Every
+    chunk's gated operands (_gated_store) are written on the way, from the same loads.
     EXACT 1: only the flagged chunks, by the hierarchy of reference rows."""
     slot = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1).to(tl.int64)
@@ -396,9 +384,13 @@ def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
     if EXACT == 0:
         acc = tl.zeros((C, C), dtype=tl.float32)
         span = 0.
+        vrow = vec + (slot * H + hh) * 3 * K
         for k0 in range(0, K, BK):
-            bq, bk, graw = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
+            bq, bk, graw, p, m, kk = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
             b = tl.cumsum(graw.to(tl.float32), axis=0)
+            g0 = tl.load(g + base + kk, mask=(kk < K) & (nrow > 0), other=0.)
+            _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, kk < K, vrow, nrow, scale, K, C,
+                         BWD)
             d = b - _row(b, rows, C // 2)[None, :]
             span = tl.maximum(span, tl.max(tl.abs(d)))
             d = tl.minimum(tl.maximum(d, -SPAN), SPAN)  # finite even where flagged
@@ -411,7 +403,7 @@ def _A_kernel(q, k, g, A, exact, cu, chunk_seq, chunk_off, scale, N, H, K,
         acc = tl.zeros((C, C), dtype=tl.float32)
         acc3 = tl.zeros((C // 16, 16, 16), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            bq, bk, graw = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
+            bq, bk, graw, _, _, _ = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
             b = tl.cumsum(graw.to(tl.float32), axis=0)
             off, d3 = _intra_scores(bq, bk, b, graw, rows, cols, C, BK, DT, IEEE, REF, TF)
             acc += off
@@ -455,8 +447,8 @@ def _dA_kernel(v, do, dA, cu, chunk_seq, chunk_off, scale, N, H, V,
 def _light_kernel(x, y, A, out, s, cu, chunk_seq, chunk_off, scale, N, H, K, V,
                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
                   DV: tl.constexpr):
-    """One (slot, V tile, head) of a light product of the gated operands of _gate_kernel
-    and the scores A:
+    """One (slot, V tile, head) of a light product of the gated operands and the scores A
+    (both from _A_kernel):
     o  = scale (q exp(b)) h + A v          (x = qx, s = h, y = v), or with DV
     dv = (k exp(Gamma - b)) dh + A^T do    (x = kd, s = dh, y = do)."""
     NVT = tl.cdiv(V, BV)
@@ -665,9 +657,10 @@ def _cfg(K, V):
 
     Picked kernel by kernel from H100 sweeps (scripts/dev_triton_chunk_bench.py, bf16, the
     four DESIGN §3 shapes; each value was the best or tied of its sweep, measured with the
-    other kernels at their previous settings): the scores A in their own kernel (one
-    reference row: K tiles of 32, 4 warps, 2 warps within 2%; the exact launch: K tiles of
-    16, 2 warps, REF 2); o and dv as light products reading A (computing A inside them, in
+    other kernels at their previous settings): the scores A (and the gated operands) in
+    their own kernel (one reference row: K tiles of 64, 4 warps; forward+backward 0.02-0.07
+    ms slower with K tiles of 32, 0.07-0.23 with 8 warps; the exact launch: K tiles of 16,
+    2 warps, REF 2); o and dv as light products reading A (computing A inside them, in
     registers, was 0.2-0.5 ms slower); dq/dk/dg with K tiles of 32, V tiles of 128 and 4
     warps (one reference row: K tiles of 64 and 8 warps 0.14 ms slower, 8 warps or K tiles of
     16 0.3-0.4 ms slower, V tiles of 64 0.02-0.07 ms slower) and, for the
@@ -681,8 +674,7 @@ def _cfg(K, V):
     c = {
         "h": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
         "dh": dict(BK=min(kp, 64), BV=min(vp, 64), num_warps=4, num_stages=3),
-        "gate": dict(BK=min(kp, 64), num_warps=4, num_stages=1),
-        "A": dict(BK=min(kp, 32), TF=4, SPAN=SPAN, num_warps=4, num_stages=2),
+        "A": dict(BK=min(kp, 64), TF=4, SPAN=SPAN, num_warps=4, num_stages=2),
         "A_exact": dict(BK=16, REF=2, TF=4, num_warps=2, num_stages=2),
         "o": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
         "dv": dict(BK=min(kp, 64), BV=min(vp, 128), num_warps=4, num_stages=2),
@@ -717,7 +709,7 @@ def _states(kd, v, vec, h0, ht, meta, IEEE, c):
 
 
 def _prep(q, k, g, scale, meta, IEEE, cfg, bwd):
-    """The scores A (_A_kernel) and the gated operands (qx, kd, vec) of _gate_kernel."""
+    """The scores A, the exact flags and the gated operands (qx, kd, vec): _A_kernel."""
     B, T, H, K = q.shape
     # scaled scores in the dtype the A @ v products round them to, gated operands in the
     # dtype their products take (float32 for float32 inputs and in the interpreter)
@@ -726,18 +718,15 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, bwd):
     qx = torch.empty(q.shape, device=q.device, dtype=dt)
     kd = torch.empty(q.shape, device=q.device, dtype=dt)
     vec = torch.empty(meta.NC, H, 3, K, device=q.device, dtype=torch.float32)
-    c = cfg["gate"]
-    _gate_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
-        q, k, g, qx, kd, vec, meta.cu, meta.chunk_seq, meta.chunk_off, scale, meta.N, H, K,
-        C=C_CHUNK, BK=c["BK"], BWD=bwd, **_launch(c))
-    # the scores with one reference row per chunk, then the chunks flagged as too strongly
-    # gated for it (exact[slot, head] != 0) by the exact hierarchy
+    # the scores with one reference row per chunk (and the gated operands), then the chunks
+    # flagged as too strongly gated for it (exact[slot, head] != 0) by the exact hierarchy
     exact = torch.empty(meta.NC, H, device=q.device, dtype=torch.int8)
     for key in ("A", "A_exact"):
         c = cfg[key]
-        _A_kernel[(meta.NC, H)](q, k, g, A, exact, meta.cu, meta.chunk_seq, meta.chunk_off, scale,
-                                meta.N, H, K, C=C_CHUNK, BK=c["BK"], IEEE=IEEE, REF=c.get("REF", 0),
-                                TF=c["TF"], SPAN=c.get("SPAN", SPAN), EXACT=int(key == "A_exact"),
+        _A_kernel[(meta.NC, H)](q, k, g, A, exact, qx, kd, vec, meta.cu, meta.chunk_seq,
+                                meta.chunk_off, scale, meta.N, H, K, C=C_CHUNK, BK=c["BK"],
+                                IEEE=IEEE, REF=c.get("REF", 0), TF=c["TF"],
+                                SPAN=c.get("SPAN", SPAN), EXACT=int(key == "A_exact"), BWD=bwd,
                                 **_launch(c))
     return A, exact, qx, kd, vec
 
