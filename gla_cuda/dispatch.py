@@ -45,7 +45,8 @@ class Choice:
                  f"{self.backend or 'no backend can run these inputs'}"]
         for name in BACKENDS:
             why = self.reasons.get(name)
-            state = "runs" if name == self.backend else ("available" if why is None else why)
+            state = ("runs" if name == self.backend else "not evaluated" if name not in self.reasons
+                     else "available" if why is None else why)
             lines.append(f"  {name:<10} {state}")
         return "\n".join(lines)
 
@@ -60,29 +61,38 @@ def _reason(name, op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
     return module.unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens)
 
 
-def choose(op, q, k, v, g, initial_state=None, cu_seqlens=None, backend=None) -> Choice:
-    """Picks the backend for ``op`` on these inputs (shapes, dtypes and device only)."""
+def choose(op, q, k, v, g, initial_state=None, cu_seqlens=None, backend=None, full=True) -> Choice:
+    """Picks the backend for ``op`` on these inputs (shapes, dtypes and device only).
+    ``full=False`` (every op call) stops at the backend that runs: the later ones' reasons
+    are not evaluated (host time per call), and the report says so."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     requested = requested_backend(backend)
-    reasons = {name: _reason(name, op, q, k, v, g, initial_state, cu_seqlens) for name in BACKENDS}
-    if requested != "auto":
-        return Choice(op, requested, requested if reasons[requested] is None else None, reasons)
     order = BACKENDS if q.device.type == "cuda" else ("reference",)
+    reasons, chosen = {}, None
     for name in BACKENDS:
-        if name not in order and reasons[name] is None:
-            reasons[name] = f"not chosen automatically for {q.device.type} tensors"
-        elif reasons[name] is None:  # it can run; a backend may still leave these inputs to the next
-            skip = getattr(backend_module(name), "auto_skip_reason", None)
-            reasons[name] = skip and skip(op, q, k, v, g, initial_state, cu_seqlens)
-    chosen = next((name for name in order if reasons[name] is None), None)
+        if chosen is not None and not full:
+            break
+        if requested != "auto" and name != requested and not full:
+            continue
+        why = _reason(name, op, q, k, v, g, initial_state, cu_seqlens)
+        if requested == "auto" and why is None:
+            if name not in order:
+                why = f"not chosen automatically for {q.device.type} tensors"
+            else:  # it can run; a backend may still leave these inputs to the next
+                skip = getattr(backend_module(name), "auto_skip_reason", None)
+                why = skip and skip(op, q, k, v, g, initial_state, cu_seqlens)
+        reasons[name] = why
+        if why is None and chosen is None and (requested == "auto" or name == requested):
+            chosen = name
     return Choice(op, requested, chosen, reasons)
 
 
 def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
     """Runs ``op`` on the chosen backend; raises, saying why, if none can run."""
-    choice = choose(op, q, k, v, g, initial_state, cu_seqlens, backend)
+    choice = choose(op, q, k, v, g, initial_state, cu_seqlens, backend, full=False)
     if choice.backend is None:
+        choice = choose(op, q, k, v, g, initial_state, cu_seqlens, backend)
         raise RuntimeError(f"gla_cuda: cannot run {op} with backend {choice.requested!r}:\n{choice}")
     return getattr(backend_module(choice.backend), op)(q, k, v, g, *args)
 

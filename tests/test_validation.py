@@ -140,6 +140,22 @@ def test_auto_skip_leaves_inputs_to_the_next_backend(monkeypatch):
     assert gla_cuda.explain_backend(**ins, backend="reference").backend == "reference"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [None, "cuda", "triton", "reference"])
+@pytest.mark.parametrize("op", ["chunk_fwd", "chunk_bwd", "recurrent_fwd"])
+def test_per_call_choice_matches_the_full_one(device, backend, op):
+    """Op calls stop at the backend that runs (choose(full=False)); they pick what the full
+    report picks, and the report of such a choice marks the skipped backends."""
+    from gla_cuda import dispatch
+    ins = good(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    args = (op, ins["q"], ins["k"], ins["v"], ins["g"], ins.get("initial_state"), None, backend)
+    full, fast = dispatch.choose(*args), dispatch.choose(*args, full=False)
+    assert fast.backend == full.backend
+    assert all(fast.reasons[n] == full.reasons[n] for n in fast.reasons)
+    if fast.backend is not None and len(fast.reasons) < len(dispatch.BACKENDS):
+        assert "not evaluated" in str(fast)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 def test_auto_takes_the_compiled_backward_only_when_it_fills_the_gpu():
     """auto: the CUDA chunked backward when (sequence, head, V tile) CTAs fill most SMs,

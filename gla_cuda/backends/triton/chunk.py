@@ -85,6 +85,7 @@ Token indices are int32 inside the kernels (B*T < 2**31), addresses int64.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -622,23 +623,37 @@ class _Meta:
 
     def __init__(self, q, cu_seqlens, C=C_CHUNK):
         B, T = q.shape[0], q.shape[1]
-        dev = q.device
         if cu_seqlens is None:
-            N = B
-            NT = triton.cdiv(T, C)
-            self.cu = torch.arange(0, B + 1, device=dev, dtype=torch.int64) * T
-            self.chunk_off = torch.arange(0, B + 1, device=dev, dtype=torch.int64) * NT
-            NC = B * NT
-        else:
-            N = cu_seqlens.numel() - 1
-            self.cu = cu_seqlens.to(torch.int64)
-            lens = self.cu[1:] - self.cu[:-1]
-            nch = torch.div(lens + (C - 1), C, rounding_mode="floor")
-            self.chunk_off = torch.cat([self.cu.new_zeros(1), torch.cumsum(nch, 0)])
-            NC = T // C + N
-        slots = torch.arange(NC, device=dev, dtype=torch.int64)
-        self.chunk_seq = torch.searchsorted(self.chunk_off[1:].contiguous(), slots, right=True)
+            # the same for every call of a shape: built once (host time per call), except
+            # while a CUDA graph is captured (tensors made then live in the graph's pool)
+            capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+            make = _dense_meta.__wrapped__ if capturing else _dense_meta
+            self.cu, self.chunk_off, self.chunk_seq, self.N, self.NC = make(B, T, C, q.device)
+            return
+        dev = q.device
+        N = cu_seqlens.numel() - 1
+        self.cu = cu_seqlens.to(torch.int64)
+        lens = self.cu[1:] - self.cu[:-1]
+        nch = torch.div(lens + (C - 1), C, rounding_mode="floor")
+        self.chunk_off = torch.cat([self.cu.new_zeros(1), torch.cumsum(nch, 0)])
+        NC = T // C + N
+        self.chunk_seq = _chunk_seq(self.chunk_off, NC, dev)
         self.N, self.NC = N, NC
+
+
+def _chunk_seq(chunk_off, NC, dev):
+    """slot -> sequence, from the cumulative chunk counts."""
+    slots = torch.arange(NC, device=dev, dtype=torch.int64)
+    return torch.searchsorted(chunk_off[1:].contiguous(), slots, right=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_meta(B, T, C, dev):
+    """_Meta of a batch without cu_seqlens: boundaries 0, T, 2T, ... (never written to)."""
+    NT = triton.cdiv(T, C)
+    cu = torch.arange(0, B + 1, device=dev, dtype=torch.int64) * T
+    chunk_off = torch.arange(0, B + 1, device=dev, dtype=torch.int64) * NT
+    return cu, chunk_off, _chunk_seq(chunk_off, B * NT, dev), B, B * NT
 
 
 def _state_dtype(dtype):
