@@ -10,8 +10,9 @@ Each backend is first checked against the float64 reference on a small case, per
 Then, per shape: forward, forward+backward and backward alone, as the median of
 triton.testing.do_bench. The table gives ms, fla's time / ours and the best SDPA's time /
 ours (> 1: faster), the fraction of the memory floor reached (the bytes that must move,
-over the copy bandwidth measured in the same run) and the peak memory allocated by the
-call. decode times one recurrent step (T = 1) from a float32 state [B, H, K, V]; its floor
+over the copy bandwidth measured in the same run), the peak memory allocated by the
+call and (GPU) the host time per call, the mean of calls queued without syncing: "!" marks
+a time the host needs 90% of or more, i.e. launch overhead rather than kernels. decode times one recurrent step (T = 1) from a float32 state [B, H, K, V]; its floor
 is reading and writing that state once plus q, k, v, g and o.
 
 Candidates: ``auto`` (what a user gets), ``cuda``, ``triton``, ``reference`` (small sizes
@@ -203,18 +204,35 @@ def _peak(fn, device):
     return torch.cuda.max_memory_allocated() - base
 
 
+def _host_ms(fn, device, grad_to_none=(), calls=10):
+    """Host time of one call (CUDA only): the mean over calls queued without syncing. Where
+    it reaches the GPU time, the timing is host-bound (launch overhead, not kernels)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        for x in grad_to_none:
+            x.grad = None
+        fn()
+    ms = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    return ms
+
+
 def time_candidate(fn, shape, device, modes, dtype=torch.bfloat16):
-    """({mode: ms}, {mode: peak bytes}) for the training modes."""
+    """({mode: ms}, {mode: peak bytes}, {mode: host ms per call}) for the training modes."""
     B, T, H, K, V = shape
     q, k, v, g = make_inputs(B, T, H, K, V, device, dtype=dtype, requires_grad=True)
     leaves = [q, k, v, g]
-    res, peak = {}, {}
+    res, peak, host = {}, {}, {}
 
     def fwd():
         with torch.no_grad():
             fn(q, k, v, g)
     if "fwd" in modes:
         res["fwd"] = _bench(fwd, device)
+        host["fwd"] = _host_ms(fwd, device)
         peak["fwd"] = _peak(fwd, device)
     do = torch.randn(B, T, H, V, device=device, dtype=dtype)
 
@@ -223,14 +241,17 @@ def time_candidate(fn, shape, device, modes, dtype=torch.bfloat16):
         o.backward(do)
     if "fwdbwd" in modes:
         res["fwdbwd"] = _bench(fwdbwd, device, grad_to_none=leaves)
+        host["fwdbwd"] = _host_ms(fwdbwd, device, leaves)
         for x in leaves:
             x.grad = None
         peak["fwdbwd"] = _peak(fwdbwd, device)
     if "bwd" in modes:
         o, _ = fn(q, k, v, g)
-        res["bwd"] = _bench(lambda: o.backward(do, retain_graph=True), device, grad_to_none=leaves)
+        bwd = lambda: o.backward(do, retain_graph=True)  # noqa: E731
+        res["bwd"] = _bench(bwd, device, grad_to_none=leaves)
+        host["bwd"] = _host_ms(bwd, device, leaves)
         del o
-    return res, peak
+    return res, peak, host
 
 
 def time_decode(fn, shape, device, dtype=torch.bfloat16):
@@ -562,12 +583,17 @@ def derived(results, row):
 def _row_line(results, r, mode):
     d = derived(results, r)[mode]
     peak = (r.get("peak_bytes") or {}).get(mode)
+    host = (r.get("host_ms") or {}).get(mode)
+    # "!": the host needs at least 90% of the measured time per call, so the time is
+    # (nearly) host-bound and moves with host speed
+    bound = "!" if host is not None and host >= 0.9 * r["ms"][mode] else " "
     return (f"{r['backend']:<11} {mode:<7} {r['ms'][mode]:>9.3f} {_fmt(d['vs_fla'], '.2f'):>7} "
             f"{_fmt(d['vs_sdpa'], '.2f'):>8} {_fmt(d['floor'] and 100 * d['floor'], '.0f'):>7} "
-            f"{_fmt(peak and peak / 2**20, '.0f'):>9}")
+            f"{_fmt(peak and peak / 2**20, '.0f'):>9} {_fmt(host):>8}{bound}")
 
 
-HEADER = (f"{'backend':<11} {'mode':<7} {'ms':>9} {'vs fla':>7} {'vs SDPA':>8} {'floor %':>7} {'peak MiB':>9}")
+HEADER = (f"{'backend':<11} {'mode':<7} {'ms':>9} {'vs fla':>7} {'vs SDPA':>8} {'floor %':>7} {'peak MiB':>9} "
+          f"{'host ms':>8}")
 
 
 def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), decode_shapes=None,
@@ -639,8 +665,8 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
                     continue
                 t1 = time.perf_counter()
                 try:
-                    times, peak = time_candidate(usable[name], shape, device, usable_modes(name, device, train_modes),
-                                                 dtype)
+                    times, peak, host = time_candidate(usable[name], shape, device,
+                                                       usable_modes(name, device, train_modes), dtype)
                 except Exception as e:
                     log(f"{name:<11} failed: {_first_line(e)}")
                     bar.advance()
@@ -649,7 +675,7 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 row = {"shape": list(shape), "dtype": dname, "backend": name, "ms": times, "peak_bytes": peak,
-                       "seconds": time.perf_counter() - t1}
+                       "host_ms": host, "seconds": time.perf_counter() - t1}
                 results["rows"].append(row)
                 for mode in times:
                     log(_row_line(results, row, mode))
@@ -781,7 +807,7 @@ def _decode(dcands, decode_shapes, device, dtype, dname, results, log, bar, over
 
 
 CSV_COLUMNS = ("mode", "dtype", "B", "T", "H", "K", "V", "backend", "ms", "vs_fla", "vs_sdpa", "floor_fraction",
-               "peak_MiB")
+               "peak_MiB", "host_ms")
 
 
 def save(results, out_dir):
@@ -796,9 +822,10 @@ def save(results, out_dir):
         for r in results["rows"]:
             for mode, ms in r["ms"].items():
                 d, peak = r["derived"][mode], (r.get("peak_bytes") or {}).get(mode)
+                host = (r.get("host_ms") or {}).get(mode)
                 cells = [mode, r["dtype"], *r["shape"], r["backend"], f"{ms:.5g}"] + \
                         ["" if d[x] is None else f"{d[x]:.4g}" for x in ("vs_fla", "vs_sdpa", "floor")] + \
-                        ["" if peak is None else f"{peak / 2**20:.1f}"]
+                        ["" if peak is None else f"{peak / 2**20:.1f}", "" if host is None else f"{host:.4g}"]
                 f.write(",".join(map(str, cells)) + "\n")
     return [os.path.join(out_dir, n) for n in ("bench.json", "bench.csv")]
 
