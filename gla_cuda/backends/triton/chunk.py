@@ -330,7 +330,7 @@ def _dh_kernel(qx, do, vec, dh, dht, dh0, cu, chunk_off, N, H, K, V,
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, kmask, vrow, nrow, scale, K,
+def _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, vrow, nrow, scale, K,
                  C: tl.constexpr, BWD: tl.constexpr):
     """The gated operands of one K tile, so that no state walk or light product scans the
     gates: kd = k exp(Gamma - b); qx = q exp(b) (o), or with BWD scale q exp(b - b_0)
@@ -338,7 +338,7 @@ def _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, kmask, vrow, nrow, scale
     channel, float32; vrow points at the slot's row; g0 = b_0, the first row's gates)."""
     gam = _row(b, rows, C - 1)
     tl.store(kd + p, (bk * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(kd.dtype.element_ty), mask=m)
-    vm = kmask & (nrow > 0)
+    vm = (kk < K) & (nrow > 0)
     tl.store(vrow + kk, tl.exp(gam), mask=vm)
     if BWD:
         b0 = g0.to(tl.float32)
@@ -390,8 +390,7 @@ def _A_kernel(q, k, g, A, exact, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N
             bq, bk, graw, p, m, kk = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
             b = tl.cumsum(graw.to(tl.float32), axis=0)
             g0 = tl.load(g + base + kk, mask=(kk < K) & (nrow > 0), other=0.)
-            _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, kk < K, vrow, nrow, scale, K, C,
-                         BWD)
+            _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, vrow, nrow, scale, K, C, BWD)
             d = b - _row(b, rows, C // 2)[None, :]
             span = tl.maximum(span, tl.max(tl.abs(d)))
             d = tl.minimum(tl.maximum(d, -SPAN), SPAN)  # finite even where flagged
