@@ -12,8 +12,9 @@ triton.testing.do_bench. The table gives ms, fla's time / ours and the best SDPA
 ours (> 1: faster), the fraction of the memory floor reached (the bytes that must move,
 over the copy bandwidth measured in the same run), the peak memory allocated by the
 call and (GPU) the host time per call, the mean of calls queued without syncing: "!" marks
-a time the host needs 90% of or more, i.e. launch overhead rather than kernels. decode times one recurrent step (T = 1) from a float32 state [B, H, K, V]; its floor
-is reading and writing that state once plus q, k, v, g and o.
+a time the host needs 90% of or more, i.e. launch overhead rather than kernels. decode
+times one recurrent step (T = 1) from a float32 state [B, H, K, V]; its floor is reading
+and writing that state once plus q, k, v, g and o.
 
 Candidates: ``auto`` (what a user gets), ``cuda``, ``triton``, ``reference`` (small sizes
 only), ``fla`` when fla-core is importable, and SDPA flash / cuDNN (causal softmax
