@@ -684,9 +684,12 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
             if device == "cuda":
                 x = torch.empty(B, T, H, K, device=device, dtype=dtype)
                 picks = {op: dispatch.choose(op, x, x, x, x).backend for op in ("chunk_fwd", "chunk_bwd")}
+                saver = dispatch.saving_backend(x, x, x, x)
                 del x
+                train = (f"the {saver} forward keeping its intermediates for the backward" if saver
+                         else f"chunk_fwd on {picks['chunk_fwd']}")
                 log(f"auto ran chunk_fwd on {picks['chunk_fwd']}, chunk_bwd on {picks['chunk_bwd']}; "
-                    f"{time.perf_counter() - t0:.0f} s for this shape")
+                    f"fwd+bwd (training) ran {train}; {time.perf_counter() - t0:.0f} s for this shape")
             if out_dir:
                 save(results, out_dir)
         if out_dir:

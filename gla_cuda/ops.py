@@ -8,6 +8,15 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
     gla::chunk_bwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state,
                    Tensor? cu_seqlens, Tensor do, Tensor? dht, str backend)
         -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)
+    gla::chunk_fwd_train(<chunk_fwd's arguments>) -> (Tensor o, Tensor final_state, Tensor A,
+                   Tensor flags, Tensor qx, Tensor kd, Tensor decays, Tensor states)
+    gla::chunk_bwd_saved(<chunk_bwd's arguments but backend>, Tensor A, Tensor flags,
+                   Tensor qx, Tensor kd, Tensor decays, Tensor states) -> <chunk_bwd's outputs>
+        training (chunk_gla with gradients): where one backend runs both the forward and a
+        backward that can take the forward's intermediates (dispatch.saving_backend: the
+        Triton one), the forward keeps them (the scores, the exact flags, the gated operands, the per-chunk
+        decays and states: backends/triton/chunk.py, saved_like) instead of the backward
+        recomputing them; elsewhere they are empty [0] tensors and chunk_fwd runs.
     gla::recurrent_fwd / gla::recurrent_bwd: the same schemas, for the recurrent form.
     gla::recurrent_pool_fwd_(Tensor q, Tensor k, Tensor v, Tensor g, float scale,
                              Tensor(a!) state_pool, Tensor state_index, bool state_v_first,
@@ -41,10 +50,14 @@ _POOL_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor(a!) s
               "Tensor state_index, bool state_v_first")
 _FWD_OUT = "(Tensor o, Tensor final_state)"
 _BWD_OUT = "(Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)"
+# what a training forward keeps for its backward (chunk_fwd_train below)
+_SAVED = "Tensor A, Tensor flags, Tensor qx, Tensor kd, Tensor decays, Tensor states"
 
 SCHEMAS = {
     "chunk_fwd": f"({_FWD_ARGS}, str backend) -> {_FWD_OUT}",
     "chunk_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
+    "chunk_fwd_train": f"({_FWD_ARGS}, str backend) -> (Tensor o, Tensor final_state, {_SAVED})",
+    "chunk_bwd_saved": f"({_BWD_ARGS}, {_SAVED}) -> {_BWD_OUT}",
     "recurrent_fwd": f"({_FWD_ARGS}, str backend) -> {_FWD_OUT}",
     "recurrent_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
     "recurrent_pool_fwd_": f"({_POOL_ARGS}, str backend) -> Tensor",
@@ -96,6 +109,26 @@ def _pool_fake(q, k, v, g, scale, state_pool, state_index, state_v_first, backen
     return torch.empty_like(v)
 
 
+def _saved_like(saver, q, k, v, g, cu_seqlens):
+    """chunk_fwd_train's intermediates as empty tensors (shapes from saved_like of the
+    saving backend; six [0] tensors without one)."""
+    if saver is None:
+        return tuple(q.new_empty(0) for _ in range(6))
+    return dispatch.backend_module(saver).saved_like(q, k, v, g, cu_seqlens)
+
+
+@torch.library.register_fake("gla::chunk_fwd_train")
+def _fwd_train_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+    saver = dispatch.saving_backend(q, k, v, g, initial_state, cu_seqlens, backend)
+    return _fwd_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens) + \
+        _saved_like(saver, q, k, v, g, cu_seqlens)
+
+
+@torch.library.register_fake("gla::chunk_bwd_saved")
+def _bwd_saved_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, *saved):
+    return _bwd_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
+
+
 for _name in ("chunk_fwd", "recurrent_fwd", "cuda_chunk_fwd", "cuda_recurrent_fwd"):
     torch.library.register_fake(f"gla::{_name}")(_fwd_fake)
 for _name in ("chunk_bwd", "recurrent_bwd", "cuda_chunk_bwd", "cuda_recurrent_bwd"):
@@ -124,6 +157,26 @@ def _bwd_impl(op):
     return impl
 
 
+@torch.library.impl("gla::chunk_fwd_train", ("cpu", "cuda"))
+def _fwd_train_impl(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+    saver = dispatch.saving_backend(q, k, v, g, initial_state, cu_seqlens, backend)
+    if saver is None:
+        o, ht = _fwd_impl("chunk_fwd")(q, k, v, g, scale, initial_state, output_final_state,
+                                       cu_seqlens, backend)
+        return (o, ht) + _saved_like(None, q, k, v, g, cu_seqlens)
+    o, ht, saved = dispatch.backend_module(saver).chunk_fwd_saving(
+        q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return (o, _state_or_empty(ht if output_final_state else None, q)) + tuple(saved)
+
+
+@torch.library.impl("gla::chunk_bwd_saved", ("cpu", "cuda"))
+def _bwd_saved_impl(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, *saved):
+    # the intermediates are in the layout of the backend that saves them (the only one)
+    dq, dk, dv, dg, dh0 = dispatch.backend_module(dispatch.SAVING_BACKENDS[0]).chunk_bwd(
+        q, k, v, g, scale, initial_state, cu_seqlens, do, dht, saved=saved)
+    return dq, dk, dv, dg, _state_or_empty(dh0 if initial_state is not None else None, q)
+
+
 @torch.library.impl("gla::recurrent_pool_fwd_", ("cpu", "cuda"))
 def _pool_impl(q, k, v, g, scale, state_pool, state_index, state_v_first, backend):
     # the pool stands in for initial_state when a backend checks what it can run
@@ -142,26 +195,30 @@ for _op in ("chunk", "recurrent"):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend = inputs
-    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
+    # output[2:]: chunk_fwd_train's intermediates (none for the other forwards)
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, *output[2:])
     ctx.scale, ctx.backend = scale, backend
 
 
 def _backward(bwd_op):
-    def backward(ctx, do, dht):
-        q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
+    def backward(ctx, do, dht, *unused):
+        q, k, v, g, initial_state, cu_seqlens, *saved = ctx.saved_tensors
         if dht is not None and dht.numel() == 0:
             dht = None  # the final state was not asked for
-        dq, dk, dv, dg, dh0 = bwd_op(q, k, v, g, ctx.scale, initial_state, cu_seqlens,
-                                     do.contiguous(), None if dht is None else dht.contiguous(),
-                                     ctx.backend)
+        args = (q, k, v, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
+                None if dht is None else dht.contiguous())
+        if saved and saved[0].dim() > 1:  # not the [0] placeholders: intermediates were kept
+            dq, dk, dv, dg, dh0 = torch.ops.gla.chunk_bwd_saved(*args, *saved)
+        else:
+            dq, dk, dv, dg, dh0 = bwd_op(*args, ctx.backend)
         return dq, dk, dv, dg, None, dh0 if initial_state is not None else None, None, None, None
     return backward
 
 
-torch.library.register_autograd("gla::chunk_fwd", _backward(torch.ops.gla.chunk_bwd),
-                                setup_context=_setup_context)
-torch.library.register_autograd("gla::recurrent_fwd", _backward(torch.ops.gla.recurrent_bwd),
-                                setup_context=_setup_context)
+for _fwd, _bwd in (("chunk_fwd", "chunk_bwd"), ("chunk_fwd_train", "chunk_bwd"),
+                   ("recurrent_fwd", "recurrent_bwd")):
+    torch.library.register_autograd(f"gla::{_fwd}", _backward(getattr(torch.ops.gla, _bwd)),
+                                    setup_context=_setup_context)
 
 
 # ============================================================================

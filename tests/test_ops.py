@@ -1,4 +1,6 @@
 """The torch.ops.gla operators: opcheck, gradcheck and torch.compile."""
+import functools
+
 import pytest
 import torch
 
@@ -28,6 +30,48 @@ def test_opcheck(device, mode, with_h0, varlen):
     do = torch.randn_like(v)
     dht = torch.randn(2, 2, 16, 8, device=device)
     torch.library.opcheck(getattr(torch.ops.gla, f"{mode}_bwd"), (q, k, v, g, scale, h0, cu, do, dht, backend))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("varlen", [True, False])
+def test_opcheck_training_ops(device, backend, varlen):
+    """chunk_fwd_train keeps the forward's intermediates where the backward that runs can
+    take them (Triton), else returns [0] placeholders; chunk_bwd_saved takes them."""
+    cu = torch.tensor([0, 3, 70], dtype=torch.int32, device=device) if varlen else None
+    ins = make_inputs(1 if varlen else 2, 70, 2, 16, 8, device=device, h0=True, N=2)
+    skip_unless_runs("chunk_bwd", backend, ins, cu)
+    for x in ins.values():
+        x.requires_grad_()
+    args = _op_args(ins, True, cu, backend)
+    torch.library.opcheck(torch.ops.gla.chunk_fwd_train, args)
+    q, k, v, g, scale, h0, _, cu, _ = detached = [a.detach() if isinstance(a, torch.Tensor) else a
+                                                   for a in args]
+    saved = torch.ops.gla.chunk_fwd_train(*detached)[2:]
+    assert all(x.dim() > 1 for x in saved) if backend == "triton" else all(x.numel() == 0 for x in saved)
+    if backend == "triton":
+        bwd_args = (q, k, v, g, scale, h0, cu, torch.randn_like(v), torch.randn_like(h0)) + tuple(saved)
+        torch.library.opcheck(torch.ops.gla.chunk_bwd_saved, bwd_args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", ["normal", "mixed"])
+def test_training_forward_saves_what_the_backward_recomputes(device, gate):
+    """The outputs and gradients through chunk_fwd_train (intermediates kept) equal,
+    bitwise, those through chunk_fwd (the backward recomputes them): same kernels on the
+    same inputs."""
+    cu = torch.tensor([0, 5, 130, 200], dtype=torch.int32, device=device)
+    ins = make_inputs(1, 200, 2, 32, 24, dtype=torch.bfloat16, device=device, h0=True, N=3, gate=gate)
+    do, dht = torch.randn_like(ins["v"]), torch.randn_like(ins["initial_state"])
+    results = []
+    for op in (torch.ops.gla.chunk_fwd_train, torch.ops.gla.chunk_fwd):
+        leaves = [ins[n].clone().requires_grad_() for n in ("q", "k", "v", "g", "initial_state")]
+        o, ht = op(*leaves[:4], 0.2, leaves[4], True, cu, "triton")[:2]
+        torch.autograd.backward([o, ht], [do, dht])
+        results.append([o, ht] + [x.grad for x in leaves])
+    (o1, ht1, *grads1), (o2, ht2, *grads2) = results
+    for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dh0"), [o1, ht1] + grads1, [o2, ht2] + grads2):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
@@ -63,8 +107,8 @@ def test_gradcheck_float64(mode, varlen):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
 
 
-def _loss(q, k, v, g, h0):
-    o, ht = gla_cuda.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+def _loss(q, k, v, g, h0, backend="auto"):
+    o, ht = gla_cuda.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
     return (o.float() ** 2).sum() + ht.sum()
 
 
@@ -78,14 +122,19 @@ def _grads(loss_fn, ins):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_compile_fullgraph(device, dynamic):
-    """Forward and backward compile with no graph break and match eager, also over T."""
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compile_fullgraph(device, dynamic, backend):
+    """Forward and backward compile with no graph break and match eager, also over T (the
+    Triton backend: the training forward's intermediates pass through the graph)."""
+    if device == "cpu" and backend == "triton" and dynamic:
+        pytest.skip("slow under the Triton interpreter; the GPU run covers it")
     torch._dynamo.reset()
-    compiled = torch.compile(_loss, fullgraph=True, dynamic=dynamic)
+    loss = functools.partial(_loss, backend=backend)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for T in (40, 70, 100) if dynamic else (70,):
         ins = make_inputs(2, T, 2, 64, 64, dtype=dtype, device=device, h0=True)
-        for a, b in zip(_grads(compiled, ins), _grads(_loss, ins)):
+        for a, b in zip(_grads(compiled, ins), _grads(loss, ins)):
             assert rel_err(a, b) <= TOL[dtype]
 
 

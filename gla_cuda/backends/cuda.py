@@ -10,6 +10,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake  # fake tensors (torch.compile) have no address
 
 from gla_cuda import ops  # noqa: F401  (defines the schemas the extension implements)
 
@@ -36,11 +37,24 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
     if q.dtype not in _DTYPE_NAMES or g.dtype not in _DTYPE_NAMES:
         return f"dtype {q.dtype} is not supported"
     tensors = (q, k, v, g, initial_state)
-    if any(x is not None and x.data_ptr() % 16 for x in tensors):
+    if any(x is not None and not is_fake(x) and x.data_ptr() % 16 for x in tensors):
         return "the kernels need 16-byte aligned tensors (a view with an odd offset is not)"
-    major, minor = torch.cuda.get_device_capability(q.device)
-    return _C.unsupported(op, q.shape[1], q.shape[-1], v.shape[-1], _DTYPE_NAMES[q.dtype],
-                          _DTYPE_NAMES[g.dtype], major, minor)
+    args = (op, q.shape[1], q.shape[-1], v.shape[-1], _DTYPE_NAMES[q.dtype], _DTYPE_NAMES[g.dtype],
+            _device_index(q.device))
+    if all(isinstance(x, int) for x in args[1:4]):
+        return _kernel_reason(*args)  # memoized: host time per call
+    return _kernel_reason.__wrapped__(*args)  # symbolic sizes (torch.compile): not hashable
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_reason(op, T, K, V, dtype, g_dtype, device_index):
+    """What the extension says of a kernel for these sizes on this GPU (sizes and names only)."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return _C.unsupported(op, T, K, V, dtype, g_dtype, major, minor)
+
+
+def _device_index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 # The recurrent forward keeps one (sequence, head, V tile) per CTA walking every token: made
@@ -76,7 +90,7 @@ def auto_skip_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]
         return f"K={K}: the Triton chunked {kind} is faster above K={max_k} (forcing cuda runs it)"
     if op == "chunk_bwd":
         ctas = sequences * q.shape[2] * -(-v.shape[-1] // 64)
-        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        sms = _num_sms(_device_index(q.device))
         if ctas < CHUNK_BWD_AUTO_MIN_CTAS_PER_SM * sms:
             return (f"{ctas} (sequence, head, V tile) CTAs for {sms} SMs: the compiled backward does not "
                     "split long sequences yet, the Triton one is faster here (forcing cuda runs it)")

@@ -18,10 +18,12 @@ Kernels
                   dtype the ``A v`` product rounds them to (the input dtype; float32
                   for float32 inputs), and the flag ``exact[slot, head]`` (below).
                   From the same loads, the gated operands ``kd = k exp(Gamma - b)`` and
-                  ``qx = q exp(b)`` (backward: ``scale q exp(b - b_0)``) and the
-                  per-chunk decays ``exp(Gamma)`` (backward also ``exp(Gamma - b_0)``,
-                  ``exp(b_0)``), so that no walk or light product scans the gates.
-                  Run by the forward and again by the backward.
+                  ``qx = q exp(b)`` (forward) and/or ``scale q exp(b - b_0)`` (backward)
+                  and the per-chunk decays ``exp(Gamma)`` (backward also
+                  ``exp(Gamma - b_0)``, ``exp(b_0)``), so that no walk or light product
+                  scans the gates.  Run by the forward and again by the backward, unless
+                  the forward kept the backward's set with the states (training:
+                  chunk_fwd_saving).
 ``_h_kernel``     per (sequence, head, K tile, V tile): walks the chunks and stores
                   the state entering every chunk (``h``) and the final state.  Per
                   chunk it loads kd, v and the decay and does one MMA.
@@ -330,22 +332,23 @@ def _dh_kernel(qx, do, vec, dh, dht, dh0, cu, chunk_off, N, H, K, V,
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, vrow, nrow, scale, K,
-                 C: tl.constexpr, BWD: tl.constexpr):
+def _gated_store(bq, bk, b, g0, rows, qx, qxb, kd, p, m, kk, vrow, nrow, scale, K,
+                 C: tl.constexpr, FWD: tl.constexpr, BWD: tl.constexpr):
     """The gated operands of one K tile, so that no state walk or light product scans the
-    gates: kd = k exp(Gamma - b); qx = q exp(b) (o), or with BWD scale q exp(b - b_0)
-    (dh); vec[slot, head] = exp(Gamma), with BWD also exp(Gamma - b_0), exp(b_0) (per
-    channel, float32; vrow points at the slot's row; g0 = b_0, the first row's gates)."""
+    gates: kd = k exp(Gamma - b); with FWD qx = q exp(b) (o); with BWD qxb = scale q
+    exp(b - b_0) (dh); vec[slot, head] = exp(Gamma), with BWD also exp(Gamma - b_0),
+    exp(b_0) (per channel, float32; vrow points at the slot's row; g0 = b_0, the first
+    row's gates)."""
     gam = _row(b, rows, C - 1)
     tl.store(kd + p, (bk * tl.exp(tl.minimum(gam[None, :] - b, 0.))).to(kd.dtype.element_ty), mask=m)
     vm = (kk < K) & (nrow > 0)
     tl.store(vrow + kk, tl.exp(gam), mask=vm)
     if BWD:
         b0 = g0.to(tl.float32)
-        tl.store(qx + p, (bq * tl.exp(tl.minimum(b - b0[None, :], 0.)) * scale).to(qx.dtype.element_ty), mask=m)
+        tl.store(qxb + p, (bq * tl.exp(tl.minimum(b - b0[None, :], 0.)) * scale).to(qxb.dtype.element_ty), mask=m)
         tl.store(vrow + K + kk, tl.exp(gam - b0), mask=vm)
         tl.store(vrow + 2 * K + kk, tl.exp(b0), mask=vm)
-    else:
+    if FWD:
         tl.store(qx + p, (bq * tl.exp(b)).to(qx.dtype.element_ty), mask=m)
 
 
@@ -362,9 +365,10 @@ def _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK: tl.constexpr):
 
 
 @triton.jit
-def _A_kernel(q, k, g, A, exact, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N, H, K,
+def _A_kernel(q, k, g, A, exact, qx, qxb, kd, vec, cu, chunk_seq, chunk_off, scale, N, H, K,
               C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, REF: tl.constexpr,
-              TF: tl.constexpr, SPAN: tl.constexpr, EXACT: tl.constexpr, BWD: tl.constexpr):
+              TF: tl.constexpr, SPAN: tl.constexpr, EXACT: tl.constexpr, FWD: tl.constexpr,
+              BWD: tl.constexpr):
     """Per (slot, head): the scaled intra-chunk scores A.
     EXACT 0: with the middle row r as the one reference of the chunk, A = (q exp(b - b_r))
     (k exp(b_r - b))^T, one tf32 product per K tile; a chunk with |b_t - b_r| > SPAN in
@@ -390,7 +394,8 @@ def _A_kernel(q, k, g, A, exact, qx, kd, vec, cu, chunk_seq, chunk_off, scale, N
             bq, bk, graw, p, m, kk = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
             b = tl.cumsum(graw.to(tl.float32), axis=0)
             g0 = tl.load(g + base + kk, mask=(kk < K) & (nrow > 0), other=0.)
-            _gated_store(bq, bk, b, g0, rows, qx, kd, p, m, kk, vrow, nrow, scale, K, C, BWD)
+            _gated_store(bq, bk, b, g0, rows, qx, qxb, kd, p, m, kk, vrow, nrow, scale, K, C,
+                         FWD, BWD)
             d = b - _row(b, rows, C // 2)[None, :]
             span = tl.maximum(span, tl.max(tl.abs(d)))
             d = tl.minimum(tl.maximum(d, -SPAN), SPAN)  # finite even where flagged
@@ -722,14 +727,16 @@ def _states(kd, v, vec, h0, ht, meta, IEEE, c):
     return h
 
 
-def _prep(q, k, g, scale, meta, IEEE, cfg, bwd):
-    """The scores A, the exact flags and the gated operands (qx, kd, vec): _A_kernel."""
+def _prep(q, k, g, scale, meta, IEEE, cfg, fwd, bwd):
+    """The scores A, the exact flags and the gated operands (_A_kernel): kd, the decays
+    vec, and qx for the forward's o (fwd) and/or qxb for the backward's dh walk (bwd)."""
     B, T, H, K = q.shape
     # scaled scores in the dtype the A @ v products round them to, gated operands in the
     # dtype their products take (float32 for float32 inputs and in the interpreter)
     dt = torch.float32 if IEEE else q.dtype
     A = torch.empty(B * T, H, C_CHUNK, device=q.device, dtype=dt)
-    qx = torch.empty(q.shape, device=q.device, dtype=dt)
+    qx = torch.empty(q.shape, device=q.device, dtype=dt) if fwd else None
+    qxb = torch.empty(q.shape, device=q.device, dtype=dt) if bwd else None
     kd = torch.empty(q.shape, device=q.device, dtype=dt)
     vec = torch.empty(meta.NC, H, 3, K, device=q.device, dtype=torch.float32)
     # the scores with one reference row per chunk (and the gated operands), then the chunks
@@ -737,15 +744,34 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, bwd):
     exact = torch.empty(meta.NC, H, device=q.device, dtype=torch.int8)
     for key in ("A", "A_exact"):
         c = cfg[key]
-        _A_kernel[(meta.NC, H)](q, k, g, A, exact, qx, kd, vec, meta.cu, meta.chunk_seq,
-                                meta.chunk_off, scale, meta.N, H, K, C=C_CHUNK, BK=c["BK"],
-                                IEEE=IEEE, REF=c.get("REF", 0), TF=c["TF"],
-                                SPAN=c.get("SPAN", SPAN), EXACT=int(key == "A_exact"), BWD=bwd,
-                                **_launch(c))
-    return A, exact, qx, kd, vec
+        _A_kernel[(meta.NC, H)](q, k, g, A, exact, qx if fwd else qxb, qxb if bwd else qx, kd, vec,
+                                meta.cu, meta.chunk_seq, meta.chunk_off, scale, meta.N, H, K,
+                                C=C_CHUNK, BK=c["BK"], IEEE=IEEE, REF=c.get("REF", 0), TF=c["TF"],
+                                SPAN=c.get("SPAN", SPAN), EXACT=int(key == "A_exact"), FWD=fwd,
+                                BWD=bwd, **_launch(c))
+    return A, exact, qx, qxb, kd, vec
 
 
-def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+def _num_slots(q, cu_seqlens):
+    """Chunk slots of the packed batch (_Meta.NC), from shapes alone."""
+    B, T = q.shape[0], q.shape[1]
+    return B * triton.cdiv(T, C_CHUNK) if cu_seqlens is None else T // C_CHUNK + cu_seqlens.shape[0] - 1
+
+
+def saved_like(q, k, v, g, cu_seqlens):
+    """Empty tensors shaped like what chunk_fwd_saving keeps for chunk_bwd (works on fake
+    tensors): the scores A, the exact flags, the backward's gated operands qx and kd, the
+    per-chunk decays and the state entering every chunk."""
+    B, T, H, K = q.shape
+    NC, V = _num_slots(q, cu_seqlens), v.shape[-1]
+    dt = torch.float32 if _ieee(q.dtype) else q.dtype
+    return (q.new_empty(B * T, H, C_CHUNK, dtype=dt), q.new_empty(NC, H, dtype=torch.int8),
+            q.new_empty(q.shape, dtype=dt), q.new_empty(q.shape, dtype=dt),
+            q.new_empty(NC, H, 3, K, dtype=torch.float32),
+            q.new_empty(NC, H, K, V, dtype=_state_dtype(v.dtype)))
+
+
+def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save):
     B, T, H, K = q.shape
     V = v.shape[-1]
     IEEE = _ieee(q.dtype)
@@ -753,23 +779,34 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
     N = meta.N
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    if N == 0 or H == 0:
-        return o, ht
-    if meta.NC == 0:  # every sequence is empty
-        if ht is not None:
+    if N == 0 or H == 0 or meta.NC == 0:
+        if ht is not None:  # every sequence is empty
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
-        return o, ht
+        return o, ht, saved_like(q, k, v, g, cu_seqlens)
     cfg = _cfg(K, V)
-    A, _, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=False)
+    # saving: the backward's operand qxb too, from the same loads
+    A, exact, qx, qxb, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, fwd=True, bwd=save)
     h = _states(kd, v, vec, initial_state, ht, meta, IEEE, cfg["h"])
     c = cfg["o"]
     _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
         qx, v, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
         C=C_CHUNK, BK=c["BK"], BV=c["BV"], IEEE=IEEE, DV=False, **_launch(c))
+    return o, ht, (A, exact, qxb, kd, vec, h)
+
+
+def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    o, ht, _ = _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save=False)
     return o, ht
 
 
-def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """chunk_fwd for training: also returns what chunk_bwd would otherwise recompute
+    (saved_like's list), so that the backward skips the scores and state launches."""
+    return _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save=True)
+
+
+def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, saved=None):
+    """The gradients; saved: chunk_fwd_saving's intermediates (else recomputed here)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = C_CHUNK
@@ -788,10 +825,12 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
             dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         return dq, dk, dv, dg, dh0
     cfg = _cfg(K, V)
-    # scores, gated operands and states entering every chunk (recomputed, never saved
-    # by the forward)
-    A, exact, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, bwd=True)
-    h = _states(kd, v, vec, initial_state, None, meta, IEEE, cfg["h"])
+    # scores, gated operands and states entering every chunk
+    if saved is not None:
+        A, exact, qx, kd, vec, h = saved
+    else:
+        A, exact, _, qx, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, fwd=False, bwd=True)
+        h = _states(kd, v, vec, initial_state, None, meta, IEEE, cfg["h"])
     # gradient w.r.t. every chunk's final state
     dhb = torch.empty(meta.NC, H, K, V, device=q.device, dtype=h.dtype)
     c = cfg["dh"]
