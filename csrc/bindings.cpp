@@ -44,9 +44,13 @@ void check_cuda_contiguous(const at::Tensor& x, const char* name, const at::Devi
   TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
 }
 
-void poison(std::initializer_list<at::Tensor*> outs) {  // tests: any element a kernel misses stays NaN
+// tests: any element a kernel misses stays NaN (-1 in integer flags, which are 0 or 1)
+void poison(std::initializer_list<at::Tensor*> outs) {
   if (std::getenv("GLA_DEBUG_POISON") == nullptr) return;
-  for (at::Tensor* x : outs) x->fill_(std::numeric_limits<float>::quiet_NaN());
+  for (at::Tensor* x : outs) {
+    if (x->is_floating_point()) x->fill_(std::numeric_limits<float>::quiet_NaN());
+    else x->fill_(-1);
+  }
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -90,10 +94,13 @@ std::pair<int, int> chunk_params(Params& p, const at::Tensor& q, const at::Tenso
   return {sm_major, sm_minor};
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
+// The fused chunked forward; `kept` (training): also the Triton backward's intermediates
+// (FwdParams::save_*), allocated here for num_slots chunk slots.
+std::tuple<at::Tensor, at::Tensor> chunk_fwd_call(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
     double scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
-    const std::optional<at::Tensor>& cu_seqlens) {
+    const std::optional<at::Tensor>& cu_seqlens, std::vector<at::Tensor>* kept,
+    const at::Tensor* chunk_off, int64_t num_slots) {
   const auto device = q.device();
   check_inputs(q, k, v, g, "cuda_chunk_fwd");
   c10::cuda::CUDAGuard guard(device);
@@ -115,9 +122,49 @@ std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
   if (const char* why = chunk_fwd_unsupported(p, sm_major, sm_minor))
     TORCH_CHECK(false, "cuda_chunk_fwd: ", why);
   poison({&o, &ht});
+  if (kept != nullptr) {
+    check_cuda_contiguous(*chunk_off, "chunk_off", device);
+    TORCH_CHECK(chunk_off->scalar_type() == at::kLong && chunk_off->numel() == p.N + 1,
+                "cuda_chunk_fwd_saving: chunk_off must be int64 [N + 1]");
+    TORCH_CHECK(num_slots >= 0, "cuda_chunk_fwd_saving: num_slots must be >= 0");
+    const auto f32 = q.options().dtype(at::kFloat);
+    const auto state = q.scalar_type() == at::kBFloat16 ? q.options() : f32;
+    *kept = {at::empty({int64_t(p.B) * p.T, p.H, 64}, q.options()),
+             at::empty({num_slots, p.H}, q.options().dtype(at::kChar)),
+             at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()),
+             at::empty({num_slots, p.H, 3, p.K}, f32),
+             at::empty({num_slots, p.H, p.K, p.V}, state)};
+    for (at::Tensor& x : *kept) poison({&x});
+    p.chunk_off = chunk_off->data_ptr<int64_t>();
+    p.save_a = (*kept)[0].data_ptr();
+    p.save_flags = (*kept)[1].data_ptr<int8_t>();
+    p.save_qx = (*kept)[2].data_ptr();
+    p.save_kd = (*kept)[3].data_ptr();
+    p.save_decay = (*kept)[4].data_ptr<float>();
+    p.save_h = (*kept)[5].data_ptr();
+  }
   if (p.B * p.T > 0 || output_final_state)
     check_launch(chunk_fwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_fwd");
   return {o, ht};
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_chunk_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    double scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  return chunk_fwd_call(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                        nullptr, nullptr, 0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cuda_chunk_fwd_saving(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                      double scale, const std::optional<at::Tensor>& initial_state,
+                      bool output_final_state, const std::optional<at::Tensor>& cu_seqlens,
+                      const at::Tensor& chunk_off, int64_t num_slots) {
+  std::vector<at::Tensor> kept;
+  auto [o, ht] = chunk_fwd_call(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                                &kept, &chunk_off, num_slots);
+  return {o, ht, kept[0], kept[1], kept[2], kept[3], kept[4], kept[5]};
 }
 
 // The fused chunked backward: a state walk into a float32 workspace, then the reverse kernel.
@@ -331,6 +378,7 @@ std::optional<std::string> unsupported(const std::string& op, int T, int K, int 
 
 TORCH_LIBRARY_IMPL(gla, CUDA, m) {
   m.impl("cuda_chunk_fwd", &gla::cuda_chunk_fwd);
+  m.impl("cuda_chunk_fwd_saving", &gla::cuda_chunk_fwd_saving);
   m.impl("cuda_chunk_bwd", &gla::cuda_chunk_bwd);
   m.impl("cuda_recurrent_fwd", &gla::cuda_recurrent_fwd);
   m.impl("cuda_recurrent_bwd", &gla::cuda_recurrent_bwd);

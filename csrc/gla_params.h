@@ -26,6 +26,17 @@ struct FwdParams {
   DType dtype;                // of q, k, v, o
   DType g_dtype;              // kFloat32 or dtype
   int num_sms;                // of the current device
+  // Training: what the Triton backward would recompute, in its layout (gla_cuda/backends/
+  // triton/chunk.py, saved_like; nullptr save_a: nothing is kept). Chunk c of sequence n
+  // is slot chunk_off[n] + c.
+  const int64_t* chunk_off;   // [N + 1]
+  void* save_a;               // [B * T, H, 64] input dtype: scale * tril(intra-chunk scores)
+  int8_t* save_flags;         // [slots, H]: 1 where some |b_t - b_32| > 40 nats (exact path)
+  void* save_qx;              // like q: scale q exp(b - b_0)
+  void* save_kd;              // like k: k exp(Gamma - b)
+  float* save_decay;          // [slots, H, 3, K]: exp(Gamma), exp(Gamma - b_0), exp(b_0)
+  void* save_h;               // [slots, H, K, V]: the state entering every chunk (bf16 for
+                              // bf16 inputs, float32 for float16)
 };
 
 // The recurrent kernels (csrc/recurrent/): one step per token, the state tile in registers.

@@ -97,20 +97,22 @@ def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
     return getattr(backend_module(choice.backend), op)(q, k, v, g, *args)
 
 
-# Backends whose chunked backward can take the forward's intermediates (gla::chunk_fwd_train).
-SAVING_BACKENDS = ("triton",)
+# The backend whose chunked backward can take the forward's intermediates, and the backends
+# whose forward can keep them for it (in its layout; gla::chunk_fwd_train).
+SAVED_BACKWARD = "triton"
+SAVING_FORWARDS = ("cuda", "triton")
 
 
 def saving_backend(q, k, v, g, initial_state=None, cu_seqlens=None, backend=None) -> Optional[str]:
-    """In training, the backend whose forward keeps its intermediates for its backward: the
-    one that runs both chunk_fwd and chunk_bwd on these inputs, if its backward can take
-    them; else None (the forward keeps nothing, the backward recomputes). From shapes,
-    dtypes and devices only, so that the fake kernel (torch.compile) and the real one agree."""
+    """In training, the backend whose forward keeps intermediates for the backward: the one
+    that runs chunk_fwd on these inputs, when the one that runs chunk_bwd can take them;
+    else None (the forward keeps nothing, the backward recomputes). From shapes, dtypes
+    and devices only, so that the fake kernel (torch.compile) and the real one agree."""
     bwd = choose("chunk_bwd", q, k, v, g, initial_state, cu_seqlens, backend, full=False).backend
-    if bwd not in SAVING_BACKENDS:
+    if bwd != SAVED_BACKWARD:
         return None
     fwd = choose("chunk_fwd", q, k, v, g, initial_state, cu_seqlens, backend, full=False).backend
-    return bwd if fwd == bwd else None
+    return fwd if fwd in SAVING_FORWARDS else None
 
 
 # The fused RMSNorm of the GLA layer (gla::rms_norm_gated) has a Triton kernel and the

@@ -29,7 +29,10 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
 
 Private kernel ops, implemented by the compiled extension (gla_cuda._C) for CUDA: the
 public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd, cuda_chunk_bwd,
-cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_).
+cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_); and
+cuda_chunk_fwd_saving(<cuda_chunk_fwd's arguments>, Tensor chunk_off, int num_slots), the
+training forward keeping chunk_fwd_train's intermediates (chunk_off: the Triton layout's
+first slot of every sequence, [N + 1] int64).
 
 Outputs that were not asked for (final_state without output_final_state, dh0 without
 initial_state) are empty tensors of shape [0]. Autograd is registered on the forward
@@ -62,6 +65,8 @@ SCHEMAS = {
     "recurrent_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
     "recurrent_pool_fwd_": f"({_POOL_ARGS}, str backend) -> Tensor",
     "cuda_chunk_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
+    "cuda_chunk_fwd_saving": (f"({_FWD_ARGS}, Tensor chunk_off, int num_slots) "
+                              f"-> (Tensor o, Tensor final_state, {_SAVED})"),
     "cuda_chunk_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
     "cuda_recurrent_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
     "cuda_recurrent_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
@@ -124,6 +129,13 @@ def _fwd_train_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seq
         _saved_like(saver, q, k, v, g, cu_seqlens)
 
 
+@torch.library.register_fake("gla::cuda_chunk_fwd_saving")
+def _cuda_fwd_saving_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_off,
+                          num_slots):
+    return _fwd_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens) + \
+        _saved_like("cuda", q, k, v, g, cu_seqlens)
+
+
 @torch.library.register_fake("gla::chunk_bwd_saved")
 def _bwd_saved_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, *saved):
     return _bwd_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
@@ -171,8 +183,7 @@ def _fwd_train_impl(q, k, v, g, scale, initial_state, output_final_state, cu_seq
 
 @torch.library.impl("gla::chunk_bwd_saved", ("cpu", "cuda"))
 def _bwd_saved_impl(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, *saved):
-    # the intermediates are in the layout of the backend that saves them (the only one)
-    dq, dk, dv, dg, dh0 = dispatch.backend_module(dispatch.SAVING_BACKENDS[0]).chunk_bwd(
+    dq, dk, dv, dg, dh0 = dispatch.backend_module(dispatch.SAVED_BACKWARD).chunk_bwd(
         q, k, v, g, scale, initial_state, cu_seqlens, do, dht, saved=saved)
     return dq, dk, dv, dg, _state_or_empty(dh0 if initial_state is not None else None, q)
 

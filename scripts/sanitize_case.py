@@ -1,5 +1,6 @@
 """Small varlen cases for compute-sanitizer: the GPU backends named on the command line
-(default: cuda and triton), forward and backward, chunked and recurrent, plus a short
+(default: cuda, triton and auto, whose training runs the CUDA forward that keeps the Triton
+backward's intermediates), forward and backward, chunked and recurrent, plus a short
 recurrent case (the CUDA recurrent backward takes T <= 16) and the pooled decode op."""
 import sys
 
@@ -19,7 +20,7 @@ cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"
          (torch.tensor([0, 0, 1, 7, 12], dtype=torch.int32, device="cuda"), inputs(12, 2, 100, 72, 4)),
          # two V tiles: the compiled backward sums them in a thread-block cluster on sm_90
          (torch.tensor([0, 63, 64, 199], dtype=torch.int32, device="cuda"), inputs(199, 2, 128, 128, 3))]
-for backend in sys.argv[1:] or ("cuda", "triton"):
+for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
     for cu, (q, k, v, g, h0) in cases:
         for form, fn in (("chunk", gla_cuda.chunk_gla), ("recurrent", gla_cuda.fused_recurrent_gla)):
             if dispatch.choose(f"{form}_fwd", q, k, v, g, h0, cu, backend).backend is None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import gla_cuda
-from conftest import DEVICES, HAS_CUDA, MODES, TOL, make_inputs, rel_err, skip_unless_runs
+from conftest import DEVICES, HAS_CUDA, MODES, TOL, make_inputs, oracle, rel_err, skip_unless_runs
+from gla_cuda import dispatch
 
 
 def _op_args(ins, with_h0, cu=None, backend="auto"):
@@ -72,6 +73,49 @@ def test_training_forward_saves_what_the_backward_recomputes(device, gate):
     (o1, ht1, *grads1), (o2, ht2, *grads2) = results
     for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dh0"), [o1, ht1] + grads1, [o2, ht2] + grads2):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 192)])
+@pytest.mark.parametrize("gate", ["normal", "mixed", "strong"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_cuda_training_forward_keeps_what_triton_keeps(K, V, gate, varlen):
+    """The CUDA forward's kept intermediates (training under auto: CUDA forward, Triton
+    backward) match the Triton forward's in layout and value, its o is the plain forward's
+    (bitwise), and the gradients through them match the float64 oracle."""
+    from gla_cuda.backends import cuda, triton
+    from gla_cuda.backends.triton.chunk import _Meta
+    cu = torch.tensor([0, 5, 130, 300], dtype=torch.int32, device="cuda") if varlen else None
+    ins = make_inputs(1 if varlen else 2, 300, 2, K, V, dtype=torch.bfloat16, device="cuda", h0=True,
+                      N=3 if varlen else 2, gate=gate)
+    skip_unless_runs("chunk_fwd", "cuda", ins, cu)
+    names = ("q", "k", "v", "g", "initial_state")
+    args = tuple(ins[n] for n in names[:4]) + (0.2, ins["initial_state"], True, cu)
+    assert dispatch.saving_backend(*args[:4], ins["initial_state"], cu) == "cuda"
+    o_c, ht_c, kept_c = cuda.chunk_fwd_saving(*args)
+    o_t, ht_t, kept_t = triton.chunk_fwd_saving(*args)
+    o_p, ht_p = cuda.chunk_fwd(*args)
+    assert torch.equal(o_c, o_p) and torch.equal(ht_c, ht_p)
+    off = _Meta(ins["q"], cu).chunk_off.tolist()
+    used = [s for n in range(len(off) - 1) for s in range(off[n], off[n + 1])]  # slots with tokens
+    for name, a, b, tol in zip(("A", "flags", "qx", "kd", "decays", "states"), kept_c, kept_t,
+                               (1e-2, 0, 1e-2, 1e-2, 1e-4, 1e-2)):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name in ("flags", "decays", "states"):
+            a, b = a[used], b[used]
+        if name == "flags":
+            assert torch.equal(a, b) and (gate != "strong" or bool(a.all())), name
+        else:
+            assert rel_err(a, b) <= tol, (name, rel_err(a, b))
+
+    leaves = {n: ins[n].clone().requires_grad_() for n in names}
+    o, ht = gla_cuda.chunk_gla(**leaves, scale=0.2, output_final_state=True, cu_seqlens=cu)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    torch.autograd.backward([o, ht], [do, dht])
+    ref_o, ref_ht, ref_grads = oracle(ins, 0.2, cu, do, dht)
+    assert torch.equal(o, o_p)
+    errors = {f"d{n}": rel_err(leaves[n].grad, r) for n, r in zip(names, ref_grads)}
+    assert all(e <= TOL[torch.bfloat16] for e in errors.values()), errors
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")

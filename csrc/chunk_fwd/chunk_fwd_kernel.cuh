@@ -65,6 +65,11 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
       *reinterpret_cast<cute::uint128_t*>(smem_dst));
 }
 
+// Storage of the kept states (training): bf16 for bf16 inputs, float32 for float16 (whose
+// range a state can exceed), as the Triton backward that reads them keeps them.
+template <class T> struct KeptState { using type = T; };
+template <> struct KeptState<cute::half_t> { using type = float; };
+
 template <class T>
 __device__ __forceinline__ float2 load_pair(const T* ptr) {
   const uint32_t u = *reinterpret_cast<const uint32_t*>(ptr);
@@ -74,7 +79,7 @@ __device__ __forceinline__ float2 load_pair(const T* ptr) {
 }
 
 
-template <class T_, class GT_, int K_, int BV_>
+template <class T_, class GT_, int K_, int BV_, bool kSave = false>
 struct Kernel {
   using T = T_;
   using GT = GT_;
@@ -95,6 +100,8 @@ struct Kernel {
   // of 1: 40 nats for bf16 (its float32 exponent range), 4 for fp16 (its max is 65504).
   static constexpr bool kOneRef = kHasE;
   static constexpr float kSpan2 = (cute::is_same_v<T, cute::half_t> ? 4.f : 40.f) * kLog2e;
+  // Training: a chunk is flagged for the Triton backward's exact path beyond 40 nats.
+  static constexpr float kFlagSpan2 = 40.f * kLog2e;
   static_assert(C == 64 && NT == 256, "warp roles assume 8 warps and 64-token chunks");
   static_assert(K % 64 == 0 && NT % K == 0 && RPT % 2 == 0, "K in {64, 128, 256}");
   static_assert(BV % 64 == 0, "BV multiple of 64");
@@ -149,6 +156,13 @@ struct Kernel {
     const T* vb = static_cast<const T*>(p.v) + bos * HV + int64_t(h) * p.V + vt * BV;
     T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + vt * BV;
     const float scale = p.scale;
+    // training: the Triton backward's intermediates (FwdParams::save_*); V tile 0 writes
+    // the per-token ones, the decays and the flags, every V tile its columns of the states
+    const bool save = kSave && !state_only;
+    const bool save_tok = save && vt == 0;
+    const int64_t slot0 = save ? p.chunk_off[n] + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0) : 0;
+    T* const qxb = save ? static_cast<T*>(p.save_qx) + bos * HK + int64_t(h) * K : nullptr;
+    T* const kdb = save ? static_cast<T*>(p.save_kd) + bos * HK + int64_t(h) * K : nullptr;
 
     auto rows_in = [&](int c) { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); };
 
@@ -266,10 +280,22 @@ struct Kernel {
         }
       }
 
+      if (save) {  // the state entering this chunk
+        using HT = typename KeptState<T>::type;
+        HT* hs = static_cast<HT*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV;
+        CUTE_UNROLL
+        for (int i = 0; i < size(rS); i += 2) {
+          HT* dst = hs + int64_t(get<0>(tUc(i))) * p.V + get<1>(tUc(i));
+          if constexpr (cute::is_same_v<HT, float>) *reinterpret_cast<float2*>(dst) = make_float2(rS(i), rS(i + 1));
+          else *reinterpret_cast<uint32_t*>(dst) = pack2<T>(rS(i), rS(i + 1));
+        }
+      }
+
       // ---------------- prep: cumsum of g per channel, exp(G), kg^T ----------------
       float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
       {
         const int ch = tid % K, seg = tid / K;
+        const float bz = float(sG[ch]) * kLog2e;  // b_0 (kept operands only)
         float gv[RPT];
         CUTE_UNROLL
         for (int r = 0; r < RPT; ++r) {
@@ -287,6 +313,12 @@ struct Kernel {
         }
         const float gam2 = gam * kLog2e;
         if (seg == 0) sGam[ch] = ex2(gam2);
+        if (save_tok && seg == 0) {
+          float* dec = p.save_decay + ((slot0 + c) * p.H + h) * 3 * K + ch;
+          dec[0] = ex2(gam2);
+          dec[K] = ex2(gam2 - bz);
+          dec[2 * K] = ex2(bz);
+        }
         CUTE_UNROLL
         for (int r = 0; r < RPT; r += 2) {
           const int t = seg * RPT + r;
@@ -298,6 +330,17 @@ struct Kernel {
           const float k0 = t < Lr ? float(sK[t * LDQ + ch]) * ex2(gam2 - b0) : 0.f;
           const float k1 = t + 1 < Lr ? float(sK[(t + 1) * LDQ + ch]) * ex2(gam2 - b1) : 0.f;
           *reinterpret_cast<uint32_t*>(sKT + ch * LDKT + t) = pack2<T>(k0, k1);
+          if (save_tok) {  // k exp(Gamma - b) and scale q exp(b - b_0), rows of the sequence
+            const int64_t r0 = (int64_t(c) * C + t) * HK + ch;
+            if (t < Lr) {
+              kdb[r0] = T(k0);
+              qxb[r0] = T(scale * float(sQ[t * LDQ + ch]) * ex2(fminf(b0 - bz, 0.f)));
+            }
+            if (t + 1 < Lr) {
+              kdb[r0 + HK] = T(k1);
+              qxb[r0 + HK] = T(scale * float(sQ[(t + 1) * LDQ + ch]) * ex2(fminf(b1 - bz, 0.f)));
+            }
+          }
         }
       }
       __syncthreads();
@@ -308,6 +351,16 @@ struct Kernel {
           const float br = sB[(C / 2) * LDB + tid % K];
           one_ref = !__syncthreads_or(bmax - br > kSpan2 || br - bmin > kSpan2);
         }
+      }
+      if (save) {  // the Triton backward's exact flag
+        bool far;
+        if constexpr (kOneRef && kSpan2 == kFlagSpan2) {
+          far = !one_ref;
+        } else {
+          const float br = sB[(C / 2) * LDB + tid % K];
+          far = __syncthreads_or(bmax - br > kFlagSpan2 || br - bmin > kFlagSpan2);
+        }
+        if (save_tok && tid == 0) p.save_flags[(slot0 + c) * p.H + h] = int8_t(far);
       }
 
       if (!state_only) {
@@ -496,6 +549,17 @@ struct Kernel {
         }
       }  // one_ref
       __syncthreads();
+      if (save_tok) {  // the scores of the rows in the sequence; zeros above the diagonal
+        // blocks (the exact path leaves those unwritten: the output never reads them)
+        T* ab = static_cast<T*>(p.save_a) + ((bos + int64_t(c) * C) * p.H + h) * C;
+        for (int i = tid; i < C * C / 8; i += NT) {
+          const int t = i / (C / 8), s0 = (i % (C / 8)) * 8;
+          if (t >= Lr) continue;
+          const uint4 x = s0 / 16 > t / 16 ? make_uint4(0u, 0u, 0u, 0u)
+                                          : *reinterpret_cast<const uint4*>(sA + t * LDA + s0);
+          *reinterpret_cast<uint4*>(ab + int64_t(t) * p.H * C + s0) = x;
+        }
+      }
 
       if (c + 1 < nchunks) {  // k is read by prep and the scores only
         load_k(c + 1);
@@ -599,11 +663,11 @@ struct Kernel {
 #ifndef GLA_CHUNK_FWD_K64_MIN_BLOCKS
 #define GLA_CHUNK_FWD_K64_MIN_BLOCKS 2
 #endif
-template <class T, class GT, int K, int BV>
+template <class T, class GT, int K, int BV, bool kSave>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, K == 64 ? GLA_CHUNK_FWD_K64_MIN_BLOCKS : 1)
     chunk_fwd_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp) {
   extern __shared__ __align__(128) unsigned char smem[];
-  Kernel<T, GT, K, BV>::run(p, sp, smem);
+  Kernel<T, GT, K, BV, kSave>::run(p, sp, smem);
 }
 
 }  // namespace chunk_fwd_detail

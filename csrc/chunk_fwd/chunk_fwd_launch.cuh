@@ -8,28 +8,46 @@
 
 namespace gla {
 
-template <class T, class GT, int K, int BV>
-cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
-  using Kern = chunk_fwd_detail::Kernel<T, GT, K, BV>;
-  auto kernel = &chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV>;
-  constexpr int smem = Kern::kSmem;
+template <class T, class GT, int K, int BV, bool kSave>
+cudaError_t set_smem() {
+  return cudaFuncSetAttribute(&chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem);
+}
+
+// kSave: the kernel that also keeps the Triton backward's intermediates (training; its own
+// instantiation, so that the plain forward carries none of that code). Not for K = 256,
+// whose training forward is the Triton one (dispatch.saving_backend).
+template <class T, class GT, int K, int BV, bool kSave>
+cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
+  constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem;
   static_assert(smem == chunk_fwd_cfg::smem_bytes(K, BV), "smem layout mismatch");
   // One CTA per (sequence, head) in x, per V-tile in y, per segment in z.
   const unsigned nseg = split.seg_len > 0 ? unsigned(split.nseg) : 1u;
   const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), nseg);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = set_smem<T, GT, K, BV, kSave>();
   if (err != cudaSuccess) return err;
   chunk_fwd_cfg::Split sp = split;
   if (split.seg_len > 0 && nseg > 1) {
-    sp.state_only = 1;  // pass 1: end states of all segments but the last
-    kernel<<<dim3(grid.x, grid.y, nseg - 1), chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
+    err = set_smem<T, GT, K, BV, false>();
+    if (err != cudaSuccess) return err;
+    sp.state_only = 1;  // pass 1: end states of all segments but the last (nothing to keep)
+    chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, false>
+        <<<dim3(grid.x, grid.y, nseg - 1), chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   sp.state_only = 0;
-  kernel<<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
+  chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave><<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
   return cudaGetLastError();
+}
+
+template <class T, class GT, int K, int BV>
+cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
+  if (p.save_a == nullptr) return launch_chunk_fwd<T, GT, K, BV, false>(p, split, stream);
+  if constexpr (K <= 128) return launch_chunk_fwd<T, GT, K, BV, true>(p, split, stream);
+  return cudaErrorNotSupported;
 }
 
 }  // namespace gla

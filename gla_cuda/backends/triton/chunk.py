@@ -752,7 +752,7 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, fwd, bwd):
     return A, exact, qx, qxb, kd, vec
 
 
-def _num_slots(q, cu_seqlens):
+def num_slots(q, cu_seqlens):
     """Chunk slots of the packed batch (_Meta.NC), from shapes alone."""
     B, T = q.shape[0], q.shape[1]
     return B * triton.cdiv(T, C_CHUNK) if cu_seqlens is None else T // C_CHUNK + cu_seqlens.shape[0] - 1
@@ -763,7 +763,7 @@ def saved_like(q, k, v, g, cu_seqlens):
     tensors): the scores A, the exact flags, the backward's gated operands qx and kd, the
     per-chunk decays and the state entering every chunk."""
     B, T, H, K = q.shape
-    NC, V = _num_slots(q, cu_seqlens), v.shape[-1]
+    NC, V = num_slots(q, cu_seqlens), v.shape[-1]
     dt = torch.float32 if _ieee(q.dtype) else q.dtype
     return (q.new_empty(B * T, H, C_CHUNK, dtype=dt), q.new_empty(NC, H, dtype=torch.int8),
             q.new_empty(q.shape, dtype=dt), q.new_empty(q.shape, dtype=dt),
