@@ -12,11 +12,12 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
                    Tensor flags, Tensor qx, Tensor kd, Tensor decays, Tensor states)
     gla::chunk_bwd_saved(<chunk_bwd's arguments but backend>, Tensor A, Tensor flags,
                    Tensor qx, Tensor kd, Tensor decays, Tensor states) -> <chunk_bwd's outputs>
-        training (chunk_gla with gradients): where one backend runs both the forward and a
-        backward that can take the forward's intermediates (dispatch.saving_backend: the
-        Triton one), the forward keeps them (the scores, the exact flags, the gated operands, the per-chunk
-        decays and states: backends/triton/chunk.py, saved_like) instead of the backward
-        recomputing them; elsewhere they are empty [0] tensors and chunk_fwd runs.
+        training (chunk_gla with gradients): where the backward that runs is the Triton one
+        and the forward that runs (compiled or Triton) can keep its intermediates
+        (dispatch.saving_backend), the forward keeps them (the scores, the exact flags, the
+        gated operands, the per-chunk decays and states, in the Triton layout:
+        backends/triton/chunk.py, saved_like) instead of the backward recomputing them;
+        elsewhere they are empty [0] tensors and chunk_fwd runs.
     gla::recurrent_fwd / gla::recurrent_bwd: the same schemas, for the recurrent form.
     gla::recurrent_pool_fwd_(Tensor q, Tensor k, Tensor v, Tensor g, float scale,
                              Tensor(a!) state_pool, Tensor state_index, bool state_v_first,
