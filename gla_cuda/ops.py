@@ -115,26 +115,26 @@ def _pool_fake(q, k, v, g, scale, state_pool, state_index, state_v_first, backen
     return torch.empty_like(v)
 
 
-def _saved_like(saver, q, k, v, g, cu_seqlens):
-    """chunk_fwd_train's intermediates as empty tensors (shapes from saved_like of the
-    saving backend; six [0] tensors without one)."""
-    if saver is None:
+def _saved_like(kept, q, k, v, g, cu_seqlens):
+    """chunk_fwd_train's intermediates as empty tensors: in the layout of the backward that
+    takes them (its saved_like) where they are kept, else six [0] placeholders."""
+    if not kept:
         return tuple(q.new_empty(0) for _ in range(6))
-    return dispatch.backend_module(saver).saved_like(q, k, v, g, cu_seqlens)
+    return dispatch.backend_module(dispatch.SAVED_BACKWARD).saved_like(q, k, v, g, cu_seqlens)
 
 
 @torch.library.register_fake("gla::chunk_fwd_train")
 def _fwd_train_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
     saver = dispatch.saving_backend(q, k, v, g, initial_state, cu_seqlens, backend)
     return _fwd_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens) + \
-        _saved_like(saver, q, k, v, g, cu_seqlens)
+        _saved_like(saver is not None, q, k, v, g, cu_seqlens)
 
 
 @torch.library.register_fake("gla::cuda_chunk_fwd_saving")
 def _cuda_fwd_saving_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_off,
                           num_slots):
     return _fwd_fake(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens) + \
-        _saved_like("cuda", q, k, v, g, cu_seqlens)
+        _saved_like(True, q, k, v, g, cu_seqlens)
 
 
 @torch.library.register_fake("gla::chunk_bwd_saved")
@@ -176,7 +176,7 @@ def _fwd_train_impl(q, k, v, g, scale, initial_state, output_final_state, cu_seq
     if saver is None:
         o, ht = _fwd_impl("chunk_fwd")(q, k, v, g, scale, initial_state, output_final_state,
                                        cu_seqlens, backend)
-        return (o, ht) + _saved_like(None, q, k, v, g, cu_seqlens)
+        return (o, ht) + _saved_like(False, q, k, v, g, cu_seqlens)
     o, ht, saved = dispatch.backend_module(saver).chunk_fwd_saving(
         q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return (o, _state_or_empty(ht if output_final_state else None, q)) + tuple(saved)

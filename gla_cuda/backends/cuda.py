@@ -114,18 +114,13 @@ recurrent_fwd = _fwd(torch.ops.gla.cuda_recurrent_fwd)
 
 def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     """The forward, keeping the Triton backward's intermediates (training; in its layout:
-    the slot bookkeeping and saved_like come from there)."""
+    the slot bookkeeping comes from there)."""
     from gla_cuda.backends.triton import chunk as triton_chunk
     meta = triton_chunk._Meta(q, cu_seqlens)
     o, ht, *saved = torch.ops.gla.cuda_chunk_fwd_saving(
         q, k, v, g, scale, initial_state, output_final_state, _int32(cu_seqlens), meta.chunk_off,
         triton_chunk.num_slots(q, cu_seqlens))
     return o, (ht if output_final_state else None), tuple(saved)
-
-
-def saved_like(q, k, v, g, cu_seqlens):
-    from gla_cuda.backends.triton import chunk as triton_chunk
-    return triton_chunk.saved_like(q, k, v, g, cu_seqlens)
 
 
 def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
