@@ -7,6 +7,11 @@
 
 namespace gla {
 
+// The tensor-core MMA (16 x 8 x 16, float32 accumulators) for 16-bit inputs of type T.
+template <class T> struct MmaAtomFor;
+template <> struct MmaAtomFor<cute::bfloat16_t> { using type = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
+template <> struct MmaAtomFor<cute::half_t> { using type = cute::SM80_16x8x16_F32F16F16F32_TN; };
+
 // acc += A B^T for shared-memory tiles A (M x Kd) and B (N x Kd) of element type T: per k-block
 // of the tiled MMA, both operands go to registers through the ldmatrix atoms CopyA and CopyB
 // (SM75_U32x4_LDSM_N for a K-contiguous tile, SM75_U16x8_LDSM_T for an M/N-contiguous one).

@@ -21,6 +21,39 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// 16-byte global->shared cp.async (.cg: L2 only); with valid == false the 16 bytes are
+// zero-filled and nothing is read (src must still be a valid address expression).
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid = true) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem_src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
+
+// L2 prefetch of `rows` rows of `bytes` bytes (a multiple of 128) each, `stride` bytes apart.
+template <int kThreads>
+__device__ __forceinline__ void prefetch_rows(const void* base, int rows, int bytes, int64_t stride, int tid) {
+  const int lines = bytes / 128;
+  for (int i = tid; i < rows * lines; i += kThreads)
+    prefetch_l2(static_cast<const char*>(base) + int64_t(i / lines) * stride + 128 * (i % lines));
+}
+
+// Copies `rows` rows of `width` elements (16-byte pieces) from global (row stride `gstride`
+// elements) into shared (row stride `sstride`), zero-filling rows at or past `valid_rows`.
+template <int kThreads, int kRows, int kWidth, class E>
+__device__ __forceinline__ void load_tile(E* s, int sstride, const E* g, int64_t gstride, int valid_rows, int tid) {
+  constexpr int P = 16 / int(sizeof(E));
+  constexpr int PR = kWidth / P;
+  for (int i = tid; i < kRows * PR; i += kThreads) {
+    const int r = i / PR, cc = (i % PR) * P;
+    const bool ok = r < valid_rows;
+    cp_async16(s + r * sstride + cc, g + (ok ? int64_t(r) * gstride + cc : 0), ok);
+  }
+}
+
 // Two floats rounded to T (16-bit) and packed into one 32-bit word.
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {

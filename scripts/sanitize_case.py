@@ -19,7 +19,9 @@ def inputs(T, H, K, V, N):
 cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"), inputs(263, 2, 64, 64, 5)),
          (torch.tensor([0, 0, 1, 7, 12], dtype=torch.int32, device="cuda"), inputs(12, 2, 100, 72, 4)),
          # two V tiles: the compiled backward sums them in a thread-block cluster on sm_90
-         (torch.tensor([0, 63, 64, 199], dtype=torch.int32, device="cuda"), inputs(199, 2, 128, 128, 3))]
+         (torch.tensor([0, 63, 64, 199], dtype=torch.int32, device="cuda"), inputs(199, 2, 128, 128, 3)),
+         # three (sequence, head) pairs and long sequences: the compiled forward's segment split
+         (torch.tensor([0, 600, 601, 1400], dtype=torch.int32, device="cuda"), inputs(1400, 1, 128, 128, 3))]
 for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
     for cu, (q, k, v, g, h0) in cases:
         for form, fn in (("chunk", gla_cuda.chunk_gla), ("recurrent", gla_cuda.fused_recurrent_gla)):

@@ -37,7 +37,10 @@
 // (deterministic, no float atomics). Before sm_90 they are float32 partials per tile (BwdParams).
 #pragma once
 
-#include "chunk_bwd_common.cuh"
+#include <cute/tensor.hpp>
+
+#include "cute_gemm.cuh"
+#include "device_common.cuh"
 #include "chunk_bwd_config.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

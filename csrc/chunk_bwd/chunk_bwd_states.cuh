@@ -5,7 +5,10 @@
 // S = exp(G) S + (k exp(G - b))^T v with b the in-chunk cumulative sum of g (exponents <= 0).
 #pragma once
 
-#include "chunk_bwd_common.cuh"
+#include <cute/tensor.hpp>
+
+#include "cute_gemm.cuh"
+#include "device_common.cuh"
 #include "chunk_bwd_config.h"
 
 namespace gla {

@@ -91,8 +91,10 @@ cudaError_t chunk_fwd(const FwdParams& p, cudaStream_t stream) {
     sp.ws_state = static_cast<float*>(ws);
     sp.ws_decay = sp.ws_state + states * p.V;
   }
-  cudaError_t err = p.dtype == DType::kBFloat16 ? dispatch_k<cute::bfloat16_t>(p, sp, stream)
-                                                 : dispatch_k<cute::half_t>(p, sp, stream);
+  cudaError_t err = ws != nullptr ? run_segment_states(p, sp, stream) : cudaSuccess;
+  if (err == cudaSuccess)
+    err = p.dtype == DType::kBFloat16 ? dispatch_k<cute::bfloat16_t>(p, sp, stream)
+                                      : dispatch_k<cute::half_t>(p, sp, stream);
   if (ws != nullptr) {
     cudaError_t err2 = cudaFreeAsync(ws, stream);
     if (err == cudaSuccess) err = err2;

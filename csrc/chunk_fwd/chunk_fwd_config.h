@@ -18,13 +18,12 @@ constexpr int block_v(int K, int V) { return K == 128 && V % 128 == 0 ? 128 : 64
 
 // Segment splitting, for when (sequence, head, V-tile) CTAs are too few for the GPU: each
 // sequence is cut into segments of seg_len tokens (a multiple of the chunk). Pass 1
-// (state_only) runs every segment but the last from a zero state and stores its end state
-// and its total decay exp(sum g) in the workspace; pass 2 runs every segment, starting
-// from h0 (or zero) composed with the stored states of the segments before it.
+// (run_segment_states) runs every segment but the last from a zero state and stores its end
+// state and its total decay exp(sum g) in the workspace; pass 2 (the fused kernel) runs every
+// segment, starting from h0 (or zero) composed with the stored states of the segments before it.
 struct Split {
   int seg_len = 0;          // 0: no splitting (one segment per sequence)
   int nseg = 1;             // segments per sequence (of the longest possible sequence, T)
-  int state_only = 0;       // set by the launcher for pass 1
   float* ws_state = nullptr;  // [N * H, nseg, K, V] float32
   float* ws_decay = nullptr;  // [N * H, nseg, K] float32
 };
@@ -62,10 +61,14 @@ constexpr int smem_bytes(int K, int BV) { return Smem{K, BV}.bytes(); }
 
 }  // namespace chunk_fwd_cfg
 
-// One instantiation per (input dtype, gate dtype, K, BV); runs both passes when split.seg_len > 0.
-// Defined in chunk_fwd_launch.cuh,
-// instantiated in chunk_fwd_<dtype>_k<K>.cu. T/GT are cute::bfloat16_t, cute::half_t or float.
+// The fused kernel (pass 2 of a split): one instantiation per (input dtype, gate dtype, K, BV).
+// Defined in chunk_fwd_launch.cuh, instantiated in chunk_fwd_<dtype>_k<K>.cu. T/GT are
+// cute::bfloat16_t, cute::half_t or float.
 template <class T, class GT, int K, int BV>
 cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
+
+// Pass 1 of a split (split.seg_len > 0): the segments' end states and decays into the workspace.
+// chunk_fwd_segment_states.cu.
+cudaError_t run_segment_states(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
 
 }  // namespace gla

@@ -26,12 +26,12 @@
 //   update  S = exp2(G) * S + kg^T v            (MMA into the register-resident state),
 //           then S^T is written to smem (input dtype) for the next chunk's output MMA.
 //
-// Segment splitting (chunk_fwd_config.h, Split): blockIdx.z is the segment; pass 1
-// (state_only) skips scores and output and stores the segment's end state and decay.
+// Segment splitting (chunk_fwd_config.h, Split): blockIdx.z is the segment, whose initial
+// state composes the end states that pass 1 (chunk_fwd_segment_states.cu) stored.
 //
 // MMAs: SM80_16x8x16_F32{BF16,F16}{BF16,F16}F32_TN; smem->register copies with
 // ldmatrix (SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T for v); global->smem with cp.async
-// (SM80_CP_ASYNC_CACHEGLOBAL). The next chunk is prefetched into L2 at the top of
+// (cp.async.cg, device_common.cuh). The next chunk is prefetched into L2 at the top of
 // each chunk, and its cp.async loads are issued as soon as the buffers they overwrite
 // are no longer read: v (double-buffered for K <= 128) at the top of the chunk, k after
 // the scores, q and g after the output.
@@ -53,17 +53,6 @@ namespace gla {
 namespace chunk_fwd_detail {
 
 using namespace cute;
-
-template <class T> struct MmaAtomFor;
-template <> struct MmaAtomFor<cute::bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
-template <> struct MmaAtomFor<cute::half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
-
-// One 16-byte global->shared cp.async through CuTe's copy op.
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
-      *reinterpret_cast<const cute::uint128_t*>(gmem_src),
-      *reinterpret_cast<cute::uint128_t*>(smem_dst));
-}
 
 // Storage of the kept states (training): bf16 for bf16 inputs, float32 for float16 (whose
 // range a state can exceed), as the Triton backward that reads them keeps them.
@@ -138,11 +127,10 @@ struct Kernel {
     int64_t len = eos > bos ? eos - bos : 0;
     // this CTA's segment of the sequence
     const int seg = blockIdx.z;
-    const bool state_only = sp.state_only != 0;
     int last_seg = 0;
     if (sp.seg_len > 0) {
       last_seg = len > 0 ? int((len - 1) / sp.seg_len) : 0;
-      if (seg > last_seg || (state_only && seg == last_seg)) return;
+      if (seg > last_seg) return;
       const int64_t s0 = int64_t(seg) * sp.seg_len;
       bos += s0;
       len = (len - s0 < sp.seg_len) ? len - s0 : sp.seg_len;
@@ -158,7 +146,7 @@ struct Kernel {
     const float scale = p.scale;
     // training: the Triton backward's intermediates (FwdParams::save_*); V tile 0 writes
     // the per-token ones, the decays and the flags, every V tile its columns of the states
-    const bool save = kSave && !state_only;
+    const bool save = kSave;
     const bool save_tok = save && vt == 0;
     const int64_t slot0 = save ? p.chunk_off[n] + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0) : 0;
     T* const qxb = save ? static_cast<T*>(p.save_qx) + bos * HK + int64_t(h) * K : nullptr;
@@ -180,11 +168,9 @@ struct Kernel {
       const int64_t t0 = int64_t(c) * C;
       const int Lr = rows_in(c);
       constexpr int PQ = K / 8;
-      if (!state_only) {
-        for (int i = tid; i < C * PQ; i += NT) {
-          const int r = i / PQ, cc = (i % PQ) * 8;
-          cp_async16(sQ + r * LDQ + cc, qb + (t0 + (r < Lr ? r : Lr - 1)) * HK + cc);
-        }
+      for (int i = tid; i < C * PQ; i += NT) {
+        const int r = i / PQ, cc = (i % PQ) * 8;
+        cp_async16(sQ + r * LDQ + cc, qb + (t0 + (r < Lr ? r : Lr - 1)) * HK + cc);
       }
       constexpr int GP = 16 / int(sizeof(GT));
       constexpr int PG = K / GP;
@@ -210,7 +196,6 @@ struct Kernel {
       constexpr int per_row = 2 * LQ + LG + LV;
       for (int i = tid; i < Lr * per_row; i += NT) {
         const int r = i / per_row, j = i % per_row;
-        if (state_only && j < LQ) continue;  // pass 1 reads no q
         const int64_t t = t0 + r;
         const char* ptr;
         if (j < LQ) ptr = reinterpret_cast<const char*>(qb + t * HK) + 128 * j;
@@ -231,7 +216,7 @@ struct Kernel {
                               make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(_1{}, Int<LDST>{})));
     Tensor tUsS = thrU.partition_C(sSkv);
     const int64_t state_off = nh * K * p.V + int64_t(vt) * BV;
-    if (p.h0 != nullptr && !state_only) {
+    if (p.h0 != nullptr) {
       const float* h0 = p.h0 + state_off;
       CUTE_UNROLL
       for (int i = 0; i < size(rS); i += 2) {
@@ -244,7 +229,7 @@ struct Kernel {
       clear(rS);
     }
     // pass 2 of a split: compose the end states of the segments before this one
-    for (int j = 0; j < (state_only ? 0 : seg); ++j) {
+    for (int j = 0; j < seg; ++j) {
       const float* Sj = sp.ws_state + (nh * sp.nseg + j) * K * p.V + int64_t(vt) * BV;
       const float* Dj = sp.ws_decay + (nh * sp.nseg + j) * K;
       CUTE_UNROLL
@@ -256,7 +241,6 @@ struct Kernel {
         rS(i + 1) = dk * rS(i + 1) + x.y;
       }
     }
-    float decay = 1.f;  // pass 1: this segment's exp(sum g) for channel tid (tid < K)
     CUTE_UNROLL
     for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
 
@@ -264,7 +248,7 @@ struct Kernel {
       load_k(0);
       load_qg(0);
       load_v(0);
-      cp_async_fence();
+      cp_async_commit();
     }
 
     for (int c = 0; c < nchunks; ++c) {
@@ -276,7 +260,7 @@ struct Kernel {
         prefetch_chunk(c + 1);
         if constexpr (kVStages == 2) {  // the other v buffer was last read in chunk c - 1
           load_v(c + 1);
-          cp_async_fence();
+          cp_async_commit();
         }
       }
 
@@ -347,10 +331,8 @@ struct Kernel {
       // one reference row for this chunk if every |b_t - b_r| <= kSpan2 (uniform per CTA)
       bool one_ref = false;
       if constexpr (kOneRef) {
-        if (!state_only) {
-          const float br = sB[(C / 2) * LDB + tid % K];
-          one_ref = !__syncthreads_or(bmax - br > kSpan2 || br - bmin > kSpan2);
-        }
+        const float br = sB[(C / 2) * LDB + tid % K];
+        one_ref = !__syncthreads_or(bmax - br > kSpan2 || br - bmin > kSpan2);
       }
       if (save) {  // the Triton backward's exact flag
         bool far;
@@ -363,7 +345,7 @@ struct Kernel {
         if (save_tok && tid == 0) p.save_flags[(slot0 + c) * p.H + h] = int8_t(far);
       }
 
-      if (!state_only) {
+      {
       // ---------------- intra-chunk scores -> sA ----------------
       if (one_ref) {
         T* sQt = reinterpret_cast<T*>(sE);
@@ -563,7 +545,7 @@ struct Kernel {
 
       if (c + 1 < nchunks) {  // k is read by prep and the scores only
         load_k(c + 1);
-        cp_async_fence();
+        cp_async_commit();
       }
 
       // ---------------- output: o = (scale q exp2(b)) S + A v ----------------
@@ -614,19 +596,17 @@ struct Kernel {
           if (get<0>(tOc(i)) < Lr)
             *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
       }
-      }  // !state_only
+      }  // scores and output
       __syncthreads();  // q, k, b/g, A, S^T no longer read
       if (c + 1 < nchunks) {
-        if (state_only) load_k(c + 1);
         load_qg(c + 1);
-        cp_async_fence();
+        cp_async_commit();
       }
 
       // ---------------- state update: S = exp(G) S + kg^T v ----------------
       {
         CUTE_UNROLL
         for (int i = 0; i < size(rS); ++i) rS(i) *= sGam[get<0>(tUc(i))];
-        if (tid < K) decay *= sGam[tid];
         Tensor sKTf = make_tensor(make_smem_ptr(sKT), make_layout(Shape<Int<K>, Int<C>>{}, make_stride(Int<LDKT>{}, _1{})));
         Tensor sVt = make_tensor(make_smem_ptr(sV), make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
         gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mmaU, sKTf, sVt, rS, tid);
@@ -636,19 +616,11 @@ struct Kernel {
       __syncthreads();  // v no longer read; S^T written
       if (kVStages == 1 && c + 1 < nchunks) {
         load_v(c + 1);
-        cp_async_fence();
+        cp_async_commit();
       }
     }
 
-    if (state_only) {
-      float* Sj = sp.ws_state + (nh * sp.nseg + seg) * K * p.V + int64_t(vt) * BV;
-      CUTE_UNROLL
-      for (int i = 0; i < size(rS); i += 2) {
-        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
-        *reinterpret_cast<float2*>(Sj + int64_t(kk) * p.V + vv) = make_float2(rS(i), rS(i + 1));
-      }
-      if (vt == 0 && tid < K) sp.ws_decay[(nh * sp.nseg + seg) * K + tid] = decay;
-    } else if (p.ht != nullptr && seg == last_seg) {
+    if (p.ht != nullptr && seg == last_seg) {
       float* ht = p.ht + state_off;
       CUTE_UNROLL
       for (int i = 0; i < size(rS); i += 2) {

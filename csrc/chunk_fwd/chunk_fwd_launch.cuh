@@ -26,20 +26,9 @@ cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& spl
   const unsigned nseg = split.seg_len > 0 ? unsigned(split.nseg) : 1u;
   const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), nseg);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  cudaError_t err = set_smem<T, GT, K, BV, kSave>();
+  const cudaError_t err = set_smem<T, GT, K, BV, kSave>();
   if (err != cudaSuccess) return err;
-  chunk_fwd_cfg::Split sp = split;
-  if (split.seg_len > 0 && nseg > 1) {
-    err = set_smem<T, GT, K, BV, false>();
-    if (err != cudaSuccess) return err;
-    sp.state_only = 1;  // pass 1: end states of all segments but the last (nothing to keep)
-    chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, false>
-        <<<dim3(grid.x, grid.y, nseg - 1), chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  sp.state_only = 0;
-  chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave><<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
+  chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave><<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, split);
   return cudaGetLastError();
 }
 
