@@ -37,7 +37,7 @@ struct Smem {
   constexpr int ldv() const { return BV + 8; }      // v: [C][BV+8]
   constexpr int ldkt() const { return kChunk + 8; } // (k * exp(G - b))^T: [K][C+8]
   constexpr int lda() const { return kChunk + 8; }  // intra-chunk scores: [C][C+8]
-  constexpr int ldst() const { return K + 8; }      // state^T (input dtype): [BV][K+8]
+  constexpr int lds() const { return BV + 8; }      // state (input dtype): [K][BV+8]
   constexpr int tpc() const { return kThreads / K; } // threads per channel in the cumsum
   // exp(g) per step (float, [C][K+8]) for the diagonal sub-blocks; stored when it fits.
   constexpr bool has_e() const { return K <= 128; }
@@ -51,7 +51,7 @@ struct Smem {
   constexpr int off_kt() const { return off_b() + kChunk * ldb() * 4; }
   constexpr int off_a() const { return off_kt() + K * ldkt() * 2; }
   constexpr int off_st() const { return off_a() + kChunk * lda() * 2; }
-  constexpr int off_gam() const { return off_st() + BV * ldst() * 2; }
+  constexpr int off_gam() const { return off_st() + K * lds() * 2; }
   constexpr int off_tot() const { return off_gam() + K * 4; }
   constexpr int off_e() const { return off_tot() + tpc() * K * 4; }
   constexpr int bytes() const { return off_e() + (has_e() ? kChunk * ldb() * 4 : 0); }

@@ -22,9 +22,9 @@
 //             exp2(b_t - b_s) is a running product of the factors e (walking s down
 //             from t), or exp2(b_t - b_s) itself for K = 256.
 //   output  o = (scale * q * exp2(b)) S + A v   (two MMAs into one accumulator; the
-//           gated q is built in registers; S^T comes from smem in the input dtype).
+//           gated q is built in registers; S comes from smem in the input dtype).
 //   update  S = exp2(G) * S + kg^T v            (MMA into the register-resident state),
-//           then S^T is written to smem (input dtype) for the next chunk's output MMA.
+//           then S is written to smem (input dtype) for the next chunk's output MMA.
 //
 // Segment splitting (chunk_fwd_config.h, Split): blockIdx.z is the segment, whose initial
 // state composes the end states that pass 1 (chunk_fwd_segment_states.cu) stored.
@@ -78,7 +78,7 @@ struct Kernel {
   static constexpr int NT = chunk_fwd_cfg::kThreads;
   static constexpr chunk_fwd_cfg::Smem L{K, BV};
   static constexpr int LDQ = L.ldq(), LDB = L.ldb(), LDV = L.ldv(), LDKT = L.ldkt(),
-                       LDA = L.lda(), LDST = L.ldst(), TPC = L.tpc(), RPT = C / TPC;
+                       LDA = L.lda(), LDS = L.lds(), TPC = L.tpc(), RPT = C / TPC;
   static constexpr int kSmem = L.bytes();
   static constexpr bool kHasE = L.has_e();
   static constexpr int kVStages = L.v_stages();
@@ -115,7 +115,7 @@ struct Kernel {
     GT* sG = reinterpret_cast<GT*>(smem + L.off_b());  // raw g staged in the b buffer
     T* sKT = reinterpret_cast<T*>(smem + L.off_kt());
     T* sA = reinterpret_cast<T*>(smem + L.off_a());
-    T* sST = reinterpret_cast<T*>(smem + L.off_st());
+    T* sS = reinterpret_cast<T*>(smem + L.off_st());
     float* sGam = reinterpret_cast<float*>(smem + L.off_gam());
     float* sTot = reinterpret_cast<float*>(smem + L.off_tot());
     float* sE = reinterpret_cast<float*>(smem + L.off_e());  // only with kHasE
@@ -211,9 +211,9 @@ struct Kernel {
     auto thrU = mmaU.get_thread_slice(tid);
     Tensor rS = partition_fragment_C(mmaU, Shape<Int<K>, Int<BV>>{});
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<K>, Int<BV>>{}));
-    // S^T in smem viewed as (K, BV)
-    Tensor sSkv = make_tensor(make_smem_ptr(sST),
-                              make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(_1{}, Int<LDST>{})));
+    // S in smem (input dtype), (K, BV) row-major: the pairs of columns a thread holds are adjacent
+    Tensor sSkv = make_tensor(make_smem_ptr(sS),
+                              make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(Int<LDS>{}, _1{})));
     Tensor tUsS = thrU.partition_C(sSkv);
     const int64_t state_off = nh * K * p.V + int64_t(vt) * BV;
     if (p.h0 != nullptr) {
@@ -242,7 +242,7 @@ struct Kernel {
       }
     }
     CUTE_UNROLL
-    for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
+    for (int i = 0; i < size(rS); i += 2) *reinterpret_cast<uint32_t*>(&tUsS(i)) = pack2<T>(rS(i), rS(i + 1));
 
     if (nchunks > 0) {
       load_k(0);
@@ -554,7 +554,7 @@ struct Kernel {
         auto thr = mmaO.get_thread_slice(tid);
         Tensor sQf = make_tensor(make_smem_ptr(sQ), make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDQ>{}, _1{})));
         Tensor sBf = make_tensor(make_smem_ptr(sB), make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDB>{}, _1{})));
-        Tensor sSt = make_tensor(make_smem_ptr(sST), make_layout(Shape<Int<BV>, Int<K>>{}, make_stride(Int<LDST>{}, _1{})));
+        Tensor sSt = make_tensor(make_smem_ptr(sS), make_layout(Shape<Int<BV>, Int<K>>{}, make_stride(_1{}, Int<LDS>{})));
         Tensor sAf = make_tensor(make_smem_ptr(sA), make_layout(Shape<Int<C>, Int<C>>{}, make_stride(Int<LDA>{}, _1{})));
         Tensor sVt = make_tensor(make_smem_ptr(sV), make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
 
@@ -566,7 +566,7 @@ struct Kernel {
         Tensor tAb = thr.partition_A(sBf);
         Tensor rQg = thr.partition_fragment_A(sQf);
         Tensor rSt = thr.partition_fragment_B(sSt);
-        auto s2rS = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mmaO);
+        auto s2rS = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mmaO);
         auto ts2rS = s2rS.get_thread_slice(tid);
         Tensor tXsS = ts2rS.partition_S(sSt);
         Tensor tXrS = ts2rS.retile_D(rSt);
@@ -597,23 +597,25 @@ struct Kernel {
             *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
       }
       }  // scores and output
-      __syncthreads();  // q, k, b/g, A, S^T no longer read
-      if (c + 1 < nchunks) {
-        load_qg(c + 1);
-        cp_async_commit();
-      }
 
       // ---------------- state update: S = exp(G) S + kg^T v ----------------
+      // Into the registers before the barrier: it reads only kg^T, v and exp(G), so the warps
+      // that finish the output first (the causal A v is uneven across them) go on with it.
       {
         CUTE_UNROLL
         for (int i = 0; i < size(rS); ++i) rS(i) *= sGam[get<0>(tUc(i))];
         Tensor sKTf = make_tensor(make_smem_ptr(sKT), make_layout(Shape<Int<K>, Int<C>>{}, make_stride(Int<LDKT>{}, _1{})));
         Tensor sVt = make_tensor(make_smem_ptr(sV), make_layout(Shape<Int<BV>, Int<C>>{}, make_stride(_1{}, Int<LDV>{})));
         gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mmaU, sKTf, sVt, rS, tid);
-        CUTE_UNROLL
-        for (int i = 0; i < size(rS); ++i) tUsS(i) = T(rS(i));
       }
-      __syncthreads();  // v no longer read; S^T written
+      __syncthreads();  // q, k, b/g, A, S no longer read
+      if (c + 1 < nchunks) {
+        load_qg(c + 1);
+        cp_async_commit();
+      }
+      CUTE_UNROLL
+      for (int i = 0; i < size(rS); i += 2) *reinterpret_cast<uint32_t*>(&tUsS(i)) = pack2<T>(rS(i), rS(i + 1));
+      __syncthreads();  // v no longer read; S written
       if (kVStages == 1 && c + 1 < nchunks) {
         load_v(c + 1);
         cp_async_commit();
