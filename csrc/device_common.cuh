@@ -63,6 +63,31 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   return r;
 }
 
+// In-chunk cumulative sum of g for channel ch, the chunk's rows cut into parts of RPT rows, one
+// thread per (channel, part): gv gets this thread's inclusive partial sums (rows at or past
+// `rows` count 0); returns the sum of the parts before this one (x) and the chunk's total (y).
+// g is [rows][ldg], tot a [PARTS][ldtot] float scratch. Every thread of the block calls it: it
+// holds one barrier, after which the raw g may be overwritten.
+template <int RPT, int PARTS, class GT>
+__device__ __forceinline__ float2 chunk_cumsum(const GT* g, int ldg, int ch, int part, int rows, float* tot,
+                                               int ldtot, float (&gv)[RPT]) {
+#pragma unroll
+  for (int r = 0; r < RPT; ++r) {
+    const int t = part * RPT + r;
+    const float x = t < rows ? float(g[t * ldg + ch]) : 0.f;
+    gv[r] = r ? gv[r - 1] + x : x;
+  }
+  tot[part * ldtot + ch] = gv[RPT - 1];
+  __syncthreads();
+  float off = 0.f, total = 0.f;
+#pragma unroll
+  for (int s = 0; s < PARTS; ++s) {
+    if (s == part) off = total;
+    total += tot[s * ldtot + ch];
+  }
+  return make_float2(off, total);
+}
+
 // Tokens [bos, eos) of sequence n: from cu_seqlens, or batch row n of T tokens.
 template <class Params>
 __device__ __forceinline__ void sequence_bounds(const Params& p, int n, int64_t& bos, int64_t& eos) {

@@ -205,19 +205,8 @@ struct Kernel {
       {
         const int ch = tid % K, sg = tid / K;
         float gv[RPT];
-        CUTE_UNROLL
-        for (int r = 0; r < RPT; ++r) {
-          const float x = float(sG[(sg * RPT + r) * K + ch]);
-          gv[r] = r ? gv[r - 1] + x : x;
-        }
-        sTot[sg * K + ch] = gv[RPT - 1];
-        __syncthreads();  // totals visible; every read of the raw g is done
-        float off = 0.f, gam = 0.f;
-        CUTE_UNROLL
-        for (int s = 0; s < TPC; ++s) {
-          if (s == sg) off = gam;
-          gam += sTot[s * K + ch];
-        }
+        const float2 cs = chunk_cumsum<RPT, TPC>(sG, K, ch, sg, C, sTot, K, gv);  // then b may overwrite g
+        const float off = cs.x, gam = cs.y;
         const float gam2 = gam * kLog2e;
         if (sg == 0) sGam[ch] = ex2(gam2);
         float bprev = off * kLog2e;  // b of the row before this segment

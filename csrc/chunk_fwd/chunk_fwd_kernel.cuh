@@ -281,20 +281,8 @@ struct Kernel {
         const int ch = tid % K, seg = tid / K;
         const float bz = float(sG[ch]) * kLog2e;  // b_0 (kept operands only)
         float gv[RPT];
-        CUTE_UNROLL
-        for (int r = 0; r < RPT; ++r) {
-          const int t = seg * RPT + r;
-          const float x = t < Lr ? float(sG[t * K + ch]) : 0.f;
-          gv[r] = r ? gv[r - 1] + x : x;
-        }
-        sTot[seg * K + ch] = gv[RPT - 1];
-        __syncthreads();  // totals visible; every read of the raw g is done
-        float off = 0.f, gam = 0.f;
-        CUTE_UNROLL
-        for (int s = 0; s < TPC; ++s) {
-          if (s == seg) off = gam;
-          gam += sTot[s * K + ch];
-        }
+        const float2 cs = chunk_cumsum<RPT, TPC>(sG, K, ch, seg, Lr, sTot, K, gv);  // then b may overwrite g
+        const float off = cs.x, gam = cs.y;
         const float gam2 = gam * kLog2e;
         if (seg == 0) sGam[ch] = ex2(gam2);
         if (save_tok && seg == 0) {

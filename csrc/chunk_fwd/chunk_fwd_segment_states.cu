@@ -91,22 +91,10 @@ struct SegmentStates {
       }
       __syncthreads();
       // cumulative sum of g per channel: this thread's RPT rows, then the parts before it
-      const GT* g = sG(c);
       const T* k = sK(c);
       float gv[RPT];
-      CUTE_UNROLL
-      for (int r = 0; r < RPT; ++r) {
-        const float x = float(g[(part * RPT + r) * KS + ch]);
-        gv[r] = r ? gv[r - 1] + x : x;
-      }
-      sTot[part * KS + ch] = gv[RPT - 1];
-      __syncthreads();
-      float off = 0.f, gam = 0.f;
-      CUTE_UNROLL
-      for (int s = 0; s < PARTS; ++s) {
-        if (s == part) off = gam;
-        gam += sTot[s * KS + ch];
-      }
+      const float2 cs = chunk_cumsum<RPT, PARTS>(sG(c), KS, ch, part, C, sTot, KS, gv);
+      const float off = cs.x, gam = cs.y;
       const float gam2 = gam * kLog2e;
       log_decay += gam2;
       if (part == 0) sGam[ch] = ex2(gam2);
