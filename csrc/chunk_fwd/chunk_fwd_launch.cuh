@@ -8,13 +8,6 @@
 
 namespace gla {
 
-template <class T, class GT, int K, int BV, bool kSave>
-cudaError_t set_smem() {
-  return cudaFuncSetAttribute(&chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem);
-}
-
 // kSave: the kernel that also keeps the Triton backward's intermediates (training; its own
 // instantiation, so that the plain forward carries none of that code). Not for K = 256,
 // whose training forward is the Triton one (dispatch.saving_backend).
@@ -26,9 +19,10 @@ cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& spl
   const unsigned nseg = split.seg_len > 0 ? unsigned(split.nseg) : 1u;
   const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), nseg);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  const cudaError_t err = set_smem<T, GT, K, BV, kSave>();
+  auto* kernel = &chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave><<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, split);
+  kernel<<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, split);
   return cudaGetLastError();
 }
 
