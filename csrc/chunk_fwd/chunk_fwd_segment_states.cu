@@ -8,7 +8,7 @@
 // neighbours in the grid so that the later reads come from L2. Per chunk (b = log2(e) * the
 // in-chunk cumulative sum of g, G its last row, every exponent <= 0):
 //   S = exp2(G) S + (k exp2(G - b))^T v
-// with rows past the sequence end zero-filled (g = 0, k = 0: they change nothing).
+// The segments before the last are whole (seg_len is a multiple of the chunk): no row is masked.
 #include <cute/tensor.hpp>
 
 #include "chunk_fwd_config.h"
