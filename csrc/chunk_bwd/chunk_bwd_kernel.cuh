@@ -162,7 +162,7 @@ struct Kernel {
 
     for (int c = nchunks - 1; c >= 0; --c) {
       const int Lr = rows_in(c);
-      cp_async_wait_all();
+      cp_async_wait<0>();
       __syncthreads();
       if (c > 0) {  // the previous chunk's inputs and state come through L2
         const int64_t t1 = int64_t(c - 1) * C;

@@ -74,7 +74,7 @@ struct States {
       cp_async_commit();
     }
     for (int c = 0; c < nchunks; ++c) {
-      cp_async_wait_all();
+      cp_async_wait<0>();
       __syncthreads();
       if (c + 1 < nchunks) {  // the chunk after next comes through L2
         const int64_t t1 = int64_t(c + 1) * C;

@@ -146,11 +146,10 @@ struct Kernel {
     const float scale = p.scale;
     // training: the Triton backward's intermediates (FwdParams::save_*); V tile 0 writes
     // the per-token ones, the decays and the flags, every V tile its columns of the states
-    const bool save = kSave;
-    const bool save_tok = save && vt == 0;
-    const int64_t slot0 = save ? p.chunk_off[n] + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0) : 0;
-    T* const qxb = save ? static_cast<T*>(p.save_qx) + bos * HK + int64_t(h) * K : nullptr;
-    T* const kdb = save ? static_cast<T*>(p.save_kd) + bos * HK + int64_t(h) * K : nullptr;
+    const bool save_tok = kSave && vt == 0;
+    const int64_t slot0 = kSave ? p.chunk_off[n] + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0) : 0;
+    T* const qxb = kSave ? static_cast<T*>(p.save_qx) + bos * HK + int64_t(h) * K : nullptr;
+    T* const kdb = kSave ? static_cast<T*>(p.save_kd) + bos * HK + int64_t(h) * K : nullptr;
 
     auto rows_in = [&](int c) { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); };
 
@@ -264,7 +263,7 @@ struct Kernel {
         }
       }
 
-      if (save) {  // the state entering this chunk
+      if constexpr (kSave) {  // the state entering this chunk
         using HT = typename KeptState<T>::type;
         HT* hs = static_cast<HT*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV;
         CUTE_UNROLL
@@ -322,7 +321,7 @@ struct Kernel {
         const float br = sB[(C / 2) * LDB + tid % K];
         one_ref = !__syncthreads_or(bmax - br > kSpan2 || br - bmin > kSpan2);
       }
-      if (save) {  // the Triton backward's exact flag
+      if constexpr (kSave) {  // the Triton backward's exact flag
         bool far;
         if constexpr (kOneRef && kSpan2 == kFlagSpan2) {
           far = !one_ref;
