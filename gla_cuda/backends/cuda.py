@@ -118,8 +118,7 @@ def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_se
     from gla_cuda.backends.triton import chunk as triton_chunk
     meta = triton_chunk._Meta(q, cu_seqlens)
     o, ht, *saved = torch.ops.gla.cuda_chunk_fwd_saving(
-        q, k, v, g, scale, initial_state, output_final_state, _int32(cu_seqlens), meta.chunk_off,
-        triton_chunk.num_slots(q, cu_seqlens))
+        q, k, v, g, scale, initial_state, output_final_state, _int32(cu_seqlens), meta.chunk_off, meta.NC)
     return o, (ht if output_final_state else None), tuple(saved)
 
 

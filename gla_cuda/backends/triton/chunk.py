@@ -640,7 +640,7 @@ class _Meta:
         lens = self.cu[1:] - self.cu[:-1]
         nch = torch.div(lens + (C - 1), C, rounding_mode="floor")
         self.chunk_off = torch.cat([self.cu.new_zeros(1), torch.cumsum(nch, 0)])
-        NC = T // C + N
+        NC = num_slots(q, cu_seqlens, C)
         self.chunk_seq = _chunk_seq(self.chunk_off, NC, dev)
         self.N, self.NC = N, NC
 
@@ -752,10 +752,10 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, fwd, bwd):
     return A, exact, qx, qxb, kd, vec
 
 
-def num_slots(q, cu_seqlens):
+def num_slots(q, cu_seqlens, C=C_CHUNK):
     """Chunk slots of the packed batch (_Meta.NC), from shapes alone."""
     B, T = q.shape[0], q.shape[1]
-    return B * triton.cdiv(T, C_CHUNK) if cu_seqlens is None else T // C_CHUNK + cu_seqlens.shape[0] - 1
+    return B * triton.cdiv(T, C) if cu_seqlens is None else T // C + cu_seqlens.shape[0] - 1
 
 
 def saved_like(q, k, v, g, cu_seqlens):
