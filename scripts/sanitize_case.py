@@ -2,6 +2,7 @@
 (default: cuda, triton and auto, whose training runs the CUDA forward that keeps the Triton
 backward's intermediates), forward and backward, chunked and recurrent, plus a short
 recurrent case (the CUDA recurrent backward takes T <= 16) and the pooled decode op."""
+import os
 import sys
 
 import torch
@@ -21,7 +22,9 @@ cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"
          # two V tiles: the compiled backward sums them in a thread-block cluster on sm_90
          (torch.tensor([0, 63, 64, 199], dtype=torch.int32, device="cuda"), inputs(199, 2, 128, 128, 3)),
          # three (sequence, head) pairs and long sequences: the compiled forward's segment split
-         (torch.tensor([0, 600, 601, 1400], dtype=torch.int32, device="cuda"), inputs(1400, 1, 128, 128, 3))]
+         (torch.tensor([0, 600, 601, 1400], dtype=torch.int32, device="cuda"), inputs(1400, 1, 128, 128, 3)),
+         # K = 256: the compiled two-stage forward (prep, then the wgmma walk on sm_90)
+         (torch.tensor([0, 0, 1, 70, 200], dtype=torch.int32, device="cuda"), inputs(200, 2, 256, 128, 4))]
 for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
     for cu, (q, k, v, g, h0) in cases:
         for form, fn in (("chunk", gla_cuda.chunk_gla), ("recurrent", gla_cuda.fused_recurrent_gla)):
@@ -34,6 +37,13 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
                 (o.float().sum() + ht.sum()).backward()
             torch.cuda.synchronize()
             print(f"{backend} {form} T={q.shape[1]}: ran")
+    if backend == "cuda":  # the mma.sync walk of the two-stage forward (other GPUs than sm_90)
+        cu, (q, k, v, g, h0) = cases[-1]
+        os.environ["GLA_CUDA_NO_WGMMA"] = "1"
+        gla_cuda.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="cuda")
+        torch.cuda.synchronize()
+        del os.environ["GLA_CUDA_NO_WGMMA"]
+        print("cuda chunk K=256, mma.sync walk: ran")
     q, k, v, g = (x.view(4, 3, *x.shape[2:]) for x in inputs(12, 2, 100, 72, 1)[:4])
     pool = torch.randn(6, 2, 72, 100, device="cuda")  # [P, H, V, K]: state_v_first
     if dispatch.choose("recurrent_pool_fwd_", q, k, v, g, pool, None, backend).backend is not None:

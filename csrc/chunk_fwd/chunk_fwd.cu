@@ -1,7 +1,9 @@
 // Host-side coverage check and dispatch of the fused chunked forward.
 #include "chunk_fwd.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include <cute/numeric/numeric_types.hpp>
 
@@ -26,9 +28,22 @@ cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaS
     case 128:
       if (chunk_fwd_cfg::block_v(128, p.V) == 128) return dispatch_g<T, 128, 128>(p, sp, stream);
       return dispatch_g<T, 128, 64>(p, sp, stream);
-    case 256: return dispatch_g<T, 256, 64>(p, sp, stream);
     default: return cudaErrorInvalidValue;
   }
+}
+
+// The two-stage forward's walk with wgmma: in sm_90a builds on sm_90 devices, unless
+// GLA_CUDA_NO_WGMMA=1 asks for the mma.sync walk (the sm_80 path, tested on Hopper too).
+bool hopper_walk() {
+#if defined(GLA_SM90A)
+  const char* off = std::getenv("GLA_CUDA_NO_WGMMA");
+  if (off != nullptr && off[0] == '1') return false;
+  int dev = 0, major = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+#else
+  return false;
+#endif
 }
 
 // Segment plan: split only when the (sequence, head, V-tile) CTAs fill at most half the GPU
@@ -70,7 +85,11 @@ const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor
     return "chunk_fwd needs 16-byte aligned q, k, v, g, o";
   if ((p.h0 != nullptr && !aligned16(p.h0)) || (p.ht != nullptr && !aligned16(p.ht)))
     return "chunk_fwd needs 16-byte aligned states";
-  const int smem = chunk_fwd_cfg::smem_bytes(p.K, chunk_fwd_cfg::block_v(p.K, p.V));  // the larger tile
+  const int bv = chunk_fwd_cfg::block_v(p.K, p.V);  // the larger tile
+  const int smem = chunk_fwd_cfg::two_stage(p.K)
+      ? std::max({chunk_fwd_cfg::prep_smem_bytes(p.K), chunk_fwd_cfg::walk_smem_bytes(p.K, bv),
+                  hopper_walk() ? chunk_fwd_cfg::walk_sm90_smem_bytes(p.K, bv) : 0})
+      : chunk_fwd_cfg::smem_bytes(p.K, bv);
   int dev = 0, max_smem = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
@@ -79,22 +98,53 @@ const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor
   return nullptr;
 }
 
-cudaError_t chunk_fwd(const FwdParams& p, cudaStream_t stream) {
-  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
+cudaError_t chunk_fwd(const FwdParams& p_in, cudaStream_t stream) {
+  if (p_in.dtype != DType::kBFloat16 && p_in.dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  FwdParams p = p_in;
   chunk_fwd_cfg::Split sp = plan_split(p);
-  void* ws = nullptr;
-  if (sp.seg_len > 0) {
-    // Stream-ordered workspace for the segment states (no host synchronisation).
-    const size_t states = size_t(p.N) * p.H * sp.nseg * p.K;
-    cudaError_t err = cudaMallocAsync(&ws, states * (size_t(p.V) + 1) * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-    sp.ws_state = static_cast<float*>(ws);
-    sp.ws_decay = sp.ws_state + states * p.V;
+  const bool two_stage = chunk_fwd_cfg::two_stage(p.K);
+  // Stream-ordered workspace (no host synchronisation): the segment states of a split and, for
+  // the two-stage forward when the caller keeps none of them, its per-chunk intermediates.
+  size_t bytes = 0;
+  auto take = [&](size_t n) {
+    const size_t at = (bytes + 255) / 256 * 256;
+    bytes = at + n;
+    return at;
+  };
+  const size_t seg_states = sp.seg_len > 0 ? size_t(p.N) * p.H * sp.nseg * p.K : 0;
+  const size_t at_state = take(seg_states * p.V * sizeof(float)), at_decay = take(seg_states * sizeof(float));
+  const bool own = two_stage && p.save_a == nullptr;
+  size_t at_a = 0, at_qx = 0, at_kd = 0, at_dec = 0;
+  if (own) {
+    const size_t rows = size_t(p.B) * p.T * p.H;  // 16-bit elements below
+    at_a = take(rows * chunk_fwd_cfg::kChunk * 2);
+    at_qx = take(rows * p.K * 2);
+    at_kd = take(rows * p.K * 2);
+    at_dec = take(size_t(chunk_fwd_cfg::num_slots(p)) * p.H * 3 * p.K * sizeof(float));
   }
-  cudaError_t err = ws != nullptr ? run_segment_states(p, sp, stream) : cudaSuccess;
-  if (err == cudaSuccess)
+  char* ws = nullptr;
+  if (bytes > 0) {
+    cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&ws), bytes, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (sp.seg_len > 0) {
+    sp.ws_state = reinterpret_cast<float*>(ws + at_state);
+    sp.ws_decay = reinterpret_cast<float*>(ws + at_decay);
+  }
+  if (own) {
+    p.save_a = ws + at_a;
+    p.save_qx = ws + at_qx;
+    p.save_kd = ws + at_kd;
+    p.save_decay = reinterpret_cast<float*>(ws + at_dec);
+  }
+  cudaError_t err = sp.seg_len > 0 ? run_segment_states(p, sp, stream) : cudaSuccess;
+  if (two_stage) {
+    if (err == cudaSuccess) err = run_chunk_prep(p, stream);
+    if (err == cudaSuccess) err = hopper_walk() ? run_chunk_walk_sm90(p, sp, stream) : run_chunk_walk(p, sp, stream);
+  } else if (err == cudaSuccess) {
     err = p.dtype == DType::kBFloat16 ? dispatch_k<cute::bfloat16_t>(p, sp, stream)
                                       : dispatch_k<cute::half_t>(p, sp, stream);
+  }
   if (ws != nullptr) {
     cudaError_t err2 = cudaFreeAsync(ws, stream);
     if (err == cudaSuccess) err = err2;

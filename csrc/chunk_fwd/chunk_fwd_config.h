@@ -59,6 +59,40 @@ struct Smem {
 
 constexpr int smem_bytes(int K, int BV) { return Smem{K, BV}.bytes(); }
 
+// K = 256 runs the two-stage forward: the fused kernel would redo the scores and the gated
+// operands for each of the V / 64 tiles of a head (and spill). Stage 1 (prep) computes them
+// once per (chunk, head), in parallel over chunks; stage 2 (walk) streams them down the
+// sequence with the state in registers and does little but MMAs.
+constexpr bool two_stage(int K) { return K == 256; }
+// q, k [C][K+8] (16-bit), b [C][K+8] float, A [C][C+8], the cumsum's partial sums (kThreads floats)
+constexpr int prep_smem_bytes(int K) { return kChunk * (K + 8) * (2 + 2 + 4) + kChunk * (kChunk + 8) * 2 + kThreads * 4; }
+constexpr int walk_smem_bytes(int K, int BV) {
+  // two stages of {qx, kd [C][K+8], v [C][BV+8], A [C][C+8] (16-bit), exp(G), exp(b_0) [K]}; S [K][BV+8]
+  return 2 * (kChunk * (2 * (K + 8) + (BV + 8) + (kChunk + 8)) * 2 + 2 * K * 4) + K * (BV + 8) * 2;
+}
+
+// The Hopper walk (chunk_fwd_walk_sm90.cu): the same per stage, unpadded (wgmma's swizzled
+// layouts), each stage rounded to 1024 bytes, plus S and 1024 bytes to align the base.
+constexpr int walk_sm90_smem_bytes(int K, int BV) {
+  return 2 * ((kChunk * (2 * K + BV + kChunk) * 2 + 2 * K * 4 + 1023) / 1024 * 1024) + K * BV * 2 + 1024;
+}
+
+// Per-chunk slots of the two-stage intermediates: chunk c of sequence n is slot
+// slot_base(n) + c. Training passes chunk_off (the Triton backward's layout); otherwise a batch
+// has ceil(T / C) slots per row and varlen sequence n starts at slot cu[n] / C + n (increasing,
+// and a sequence of len tokens from bos spans at most floor((bos + len) / C) - floor(bos / C) + 1
+// chunks, so slots never collide and stay below num_slots).
+inline int64_t num_slots(const FwdParams& p) {
+  return p.cu_seqlens != nullptr ? int64_t(p.T) / kChunk + p.N : int64_t(p.B) * ((p.T + kChunk - 1) / kChunk);
+}
+#ifdef __CUDACC__
+__device__ __forceinline__ int64_t slot_base(const FwdParams& p, int n) {
+  if (p.chunk_off != nullptr) return p.chunk_off[n];
+  if (p.cu_seqlens != nullptr) return p.cu_seqlens[n] / kChunk + n;
+  return int64_t(n) * ((p.T + kChunk - 1) / kChunk);
+}
+#endif
+
 }  // namespace chunk_fwd_cfg
 
 // The fused kernel (pass 2 of a split): one instantiation per (input dtype, gate dtype, K, BV).
@@ -66,6 +100,15 @@ constexpr int smem_bytes(int K, int BV) { return Smem{K, BV}.bytes(); }
 // cute::bfloat16_t, cute::half_t or float.
 template <class T, class GT, int K, int BV>
 cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
+
+// The two-stage forward (two_stage(K)). Stage 1 writes, per chunk slot and head, the scores
+// (save_a), the exact flags (save_flags, where set), the gated operands save_qx, save_kd and the
+// decays (save_decay); stage 2 reads them and writes o, ht and, with save_h set, the state
+// entering every chunk. chunk_fwd_prep.cu, chunk_fwd_walk.cu.
+cudaError_t run_chunk_prep(const FwdParams& p, cudaStream_t stream);
+cudaError_t run_chunk_walk(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
+// The walk with wgmma (sm_90a builds, sm_90 devices): chunk_fwd_walk_sm90.cu.
+cudaError_t run_chunk_walk_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
 
 // Pass 1 of a split (split.seg_len > 0): the segments' end states and decays into the workspace.
 // chunk_fwd_segment_states.cu.

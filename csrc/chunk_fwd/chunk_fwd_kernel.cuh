@@ -1,5 +1,6 @@
 // Fused chunked GLA forward: main loop.
 //
+// K <= 128 (K = 256 runs the two-stage forward, chunk_fwd_prep.cu and chunk_fwd_walk*.cu).
 // One CTA (8 warps) per (sequence, head, V-tile of BV columns). The CTA walks the
 // sequence in chunks of C = 64 tokens and keeps the K x BV state S in float32
 // registers (MMA accumulator layout) the whole time; nothing but o and the final
@@ -11,16 +12,10 @@
 //   prep    per channel: b (float32, smem), exp(G) (smem), kg^T = (k * exp2(G - b))^T
 //           (smem, input dtype, the A operand of the state update); in the exact path
 //           below, for K <= 128, the per-step factors e_t = exp2(b_t - b_{t-1}) (float32, smem).
-//   scores  A = scale * tril(q k^T gated), 64 x 64, written to smem in the input dtype.
-//           Where every |b_t - b_r| <= kSpan2 (r = 32, the middle row; checked per chunk,
-//           a CTA-wide vote), one MMA: q~ = q exp2(b - b_r), k~ = k exp2(b_r - b) (factors
-//           up to exp(40) for bf16, exp(4) for fp16; K <= 128). Otherwise (strong gates):
-//           - 16 x 16 sub-blocks below the diagonal (query block i > key block j) by
-//             tensor-core MMA on operands built in registers with reference row r = 16 i:
-//             q~ = q * exp2(b_t - b_r), k~ = k * exp2(b_r - b_s);
-//           - the 4 diagonal sub-blocks element-wise in float32; the weight
-//             exp2(b_t - b_s) is a running product of the factors e (walking s down
-//             from t), or exp2(b_t - b_s) itself for K = 256.
+//   scores  A = scale * tril(q k^T gated), 64 x 64, written to smem in the input dtype
+//           (chunk_fwd_scores.cuh): one MMA with one reference row where every
+//           |b_t - b_32| <= kSpan2 (a CTA-wide vote per chunk), else the exact path (MMA on
+//           the sub-diagonal blocks, the diagonal ones element-wise with the factors e).
 //   output  o = (scale * q * exp2(b)) S + A v   (two MMAs into one accumulator; the
 //           gated q is built in registers; S comes from smem in the input dtype).
 //   update  S = exp2(G) * S + kg^T v            (MMA into the register-resident state),
@@ -48,25 +43,13 @@
 #include "device_common.cuh"
 #include "gla_params.h"
 #include "chunk_fwd_config.h"
+#include "chunk_fwd_scores.cuh"
+#include "chunk_fwd_state.cuh"
 
 namespace gla {
 namespace chunk_fwd_detail {
 
 using namespace cute;
-
-// Storage of the kept states (training): bf16 for bf16 inputs, float32 for float16 (whose
-// range a state can exceed), as the Triton backward that reads them keeps them.
-template <class T> struct KeptState { using type = T; };
-template <> struct KeptState<cute::half_t> { using type = float; };
-
-template <class T>
-__device__ __forceinline__ float2 load_pair(const T* ptr) {
-  const uint32_t u = *reinterpret_cast<const uint32_t*>(ptr);
-  T x[2];
-  memcpy(x, &u, 4);
-  return make_float2(float(x[0]), float(x[1]));
-}
-
 
 template <class T_, class GT_, int K_, int BV_, bool kSave = false>
 struct Kernel {
@@ -82,17 +65,13 @@ struct Kernel {
   static constexpr int kSmem = L.bytes();
   static constexpr bool kHasE = L.has_e();
   static constexpr int kVStages = L.v_stages();
-  static constexpr int NCH = K / 64;  // 8-channel pieces per lane in the diagonal blocks
-  // One reference row (the middle one) for the whole chunk's scores where the gates allow:
-  // A = scale tril(q~ k~^T), q~ = q exp2(b - b_r) (written over the e buffer, so K <= 128),
-  // k~ = k exp2(b_r - b) (over k), one MMA. The factors are bounded by exp(+-kSpan) instead
-  // of 1: 40 nats for bf16 (its float32 exponent range), 4 for fp16 (its max is 65504).
+  using Scores = ChunkScores<T, K, LDQ, LDB, LDA>;
+  // One reference row (the middle one) for the whole chunk's scores where the gates allow
+  // (chunk_fwd_scores.cuh): q~ is written over the e buffer, so K <= 128.
   static constexpr bool kOneRef = kHasE;
-  static constexpr float kSpan2 = (cute::is_same_v<T, cute::half_t> ? 4.f : 40.f) * kLog2e;
-  // Training: a chunk is flagged for the Triton backward's exact path beyond 40 nats.
   static constexpr float kFlagSpan2 = 40.f * kLog2e;
   static_assert(C == 64 && NT == 256, "warp roles assume 8 warps and 64-token chunks");
-  static_assert(K % 64 == 0 && NT % K == 0 && RPT % 2 == 0, "K in {64, 128, 256}");
+  static_assert((K == 64 || K == 128) && RPT % 2 == 0, "K in {64, 128}");
   static_assert(BV % 64 == 0, "BV multiple of 64");
 
   using Atom = MMA_Atom<typename MmaAtomFor<T>::type>;
@@ -100,12 +79,7 @@ struct Kernel {
   // 2 along V.
   using MmaO = decltype(make_tiled_mma(Atom{}, Layout<Shape<_4, _2, _1>>{}, Tile<_64, _32, _16>{}));
   // State tile K x BV.
-  static constexpr int WM = K >= 256 ? 8 : 4;
-  static constexpr int WN = 8 / WM;
-  using MmaU = decltype(make_tiled_mma(Atom{}, Layout<Shape<Int<WM>, Int<WN>, _1>>{},
-                                       Tile<Int<16 * WM>, Int<16 * WN>, _16>{}));
-  // One warp, one 16 x 16 score sub-block.
-  using MmaS = decltype(make_tiled_mma(Atom{}, Layout<Shape<_1, _1, _1>>{}, Tile<_16, _16, _16>{}));
+  using MmaU = decltype(make_tiled_mma(Atom{}, Layout<Shape<_4, _2, _1>>{}, Tile<_64, _32, _16>{}));
 
   static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, unsigned char* smem) {
     T* sQ = reinterpret_cast<T*>(smem + L.off_q());
@@ -214,32 +188,7 @@ struct Kernel {
     Tensor sSkv = make_tensor(make_smem_ptr(sS),
                               make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(Int<LDS>{}, _1{})));
     Tensor tUsS = thrU.partition_C(sSkv);
-    const int64_t state_off = nh * K * p.V + int64_t(vt) * BV;
-    if (p.h0 != nullptr) {
-      const float* h0 = p.h0 + state_off;
-      CUTE_UNROLL
-      for (int i = 0; i < size(rS); i += 2) {
-        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
-        const float2 x = *reinterpret_cast<const float2*>(h0 + int64_t(kk) * p.V + vv);
-        rS(i) = x.x;
-        rS(i + 1) = x.y;
-      }
-    } else {
-      clear(rS);
-    }
-    // pass 2 of a split: compose the end states of the segments before this one
-    for (int j = 0; j < seg; ++j) {
-      const float* Sj = sp.ws_state + (nh * sp.nseg + j) * K * p.V + int64_t(vt) * BV;
-      const float* Dj = sp.ws_decay + (nh * sp.nseg + j) * K;
-      CUTE_UNROLL
-      for (int i = 0; i < size(rS); i += 2) {
-        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
-        const float dk = Dj[kk];
-        const float2 x = *reinterpret_cast<const float2*>(Sj + int64_t(kk) * p.V + vv);
-        rS(i) = dk * rS(i) + x.x;
-        rS(i + 1) = dk * rS(i + 1) + x.y;
-      }
-    }
+    load_initial_state<K, BV>(p, sp, nh, vt, seg, rS, tUc);
     CUTE_UNROLL
     for (int i = 0; i < size(rS); i += 2) *reinterpret_cast<uint32_t*>(&tUsS(i)) = pack2<T>(rS(i), rS(i + 1));
 
@@ -263,16 +212,9 @@ struct Kernel {
         }
       }
 
-      if constexpr (kSave) {  // the state entering this chunk
-        using HT = typename KeptState<T>::type;
-        HT* hs = static_cast<HT*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV;
-        CUTE_UNROLL
-        for (int i = 0; i < size(rS); i += 2) {
-          HT* dst = hs + int64_t(get<0>(tUc(i))) * p.V + get<1>(tUc(i));
-          if constexpr (cute::is_same_v<HT, float>) *reinterpret_cast<float2*>(dst) = make_float2(rS(i), rS(i + 1));
-          else *reinterpret_cast<uint32_t*>(dst) = pack2<T>(rS(i), rS(i + 1));
-        }
-      }
+      if constexpr (kSave)  // the state entering this chunk
+        store_state<T>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
+                       p.V, rS, tUc);
 
       // ---------------- prep: cumsum of g per channel, exp(G), kg^T ----------------
       float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
@@ -317,206 +259,18 @@ struct Kernel {
       __syncthreads();
       // one reference row for this chunk if every |b_t - b_r| <= kSpan2 (uniform per CTA)
       bool one_ref = false;
-      if constexpr (kOneRef) {
-        const float br = sB[(C / 2) * LDB + tid % K];
-        one_ref = !__syncthreads_or(bmax - br > kSpan2 || br - bmin > kSpan2);
-      }
+      if constexpr (kOneRef) one_ref = Scores::one_ref_ok(sB, bmax, bmin, tid);
       if constexpr (kSave) {  // the Triton backward's exact flag
         bool far;
-        if constexpr (kOneRef && kSpan2 == kFlagSpan2) {
-          far = !one_ref;
-        } else {
-          const float br = sB[(C / 2) * LDB + tid % K];
-          far = __syncthreads_or(bmax - br > kFlagSpan2 || br - bmin > kFlagSpan2);
-        }
+        if constexpr (kOneRef && Scores::kSpan2 == kFlagSpan2) far = !one_ref;
+        else far = !Scores::one_ref_ok(sB, bmax, bmin, tid, kFlagSpan2);
         if (save_tok && tid == 0) p.save_flags[(slot0 + c) * p.H + h] = int8_t(far);
       }
 
       {
       // ---------------- intra-chunk scores -> sA ----------------
-      if (one_ref) {
-        T* sQt = reinterpret_cast<T*>(sE);
-        const float* sBr = sB + (C / 2) * LDB;
-        for (int i = tid; i < C * K / 2; i += NT) {
-          const int t = i / (K / 2), cc = (i % (K / 2)) * 2;
-          const float2 b = *reinterpret_cast<const float2*>(sB + t * LDB + cc);
-          const float2 r = *reinterpret_cast<const float2*>(sBr + cc);
-          const float2 x = load_pair(sQ + t * LDQ + cc);
-          const float2 y = load_pair(sK + t * LDQ + cc);
-          *reinterpret_cast<uint32_t*>(sQt + t * LDQ + cc) = pack2<T>(x.x * ex2(b.x - r.x), x.y * ex2(b.y - r.y));
-          *reinterpret_cast<uint32_t*>(sK + t * LDQ + cc) = pack2<T>(y.x * ex2(r.x - b.x), y.y * ex2(r.y - b.y));
-        }
-        __syncthreads();
-        MmaO mmaO;
-        auto thr = mmaO.get_thread_slice(tid);
-        auto lqk = make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDQ>{}, _1{}));
-        Tensor acc = partition_fragment_C(mmaO, Shape<Int<C>, Int<C>>{});
-        clear(acc);
-        gemm_smem<SM75_U32x4_LDSM_N, SM75_U32x4_LDSM_N, T>(mmaO, make_tensor(make_smem_ptr(sQt), lqk),
-                                                          make_tensor(make_smem_ptr(sK), lqk), acc, tid);
-        Tensor tC = thr.partition_C(make_tensor(make_smem_ptr(sA),
-                                                make_layout(Shape<Int<C>, Int<C>>{}, make_stride(Int<LDA>{}, _1{}))));
-        Tensor tCc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc); i += 2) {
-          const int t = get<0>(tCc(i)), s0 = get<1>(tCc(i));  // columns s0, s0 + 1
-          *reinterpret_cast<uint32_t*>(&tC(i)) =
-              pack2<T>(s0 <= t ? acc(i) * scale : 0.f, s0 + 1 <= t ? acc(i + 1) * scale : 0.f);
-        }
-      } else {
-        if constexpr (kHasE) {  // e_t = exp(b_t - b_{t-1}) <= 1 (e_0 is never read)
-          for (int i = tid; i < (C - 1) * K; i += NT) {
-            const int t = 1 + i / K, ch = i % K;
-            sE[t * LDB + ch] = ex2(sB[t * LDB + ch] - sB[(t - 1) * LDB + ch]);
-          }
-          __syncthreads();
-        }
-        // Diagonal 16 x 16 sub-blocks, element-wise in float32. Warp pair (2d, 2d+1) owns
-        // block d; a group of 8 lanes owns query rows ta and 15 - ta (17 pairs s <= t in all),
-        // each lane NCH pieces of 8 channels; the group reduces with shuffles. For each row
-        // the keys are walked from s = t down to 0 with w = exp(b_t - b_s) per channel, kept
-        // as a running product of the per-step factors e (no exp, every factor <= 1), or,
-        // where e is not stored, as exp2(b_t - b_s) directly.
-        const int d = warp >> 1, gq = lane >> 3, li = lane & 7;
-        const int ta = (warp & 1) * 4 + gq, tb = 15 - ta;
-        // qf: q_t (ex2 path only); w: q_t * exp(b_t - b_s) per channel (running product path)
-        float qf[kHasE ? 1 : NCH * 8], w[kHasE ? NCH * 8 : 1], bt[kHasE ? 1 : NCH * 8];
-        // partial dot product of pair pp over this lane's channels
-        auto pair_dot = [&](const int pp) -> float {
-          const bool first = pp == 0 || pp == ta + 1;
-          const int t = pp <= ta ? ta : tb;
-          const int s = pp <= ta ? ta - pp : tb - (pp - ta - 1);
-          const int rt = 16 * d + t, rs = 16 * d + s;
-          if (first) {
-            CUTE_UNROLL
-            for (int m = 0; m < NCH; ++m) {
-              const int cc = (li + 8 * m) * 8;
-              const uint4 qa = *reinterpret_cast<const uint4*>(sQ + rt * LDQ + cc);
-              const T* qe = reinterpret_cast<const T*>(&qa);
-              if constexpr (kHasE) {
-                CUTE_UNROLL
-                for (int e = 0; e < 8; ++e) w[m * 8 + e] = float(qe[e]);
-              } else {
-                CUTE_UNROLL
-                for (int e = 0; e < 8; ++e) qf[m * 8 + e] = float(qe[e]);
-                const float4 b0 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc);
-                const float4 b1 = *reinterpret_cast<const float4*>(sB + rt * LDB + cc + 4);
-                bt[m * 8 + 0] = b0.x; bt[m * 8 + 1] = b0.y; bt[m * 8 + 2] = b0.z; bt[m * 8 + 3] = b0.w;
-                bt[m * 8 + 4] = b1.x; bt[m * 8 + 5] = b1.y; bt[m * 8 + 6] = b1.z; bt[m * 8 + 7] = b1.w;
-              }
-            }
-          }
-          float acc = 0.f;
-          CUTE_UNROLL
-          for (int m = 0; m < NCH; ++m) {
-            const int cc = (li + 8 * m) * 8;
-            const uint4 ka = *reinterpret_cast<const uint4*>(sK + rs * LDQ + cc);
-            const T* ke = reinterpret_cast<const T*>(&ka);
-            if constexpr (kHasE) {
-              // w(t, s) = w(t, s + 1) * e_{s+1}, w(t, t) = q_t; the e row is clamped when unused
-              const int re = first ? rs : rs + 1;
-              const float4 e0 = *reinterpret_cast<const float4*>(sE + re * LDB + cc);
-              const float4 e1 = *reinterpret_cast<const float4*>(sE + re * LDB + cc + 4);
-              const float ev[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
-              CUTE_UNROLL
-              for (int e = 0; e < 8; ++e) {
-                if (!first) w[m * 8 + e] *= ev[e];
-                acc += w[m * 8 + e] * float(ke[e]);
-              }
-            } else {
-              const float4 b0 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc);
-              const float4 b1 = *reinterpret_cast<const float4*>(sB + rs * LDB + cc + 4);
-              const float bs[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-              CUTE_UNROLL
-              for (int e = 0; e < 8; ++e) acc += qf[m * 8 + e] * ex2(bt[m * 8 + e] - bs[e]) * float(ke[e]);
-            }
-          }
-          return acc;
-        };
-        auto group_sum = [&](float acc) {
-          acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-          acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-          acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-          return acc;
-        };
-        auto pair_row = [&](int pp) { return pp <= ta ? ta : tb; };
-        auto pair_col = [&](int pp) { return pp <= ta ? ta - pp : tb - (pp - ta - 1); };
-        if constexpr (kHasE && K == 128) {
-          // unrolled walk, reductions after it so that the shuffles of all pairs overlap
-          // (K = 64 runs two CTAs per SM and has no registers for this)
-          float accs[17];
-          CUTE_UNROLL
-          for (int pp = 0; pp < 17; ++pp) accs[pp] = pair_dot(pp);
-          CUTE_UNROLL
-          for (int pp = 0; pp < 17; ++pp) {
-            const float acc = group_sum(accs[pp]);
-            if (li == (pp & 7)) sA[(16 * d + pair_row(pp)) * LDA + 16 * d + pair_col(pp)] = T(acc * scale);
-          }
-        } else {
-#pragma unroll 1
-          for (int pp = 0; pp < 17; ++pp) {
-            const float acc = group_sum(pair_dot(pp));
-            if (li == 0) sA[(16 * d + pair_row(pp)) * LDA + 16 * d + pair_col(pp)] = T(acc * scale);
-          }
-        }
-        for (int s = ta + 1 + li; s < 16; s += 8) sA[(16 * d + ta) * LDA + 16 * d + s] = T(0.f);
-        for (int s = tb + 1 + li; s < 16; s += 8) sA[(16 * d + tb) * LDA + 16 * d + s] = T(0.f);
-
-        // Sub-blocks below the diagonal: warp w < 6 owns block (bi, bj).
-        if (warp < 6) {
-          const int bi = warp < 1 ? 1 : (warp < 3 ? 2 : 3);
-          const int bj = warp < 1 ? 0 : (warp < 3 ? warp - 1 : warp - 3);
-          MmaS mmaS;
-          auto thr = mmaS.get_thread_slice(lane);
-          auto lq = make_layout(Shape<_16, Int<K>>{}, make_stride(Int<LDQ>{}, _1{}));
-          auto lb = make_layout(Shape<_16, Int<K>>{}, make_stride(Int<LDB>{}, _1{}));
-          auto lr = make_layout(Shape<_16, Int<K>>{}, make_stride(_0{}, _1{}));  // row r broadcast
-          Tensor sQi = make_tensor(make_smem_ptr(sQ + 16 * bi * LDQ), lq);
-          Tensor sBi = make_tensor(make_smem_ptr(sB + 16 * bi * LDB), lb);
-          Tensor sBr = make_tensor(make_smem_ptr(sB + 16 * bi * LDB), lr);
-          Tensor sKj = make_tensor(make_smem_ptr(sK + 16 * bj * LDQ), lq);
-          Tensor sBj = make_tensor(make_smem_ptr(sB + 16 * bj * LDB), lb);
-          Tensor tAq = thr.partition_A(sQi);
-          Tensor tAb = thr.partition_A(sBi);
-          Tensor tAr = thr.partition_A(sBr);
-          Tensor tBk = thr.partition_B(sKj);
-          Tensor tBb = thr.partition_B(sBj);
-          Tensor tBr = thr.partition_B(sBr);
-          Tensor rA = thr.partition_fragment_A(sQi);
-          Tensor rB = thr.partition_fragment_B(sKj);
-          Tensor acc = partition_fragment_C(mmaS, Shape<_16, _16>{});
-          clear(acc);
-          CUTE_UNROLL
-          for (int kk = 0; kk < size<2>(rA); ++kk) {
-            // fragment values (i, i+1) are adjacent channels: 32-bit / 64-bit smem loads
-            CUTE_UNROLL
-            for (int i = 0; i < size<0>(rA); i += 2) {
-              const float2 x = load_pair(&tAq(i, 0, kk));
-              const float2 b = *reinterpret_cast<const float2*>(&tAb(i, 0, kk));
-              const float2 r = *reinterpret_cast<const float2*>(&tAr(i, 0, kk));
-              rA(i, 0, kk) = T(x.x * ex2(b.x - r.x));
-              rA(i + 1, 0, kk) = T(x.y * ex2(b.y - r.y));
-            }
-            CUTE_UNROLL
-            for (int nn = 0; nn < size<1>(rB); ++nn)
-              CUTE_UNROLL
-              for (int i = 0; i < size<0>(rB); i += 2) {
-                const float2 x = load_pair(&tBk(i, nn, kk));
-                const float2 b = *reinterpret_cast<const float2*>(&tBb(i, nn, kk));
-                const float2 r = *reinterpret_cast<const float2*>(&tBr(i, nn, kk));
-                rB(i, nn, kk) = T(x.x * ex2(r.x - b.x));
-                rB(i + 1, nn, kk) = T(x.y * ex2(r.y - b.y));
-              }
-            gemm(mmaS, acc, rA(_, _, kk), rB(_, _, kk), acc);
-          }
-          Tensor sAij = make_tensor(make_smem_ptr(sA + 16 * bi * LDA + 16 * bj),
-                                    make_layout(Shape<_16, _16>{}, make_stride(Int<LDA>{}, _1{})));
-          Tensor tC = thr.partition_C(sAij);
-          CUTE_UNROLL
-          for (int i = 0; i < size(acc); i += 2)
-            *reinterpret_cast<uint32_t*>(&tC(i)) = pack2<T>(acc(i) * scale, acc(i + 1) * scale);
-        }
-      }  // one_ref
+      if (one_ref) Scores::one_ref(sQ, reinterpret_cast<T*>(sE), sK, sB, sA, scale, tid);
+      else Scores::template exact<kHasE>(sQ, sK, sB, sE, sA, scale, tid);
       __syncthreads();
       if (save_tok) {  // the scores of the rows in the sequence; zeros above the diagonal
         // blocks (the exact path leaves those unwritten: the output never reads them)
@@ -609,14 +363,7 @@ struct Kernel {
       }
     }
 
-    if (p.ht != nullptr && seg == last_seg) {
-      float* ht = p.ht + state_off;
-      CUTE_UNROLL
-      for (int i = 0; i < size(rS); i += 2) {
-        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
-        *reinterpret_cast<float2*>(ht + int64_t(kk) * p.V + vv) = make_float2(rS(i), rS(i + 1));
-      }
-    }
+    if (p.ht != nullptr && seg == last_seg) store_state<T>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);
   }
 };
 

@@ -9,8 +9,8 @@
 namespace gla {
 
 // kSave: the kernel that also keeps the Triton backward's intermediates (training; its own
-// instantiation, so that the plain forward carries none of that code). Not for K = 256,
-// whose training forward is the Triton one (dispatch.saving_backend).
+// instantiation, so that the plain forward carries none of that code). K = 256 runs the
+// two-stage forward instead (chunk_fwd.cu), whose kernels keep the same intermediates.
 template <class T, class GT, int K, int BV, bool kSave>
 cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
   constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem;
@@ -29,8 +29,7 @@ cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& spl
 template <class T, class GT, int K, int BV>
 cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
   if (p.save_a == nullptr) return launch_chunk_fwd<T, GT, K, BV, false>(p, split, stream);
-  if constexpr (K <= 128) return launch_chunk_fwd<T, GT, K, BV, true>(p, split, stream);
-  return cudaErrorNotSupported;
+  return launch_chunk_fwd<T, GT, K, BV, true>(p, split, stream);
 }
 
 }  // namespace gla

@@ -262,8 +262,10 @@ int main(int argc, char** argv) {
     time_case("bf16 gbf (32,2048,16,64,64)", bf, bf, 32, 2048, 16, 64, 64);
     return 0;
   }
-  if (argc > 1 && std::string(argv[1]) == "bench") {
-    time_case("bf16 gbf (8,2048,16,128,128)", bf, bf, 8, 2048, 16, 128, 128);
+  if (argc > 1 && std::string(argv[1]) == "bench") {  // bench [B T H K V] (profilers: one shape)
+    int s[5] = {8, 2048, 16, 128, 128};
+    for (int i = 0; i < 5 && i + 2 < argc; ++i) s[i] = std::atoi(argv[i + 2]);
+    time_case("bf16 gbf (bench shape)", bf, bf, s[0], s[1], s[2], s[3], s[4]);
     return 0;
   }
   int fails = 0;
