@@ -143,8 +143,11 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd_call(
     p.save_decay = (*kept)[4].data_ptr<float>();
     p.save_h = (*kept)[5].data_ptr();
   }
-  if (p.B * p.T > 0 || output_final_state)
-    check_launch(chunk_fwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_fwd");
+  if (p.B * p.T > 0 || output_final_state) {
+    const at::Tensor ws = at::empty({int64_t(chunk_fwd_workspace_bytes(p))}, q.options().dtype(at::kByte));
+    check_launch(chunk_fwd(p, ws.numel() > 0 ? ws.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream()),
+                 "cuda_chunk_fwd");
+  }
   return {o, ht};
 }
 

@@ -98,45 +98,60 @@ const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor
   return nullptr;
 }
 
-cudaError_t chunk_fwd(const FwdParams& p_in, cudaStream_t stream) {
-  if (p_in.dtype != DType::kBFloat16 && p_in.dtype != DType::kFloat16) return cudaErrorInvalidValue;
-  FwdParams p = p_in;
-  chunk_fwd_cfg::Split sp = plan_split(p);
-  const bool two_stage = chunk_fwd_cfg::two_stage(p.K);
-  // Stream-ordered workspace (no host synchronisation): the segment states of a split and, for
-  // the two-stage forward when the caller keeps none of them, its per-chunk intermediates.
-  size_t bytes = 0;
+namespace {
+
+// Where the workspace's pieces go: the segment states of a split and, for the two-stage
+// forward when the caller keeps none of them, its per-chunk intermediates.
+struct WorkspacePlan {
+  chunk_fwd_cfg::Split sp;
+  bool own = false;  // the two-stage intermediates live in the workspace
+  size_t bytes = 0, at_state = 0, at_decay = 0, at_a = 0, at_qx = 0, at_kd = 0, at_dec = 0;
+};
+
+WorkspacePlan plan_workspace(const FwdParams& p) {
+  WorkspacePlan w;
+  w.sp = plan_split(p);
   auto take = [&](size_t n) {
-    const size_t at = (bytes + 255) / 256 * 256;
-    bytes = at + n;
+    const size_t at = (w.bytes + 255) / 256 * 256;
+    w.bytes = at + n;
     return at;
   };
-  const size_t seg_states = sp.seg_len > 0 ? size_t(p.N) * p.H * sp.nseg * p.K : 0;
-  const size_t at_state = take(seg_states * p.V * sizeof(float)), at_decay = take(seg_states * sizeof(float));
-  const bool own = two_stage && p.save_a == nullptr;
-  size_t at_a = 0, at_qx = 0, at_kd = 0, at_dec = 0;
-  if (own) {
+  const size_t seg_states = w.sp.seg_len > 0 ? size_t(p.N) * p.H * w.sp.nseg * p.K : 0;
+  w.at_state = take(seg_states * p.V * sizeof(float));
+  w.at_decay = take(seg_states * sizeof(float));
+  w.own = chunk_fwd_cfg::two_stage(p.K) && p.save_a == nullptr;
+  if (w.own) {
     const size_t rows = size_t(p.B) * p.T * p.H;  // 16-bit elements below
-    at_a = take(rows * chunk_fwd_cfg::kChunk * 2);
-    at_qx = take(rows * p.K * 2);
-    at_kd = take(rows * p.K * 2);
-    at_dec = take(size_t(chunk_fwd_cfg::num_slots(p)) * p.H * 3 * p.K * sizeof(float));
+    w.at_a = take(rows * chunk_fwd_cfg::kChunk * 2);
+    w.at_qx = take(rows * p.K * 2);
+    w.at_kd = take(rows * p.K * 2);
+    w.at_dec = take(size_t(chunk_fwd_cfg::num_slots(p)) * p.H * 3 * p.K * sizeof(float));
   }
-  char* ws = nullptr;
-  if (bytes > 0) {
-    cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&ws), bytes, stream);
-    if (err != cudaSuccess) return err;
-  }
+  return w;
+}
+
+}  // namespace
+
+size_t chunk_fwd_workspace_bytes(const FwdParams& p) { return plan_workspace(p).bytes; }
+
+cudaError_t chunk_fwd(const FwdParams& p_in, void* workspace, cudaStream_t stream) {
+  if (p_in.dtype != DType::kBFloat16 && p_in.dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  FwdParams p = p_in;
+  const WorkspacePlan w = plan_workspace(p);
+  if (w.bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(workspace);
+  chunk_fwd_cfg::Split sp = w.sp;
   if (sp.seg_len > 0) {
-    sp.ws_state = reinterpret_cast<float*>(ws + at_state);
-    sp.ws_decay = reinterpret_cast<float*>(ws + at_decay);
+    sp.ws_state = reinterpret_cast<float*>(ws + w.at_state);
+    sp.ws_decay = reinterpret_cast<float*>(ws + w.at_decay);
   }
-  if (own) {
-    p.save_a = ws + at_a;
-    p.save_qx = ws + at_qx;
-    p.save_kd = ws + at_kd;
-    p.save_decay = reinterpret_cast<float*>(ws + at_dec);
+  if (w.own) {
+    p.save_a = ws + w.at_a;
+    p.save_qx = ws + w.at_qx;
+    p.save_kd = ws + w.at_kd;
+    p.save_decay = reinterpret_cast<float*>(ws + w.at_dec);
   }
+  const bool two_stage = chunk_fwd_cfg::two_stage(p.K);
   cudaError_t err = sp.seg_len > 0 ? run_segment_states(p, sp, stream) : cudaSuccess;
   if (two_stage) {
     if (err == cudaSuccess) err = run_chunk_prep(p, stream);
@@ -144,10 +159,6 @@ cudaError_t chunk_fwd(const FwdParams& p_in, cudaStream_t stream) {
   } else if (err == cudaSuccess) {
     err = p.dtype == DType::kBFloat16 ? dispatch_k<cute::bfloat16_t>(p, sp, stream)
                                       : dispatch_k<cute::half_t>(p, sp, stream);
-  }
-  if (ws != nullptr) {
-    cudaError_t err2 = cudaFreeAsync(ws, stream);
-    if (err == cudaSuccess) err = err2;
   }
   return err;
 }

@@ -66,13 +66,12 @@ RECURRENT_FWD_AUTO_MAX_T = 16
 # one CTA per SM, with no segment splitting yet: with few CTAs the GPU idles. Measured on the
 # H100 (bf16, K = V = 128, 16K tokens): 128 CTAs 2.96 ms vs Triton 3.35; 64 CTAs 4.53 vs 3.19.
 CHUNK_BWD_AUTO_MIN_CTAS_PER_SM = 0.75
-# Largest head dim K at which auto takes the compiled chunked kernel; above it the Triton one is
-# faster (H100, bf16): forward at K = 256 0.447 ms (Triton, gla-bench 2026-11-23) vs 0.56 ms for
-# the compiled two-stage forward at (8, 2048, 4, 256, 512) (standalone timing, 2026-11-23: its walk
-# re-reads the gated operands once per V tile, ~690 MB from L2); backward at K = 128
-# 1.763 vs 2.563 ms at (8, 2048, 16, 128, 128); at K = 64 the compiled backward is 1.6x faster
-# (2.037 vs 3.254 ms at (32, 2048, 16, 64, 64)).
-CHUNK_AUTO_MAX_K = {"chunk_fwd": 128, "chunk_bwd": 64}
+# Largest head dim K at which auto takes the compiled chunked kernel (H100, bf16, side by side).
+# Forward: all of them; at K = 256 the compiled two-stage forward is the faster one, 0.392 vs
+# 0.452 ms (Triton) at (8, 2048, 4, 256, 512) (do_bench, 2026-11-23). Backward: above K = 64 the
+# Triton one is faster, 1.763 vs 2.563 ms at (8, 2048, 16, 128, 128); at K = 64 the compiled one
+# is 1.6x faster (2.037 vs 3.254 ms at (32, 2048, 16, 64, 64)).
+CHUNK_AUTO_MAX_K = {"chunk_fwd": 256, "chunk_bwd": 64}
 
 
 @functools.lru_cache(maxsize=None)

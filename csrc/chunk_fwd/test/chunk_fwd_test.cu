@@ -127,8 +127,14 @@ struct Dev {
   void *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr, *o = nullptr;
   float *h0 = nullptr, *ht = nullptr;
   int* cu = nullptr;
+  void* ws = nullptr;  // chunk_fwd's workspace
   void free_all() {
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(g); cudaFree(o); cudaFree(h0); cudaFree(ht); cudaFree(cu);
+    cudaFree(ws);
+  }
+  void alloc_workspace(const gla::FwdParams& p) {
+    const size_t bytes = gla::chunk_fwd_workspace_bytes(p);
+    if (bytes > 0 && cudaMalloc(&ws, bytes) != cudaSuccess) ws = nullptr;
   }
 };
 
@@ -167,7 +173,8 @@ static bool run_case(const Case& c) {
   p.scale = scale; p.dtype = c.dt; p.g_dtype = c.gdt; p.num_sms = g_num_sms;
   const char* why = gla::chunk_fwd_unsupported(p, g_sm_major, g_sm_minor);
   if (why) { std::printf("%-34s UNSUPPORTED: %s\n", c.name, why); d.free_all(); return false; }
-  CK(gla::chunk_fwd(p, 0));
+  d.alloc_workspace(p);
+  CK(gla::chunk_fwd(p, d.ws, 0));
   CK(cudaDeviceSynchronize());
 
   std::vector<uint16_t> ob(nv);
@@ -224,14 +231,15 @@ static void time_case(const char* name, DType dt, DType gdt, int B, int T, int H
   p.dtype = dt; p.g_dtype = gdt; p.num_sms = g_num_sms;
   const char* why = gla::chunk_fwd_unsupported(p, g_sm_major, g_sm_minor);
   if (why) { std::printf("%-40s UNSUPPORTED: %s\n", name, why); d.free_all(); return; }
-  for (int i = 0; i < 3; ++i) CK(gla::chunk_fwd(p, 0));
+  d.alloc_workspace(p);
+  for (int i = 0; i < 3; ++i) CK(gla::chunk_fwd(p, d.ws, 0));
   CK(cudaDeviceSynchronize());
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
   std::vector<float> ms;
   for (int i = 0; i < 25; ++i) {
     CK(cudaEventRecord(e0));
-    CK(gla::chunk_fwd(p, 0));
+    CK(gla::chunk_fwd(p, d.ws, 0));
     CK(cudaEventRecord(e1));
     CK(cudaEventSynchronize(e1));
     float t; CK(cudaEventElapsedTime(&t, e0, e1)); ms.push_back(t);
