@@ -172,13 +172,16 @@ def test_auto_takes_the_compiled_backward_only_when_it_fills_the_gpu():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("op,K", [("chunk_fwd", 256), ("chunk_bwd", 128)])
-def test_auto_leaves_the_head_dims_triton_runs_faster(op, K):
-    """auto: Triton for the chunked forward at K = 256 and the backward at K = 128 (measured
-    faster there); the report names the reason; forcing cuda still runs the compiled kernel."""
+def test_auto_head_dim_rules():
+    """auto: Triton for the chunked backward at K = 128 (measured faster there; the report names
+    the reason; forcing cuda still runs the compiled kernel) and the compiled two-stage forward
+    at K = 256 (measured faster than Triton)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    ins = make_inputs(sms, 64, 1, K, 64, dtype=torch.bfloat16, device="cuda")
-    if gla_cuda.explain_backend(**ins, op=op, backend="cuda").backend is None:
-        pytest.skip(f"the cuda backend cannot run {op} at K={K} here")
-    choice = gla_cuda.explain_backend(**ins, op=op)
-    assert choice.backend == "triton" and f"K={K}" in choice.reasons["cuda"]
+    ins = make_inputs(sms, 64, 1, 128, 64, dtype=torch.bfloat16, device="cuda")
+    if gla_cuda.explain_backend(**ins, op="chunk_bwd", backend="cuda").backend is None:
+        pytest.skip("the cuda backend cannot run chunk_bwd at K=128 here")
+    choice = gla_cuda.explain_backend(**ins, op="chunk_bwd")
+    assert choice.backend == "triton" and "K=128" in choice.reasons["cuda"]
+    assert gla_cuda.explain_backend(**ins, op="chunk_bwd", backend="cuda").backend == "cuda"
+    ins = make_inputs(sms, 64, 1, 256, 64, dtype=torch.bfloat16, device="cuda")
+    assert gla_cuda.explain_backend(**ins, op="chunk_fwd").backend == "cuda"
