@@ -101,14 +101,8 @@ struct Kernel {
     int64_t len = eos > bos ? eos - bos : 0;
     // this CTA's segment of the sequence
     const int seg = blockIdx.z;
-    int last_seg = 0;
-    if (sp.seg_len > 0) {
-      last_seg = len > 0 ? int((len - 1) / sp.seg_len) : 0;
-      if (seg > last_seg) return;
-      const int64_t s0 = int64_t(seg) * sp.seg_len;
-      bos += s0;
-      len = (len - s0 < sp.seg_len) ? len - s0 : sp.seg_len;
-    }
+    const int last_seg = clip_to_segment(sp, seg, bos, len);
+    if (last_seg < 0) return;
     const int64_t nh = int64_t(n) * p.H + h;
     const int nchunks = int((len + C - 1) / C);
     const int64_t HK = int64_t(p.H) * K, HV = int64_t(p.H) * p.V;

@@ -15,15 +15,7 @@ template <class T, class GT, int K, int BV, bool kSave>
 cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
   constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem;
   static_assert(smem == chunk_fwd_cfg::smem_bytes(K, BV), "smem layout mismatch");
-  // One CTA per (sequence, head) in x, per V-tile in y, per segment in z.
-  const unsigned nseg = split.seg_len > 0 ? unsigned(split.nseg) : 1u;
-  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), nseg);
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  auto* kernel = &chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, split);
-  return cudaGetLastError();
+  return launch_walk(&chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave>, smem, BV, p, split, stream);
 }
 
 template <class T, class GT, int K, int BV>

@@ -1,5 +1,5 @@
-// The register-resident state of the chunked forward's sequence walks (the fused kernel and the
-// two-stage walk): its initial value and its final store. rS is a float32 MMA accumulator
+// Shared by the chunked forward's sequence walks (the fused kernel and the two-stage walks): the
+// segment a CTA walks, the register-resident state's initial value and final store, the launch. rS is a float32 MMA accumulator
 // fragment of the K x BV tile, tUc the matching (row, column) coordinates; the pairs (i, i + 1)
 // are adjacent columns.
 #pragma once
@@ -16,6 +16,18 @@ namespace gla {
 // range a state can exceed), as the Triton backward that reads them keeps them.
 template <class T> struct KeptState { using type = T; };
 template <> struct KeptState<cute::half_t> { using type = float; };
+
+// Pass 2 of a split (blockIdx.z = seg): moves bos and len to this CTA's segment of the sequence
+// and returns the sequence's last segment (0 without a split), or -1 if seg lies past its end.
+__device__ __forceinline__ int clip_to_segment(const chunk_fwd_cfg::Split& sp, int seg, int64_t& bos, int64_t& len) {
+  if (sp.seg_len <= 0) return 0;
+  const int last = len > 0 ? int((len - 1) / sp.seg_len) : 0;
+  if (seg > last) return -1;
+  const int64_t s0 = int64_t(seg) * sp.seg_len;
+  bos += s0;
+  len = len - s0 < sp.seg_len ? len - s0 : sp.seg_len;
+  return last;
+}
 
 // h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
 // composed in order: S = exp(sum g over segment j) S + S_j.
@@ -59,6 +71,18 @@ __device__ __forceinline__ void store_state(D* dst, int V, const Frag& rS, const
     if constexpr (cute::is_same_v<D, float>) *reinterpret_cast<float2*>(ptr) = make_float2(rS(i), rS(i + 1));
     else *reinterpret_cast<uint32_t*>(ptr) = pack2<T>(rS(i), rS(i + 1));
   }
+}
+
+// Launches a walk kernel(p, split) over (sequence x head, V / BV tiles, segments), 8 warps per CTA.
+template <class Kernel>
+cudaError_t launch_walk(Kernel* kernel, int smem, int BV, const FwdParams& p, const chunk_fwd_cfg::Split& sp,
+                        cudaStream_t stream) {
+  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), sp.seg_len > 0 ? unsigned(sp.nseg) : 1u);
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
+  return cudaGetLastError();
 }
 
 }  // namespace gla

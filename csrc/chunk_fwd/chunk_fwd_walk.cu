@@ -44,14 +44,8 @@ struct Walk {
     int64_t bos, eos;
     sequence_bounds(p, n, bos, eos);
     int64_t len = eos > bos ? eos - bos : 0;
-    int last_seg = 0;
-    if (sp.seg_len > 0) {
-      last_seg = len > 0 ? int((len - 1) / sp.seg_len) : 0;
-      if (seg > last_seg) return;
-      const int64_t s0 = int64_t(seg) * sp.seg_len;
-      bos += s0;
-      len = len - s0 < sp.seg_len ? len - s0 : sp.seg_len;
-    }
+    const int last_seg = clip_to_segment(sp, seg, bos, len);
+    if (last_seg < 0) return;
     const int64_t nh = int64_t(n) * p.H + h;
     const int nchunks = int((len + C - 1) / C);
     const int64_t slot0 = chunk_fwd_cfg::slot_base(p, n) + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0);
@@ -151,14 +145,7 @@ __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
 
 template <class T, int K, int BV, bool kSave>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  constexpr int smem = Walk<T, K, BV, kSave>::kSmem;
-  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), sp.seg_len > 0 ? unsigned(sp.nseg) : 1u);
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  auto* kernel = &chunk_walk_kernel<T, K, BV, kSave>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, chunk_fwd_cfg::kThreads, smem, stream>>>(p, sp);
-  return cudaGetLastError();
+  return launch_walk(&chunk_walk_kernel<T, K, BV, kSave>, Walk<T, K, BV, kSave>::kSmem, BV, p, sp, stream);
 }
 
 template <class T>
