@@ -1,4 +1,5 @@
-// Host-side coverage check and dispatch of the fused chunked forward.
+// Host side of the chunked forward: coverage check, workspace plan, and dispatch to the fused
+// kernel (K <= 128) or the two-stage one (K = 256), with the segment split's first pass.
 #include "chunk_fwd.h"
 
 #include <algorithm>

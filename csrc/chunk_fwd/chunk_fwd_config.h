@@ -39,22 +39,19 @@ struct Smem {
   constexpr int lda() const { return kChunk + 8; }  // intra-chunk scores: [C][C+8]
   constexpr int lds() const { return BV + 8; }      // state (input dtype): [K][BV+8]
   constexpr int tpc() const { return kThreads / K; } // threads per channel in the cumsum
-  // exp(g) per step (float, [C][K+8]) for the diagonal sub-blocks; stored when it fits.
-  constexpr bool has_e() const { return K <= 128; }
   constexpr int off_q() const { return 0; }
   constexpr int off_k() const { return off_q() + kChunk * ldq() * 2; }
-  // v is double-buffered (the next chunk's v loads during the whole current chunk) when
-  // that fits; K = 256 has no room for it.
-  constexpr int v_stages() const { return K <= 128 ? 2 : 1; }
+  // v is double-buffered: the next chunk's v loads during the whole current chunk
   constexpr int off_v() const { return off_k() + kChunk * ldq() * 2; }
-  constexpr int off_b() const { return off_v() + v_stages() * kChunk * ldv() * 2; }  // raw g is staged here too
+  constexpr int off_b() const { return off_v() + 2 * kChunk * ldv() * 2; }  // raw g is staged here too
   constexpr int off_kt() const { return off_b() + kChunk * ldb() * 4; }
   constexpr int off_a() const { return off_kt() + K * ldkt() * 2; }
   constexpr int off_st() const { return off_a() + kChunk * lda() * 2; }
   constexpr int off_gam() const { return off_st() + K * lds() * 2; }
   constexpr int off_tot() const { return off_gam() + K * 4; }
+  // exp(g) per step (float, [C][K+8]) for the diagonal sub-blocks; q~ of the one-reference scores
   constexpr int off_e() const { return off_tot() + tpc() * K * 4; }
-  constexpr int bytes() const { return off_e() + (has_e() ? kChunk * ldb() * 4 : 0); }
+  constexpr int bytes() const { return off_e() + kChunk * ldb() * 4; }
 };
 
 constexpr int smem_bytes(int K, int BV) { return Smem{K, BV}.bytes(); }

@@ -11,7 +11,7 @@
 //           rows past the sequence end are clamped copies and masked below.
 //   prep    per channel: b (float32, smem), exp(G) (smem), kg^T = (k * exp2(G - b))^T
 //           (smem, input dtype, the A operand of the state update); in the exact path
-//           below, for K <= 128, the per-step factors e_t = exp2(b_t - b_{t-1}) (float32, smem).
+//           below, the per-step factors e_t = exp2(b_t - b_{t-1}) (float32, smem).
 //   scores  A = scale * tril(q k^T gated), 64 x 64, written to smem in the input dtype
 //           (chunk_fwd_scores.cuh): one MMA with one reference row where every
 //           |b_t - b_32| <= kSpan2 (a CTA-wide vote per chunk), else the exact path (MMA on
@@ -28,7 +28,7 @@
 // ldmatrix (SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T for v); global->smem with cp.async
 // (cp.async.cg, device_common.cuh). The next chunk is prefetched into L2 at the top of
 // each chunk, and its cp.async loads are issued as soon as the buffers they overwrite
-// are no longer read: v (double-buffered for K <= 128) at the top of the chunk, k after
+// are no longer read: v (double-buffered) at the top of the chunk, k after
 // the scores, q and g after the output.
 #pragma once
 
@@ -63,12 +63,7 @@ struct Kernel {
   static constexpr int LDQ = L.ldq(), LDB = L.ldb(), LDV = L.ldv(), LDKT = L.ldkt(),
                        LDA = L.lda(), LDS = L.lds(), TPC = L.tpc(), RPT = C / TPC;
   static constexpr int kSmem = L.bytes();
-  static constexpr bool kHasE = L.has_e();
-  static constexpr int kVStages = L.v_stages();
   using Scores = ChunkScores<T, K, LDQ, LDB, LDA>;
-  // One reference row (the middle one) for the whole chunk's scores where the gates allow
-  // (chunk_fwd_scores.cuh): q~ is written over the e buffer, so K <= 128.
-  static constexpr bool kOneRef = kHasE;
   static constexpr float kFlagSpan2 = 40.f * kLog2e;
   static_assert(C == 64 && NT == 256, "warp roles assume 8 warps and 64-token chunks");
   static_assert((K == 64 || K == 128) && RPT % 2 == 0, "K in {64, 128}");
@@ -92,7 +87,7 @@ struct Kernel {
     T* sS = reinterpret_cast<T*>(smem + L.off_st());
     float* sGam = reinterpret_cast<float*>(smem + L.off_gam());
     float* sTot = reinterpret_cast<float*>(smem + L.off_tot());
-    float* sE = reinterpret_cast<float*>(smem + L.off_e());  // only with kHasE
+    float* sE = reinterpret_cast<float*>(smem + L.off_e());
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int n = blockIdx.x / p.H, h = blockIdx.x % p.H, vt = blockIdx.y;
@@ -147,7 +142,7 @@ struct Kernel {
       }
     };
     auto load_v = [&](int c) {
-      T* sV = sV0 + (c % kVStages) * (C * LDV);
+      T* sV = sV0 + (c % 2) * (C * LDV);
       const int64_t t0 = int64_t(c) * C;
       const int Lr = rows_in(c);
       constexpr int PV = BV / 8;
@@ -195,15 +190,13 @@ struct Kernel {
 
     for (int c = 0; c < nchunks; ++c) {
       const int Lr = rows_in(c);
-      T* const sV = sV0 + (c % kVStages) * (C * LDV);
+      T* const sV = sV0 + (c % 2) * (C * LDV);
       cp_async_wait<0>();
       __syncthreads();
       if (c + 1 < nchunks) {
         prefetch_chunk(c + 1);
-        if constexpr (kVStages == 2) {  // the other v buffer was last read in chunk c - 1
-          load_v(c + 1);
-          cp_async_commit();
-        }
+        load_v(c + 1);  // the other v buffer was last read in chunk c - 1
+        cp_async_commit();
       }
 
       if constexpr (kSave)  // the state entering this chunk
@@ -252,11 +245,10 @@ struct Kernel {
       }
       __syncthreads();
       // one reference row for this chunk if every |b_t - b_r| <= kSpan2 (uniform per CTA)
-      bool one_ref = false;
-      if constexpr (kOneRef) one_ref = Scores::one_ref_ok(sB, bmax, bmin, tid);
+      const bool one_ref = Scores::one_ref_ok(sB, bmax, bmin, tid);
       if constexpr (kSave) {  // the Triton backward's exact flag
         bool far;
-        if constexpr (kOneRef && Scores::kSpan2 == kFlagSpan2) far = !one_ref;
+        if constexpr (Scores::kSpan2 == kFlagSpan2) far = !one_ref;
         else far = !Scores::one_ref_ok(sB, bmax, bmin, tid, kFlagSpan2);
         if (save_tok && tid == 0) p.save_flags[(slot0 + c) * p.H + h] = int8_t(far);
       }
@@ -264,7 +256,7 @@ struct Kernel {
       {
       // ---------------- intra-chunk scores -> sA ----------------
       if (one_ref) Scores::one_ref(sQ, reinterpret_cast<T*>(sE), sK, sB, sA, scale, tid);
-      else Scores::template exact<kHasE>(sQ, sK, sB, sE, sA, scale, tid);
+      else Scores::template exact<true>(sQ, sK, sB, sE, sA, scale, tid);
       __syncthreads();
       if (save_tok) {  // the scores of the rows in the sequence; zeros above the diagonal
         // blocks (the exact path leaves those unwritten: the output never reads them)
@@ -321,15 +313,7 @@ struct Kernel {
         // intra-chunk: key blocks 0..wi only (the scores above the diagonal are zero)
         gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mmaO, sAf, sVt, acc, tid, 0, warp % 4 + 1);
 
-        // store the rows inside the sequence, two columns per 32-bit store
-        Tensor gO = make_tensor(make_gmem_ptr(ob + int64_t(c) * C * HV),
-                                make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(HV, _1{})));
-        Tensor tOg = thr.partition_C(gO);
-        Tensor tOc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc); i += 2)
-          if (get<0>(tOc(i)) < Lr)
-            *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
+        store_output<T, C, BV>(ob + int64_t(c) * C * HV, HV, Lr, thr, acc);
       }
       }  // scores and output
 
@@ -348,13 +332,9 @@ struct Kernel {
         load_qg(c + 1);
         cp_async_commit();
       }
+      // S for the next chunk's output (the barrier at the top of the loop orders it)
       CUTE_UNROLL
       for (int i = 0; i < size(rS); i += 2) *reinterpret_cast<uint32_t*>(&tUsS(i)) = pack2<T>(rS(i), rS(i + 1));
-      __syncthreads();  // v no longer read; S written
-      if (kVStages == 1 && c + 1 < nchunks) {
-        load_v(c + 1);
-        cp_async_commit();
-      }
     }
 
     if (p.ht != nullptr && seg == last_seg) store_state<T>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);

@@ -1,5 +1,6 @@
 // Shared by the chunked forward's sequence walks (the fused kernel and the two-stage walks): the
-// segment a CTA walks, the register-resident state's initial value and final store, the launch. rS is a float32 MMA accumulator
+// segment a CTA walks, the register-resident state's initial value and final store, the output
+// store, the launch. rS is a float32 MMA accumulator
 // fragment of the K x BV tile, tUc the matching (row, column) coordinates; the pairs (i, i + 1)
 // are adjacent columns.
 #pragma once
@@ -71,6 +72,18 @@ __device__ __forceinline__ void store_state(D* dst, int V, const Frag& rS, const
     if constexpr (cute::is_same_v<D, float>) *reinterpret_cast<float2*>(ptr) = make_float2(rS(i), rS(i + 1));
     else *reinterpret_cast<uint32_t*>(ptr) = pack2<T>(rS(i), rS(i + 1));
   }
+}
+
+// One chunk's output tile (C x BV rows of o, row stride ld; acc the float32 accumulator of the
+// MMA thread slice thr): the rows below `rows`, two columns per 32-bit store.
+template <class T, int C, int BV, class ThrMma, class Acc>
+__device__ __forceinline__ void store_output(T* o, int64_t ld, int rows, const ThrMma& thr, const Acc& acc) {
+  using namespace cute;
+  Tensor tOg = thr.partition_C(make_tensor(make_gmem_ptr(o), make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(ld, _1{}))));
+  Tensor tOc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2)
+    if (get<0>(tOc(i)) < rows) *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
 }
 
 // Launches a walk kernel(p, split) over (sequence x head, V / BV tiles, segments), 8 warps per CTA.

@@ -115,13 +115,7 @@ struct Walk {
                                                           sSt, acc, tid);
         gemm_smem<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T, T>(mmaO, make_tensor(make_smem_ptr(reinterpret_cast<T*>(st + kOffA)), la),
                                                           sVt, acc, tid, 0, warp % 4 + 1);
-        const int Lr = rows_in(c);
-        Tensor tOg = thr.partition_C(make_tensor(make_gmem_ptr(ob + int64_t(c) * C * HV),
-                                                 make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(HV, _1{}))));
-        Tensor tOc = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc); i += 2)
-          if (get<0>(tOc(i)) < Lr) *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
+        store_output<T, C, BV>(ob + int64_t(c) * C * HV, HV, rows_in(c), thr, acc);
       }
 
       // S = exp2(G) S + kd^T v

@@ -100,7 +100,6 @@ struct WalkGmma {
 
     MmaO mmaO;
     auto thrO = mmaO.get_thread_slice(tid);
-    Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
     Tensor tOrS = thrO.make_fragment_B(thrO.partition_B(make_tensor(make_smem_ptr(sSp), LS{})));
 
     if (nchunks > 0) load(0);
@@ -143,12 +142,7 @@ struct WalkGmma {
       warpgroup_fence_operand(acc);
       warpgroup_fence_operand(rS);
 
-      const int Lr = rows_in(c);
-      Tensor tOg = thrO.partition_C(make_tensor(make_gmem_ptr(ob + int64_t(c) * C * HV),
-                                                make_layout(Shape<Int<C>, Int<BV>>{}, make_stride(HV, _1{}))));
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc); i += 2)
-        if (get<0>(tOc(i)) < Lr) *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
+      store_output<T, C, BV>(ob + int64_t(c) * C * HV, HV, rows_in(c), thrO, acc);
     }
 
     if (p.ht != nullptr && seg == last_seg) store_state<T>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);

@@ -66,12 +66,12 @@ RECURRENT_FWD_AUTO_MAX_T = 16
 # one CTA per SM, with no segment splitting yet: with few CTAs the GPU idles. Measured on the
 # H100 (bf16, K = V = 128, 16K tokens): 128 CTAs 2.96 ms vs Triton 3.35; 64 CTAs 4.53 vs 3.19.
 CHUNK_BWD_AUTO_MIN_CTAS_PER_SM = 0.75
-# Largest head dim K at which auto takes the compiled chunked kernel (H100, bf16, side by side).
-# Forward: all of them; at K = 256 the compiled two-stage forward is the faster one, 0.392 vs
-# 0.452 ms (Triton) at (8, 2048, 4, 256, 512) (do_bench, 2026-11-23). Backward: above K = 64 the
-# Triton one is faster, 1.763 vs 2.563 ms at (8, 2048, 16, 128, 128); at K = 64 the compiled one
-# is 1.6x faster (2.037 vs 3.254 ms at (32, 2048, 16, 64, 64)).
-CHUNK_AUTO_MAX_K = {"chunk_fwd": 256, "chunk_bwd": 64}
+# Largest head dim K at which auto takes the compiled chunked backward (H100, bf16, side by
+# side): above it the Triton one is faster, 1.763 vs 2.563 ms at (8, 2048, 16, 128, 128); at
+# K = 64 the compiled one is 1.6x faster (2.037 vs 3.254 ms at (32, 2048, 16, 64, 64)). The
+# compiled forward is taken at every K it covers: at K = 256 its two-stage form is the faster
+# one, 0.392 vs 0.452 ms (Triton) at (8, 2048, 4, 256, 512) (do_bench, 2026-11-23).
+CHUNK_BWD_AUTO_MAX_K = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,11 +84,11 @@ def auto_skip_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]
     if op == "recurrent_fwd" and q.shape[0] * q.shape[1] > RECURRENT_FWD_AUTO_MAX_T * sequences:
         return (f"sequences average more than {RECURRENT_FWD_AUTO_MAX_T} tokens: the Triton "
                 "recurrent kernel is as fast or faster there (forcing cuda runs it)")
-    K, max_k = q.shape[-1], CHUNK_AUTO_MAX_K.get(op)
-    if max_k is not None and K > max_k:
-        kind = "forward" if op == "chunk_fwd" else "backward"
-        return f"K={K}: the Triton chunked {kind} is faster above K={max_k} (forcing cuda runs it)"
     if op == "chunk_bwd":
+        K = q.shape[-1]
+        if K > CHUNK_BWD_AUTO_MAX_K:
+            return (f"K={K}: the Triton chunked backward is faster above K={CHUNK_BWD_AUTO_MAX_K} "
+                    "(forcing cuda runs it)")
         ctas = sequences * q.shape[2] * -(-v.shape[-1] // 64)
         sms = _num_sms(_device_index(q.device))
         if ctas < CHUNK_BWD_AUTO_MIN_CTAS_PER_SM * sms:
