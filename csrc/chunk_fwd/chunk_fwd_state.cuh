@@ -2,7 +2,8 @@
 // segment a CTA walks, the register-resident state's initial value and final store, the output
 // store, the launch. rS is a float32 MMA accumulator
 // fragment of the K x BV tile, tUc the matching (row, column) coordinates; the pairs (i, i + 1)
-// are adjacent columns.
+// are adjacent columns. With kT (the Hopper walk, which keeps S^T) rS holds the BV x K tile,
+// tUc gives (column, row) and the pairs are adjacent rows.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -32,18 +33,30 @@ __device__ __forceinline__ int clip_to_segment(const chunk_fwd_cfg::Split& sp, i
 
 // h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
 // composed in order: S = exp(sum g over segment j) S + S_j.
-template <int K, int BV, class Frag, class Coord>
+// Offset of element i of rS in a [K, V] row-major state (row stride V).
+template <bool kT, class Coord>
+__device__ __forceinline__ int64_t state_offset(const Coord& tUc, int i, int V) {
+  const int kk = cute::get<kT ? 1 : 0>(tUc(i)), vv = cute::get<kT ? 0 : 1>(tUc(i));
+  return int64_t(kk) * V + vv;
+}
+
+template <int K, int BV, bool kT = false, class Frag, class Coord>
 __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chunk_fwd_cfg::Split& sp, int64_t nh,
                                                    int vt, int seg, Frag& rS, const Coord& tUc) {
   using namespace cute;
+  constexpr int step = kT ? 1 : 2;  // float2 loads where the pairs are adjacent columns
   if (p.h0 != nullptr) {
     const float* h0 = p.h0 + nh * K * p.V + int64_t(vt) * BV;
     CUTE_UNROLL
-    for (int i = 0; i < size(rS); i += 2) {
-      const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
-      const float2 x = *reinterpret_cast<const float2*>(h0 + int64_t(kk) * p.V + vv);
-      rS(i) = x.x;
-      rS(i + 1) = x.y;
+    for (int i = 0; i < size(rS); i += step) {
+      const float* src = h0 + state_offset<kT>(tUc, i, p.V);
+      if constexpr (kT) {
+        rS(i) = *src;
+      } else {
+        const float2 x = *reinterpret_cast<const float2*>(src);
+        rS(i) = x.x;
+        rS(i + 1) = x.y;
+      }
     }
   } else {
     clear(rS);
@@ -52,24 +65,30 @@ __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chu
     const float* Sj = sp.ws_state + (nh * sp.nseg + j) * K * p.V + int64_t(vt) * BV;
     const float* Dj = sp.ws_decay + (nh * sp.nseg + j) * K;
     CUTE_UNROLL
-    for (int i = 0; i < size(rS); i += 2) {
-      const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
-      const float dk = Dj[kk];
-      const float2 x = *reinterpret_cast<const float2*>(Sj + int64_t(kk) * p.V + vv);
-      rS(i) = dk * rS(i) + x.x;
-      rS(i + 1) = dk * rS(i + 1) + x.y;
+    for (int i = 0; i < size(rS); i += step) {
+      const float dk = Dj[get<kT ? 1 : 0>(tUc(i))];
+      const float* src = Sj + state_offset<kT>(tUc, i, p.V);
+      if constexpr (kT) {
+        rS(i) = dk * rS(i) + *src;
+      } else {
+        const float2 x = *reinterpret_cast<const float2*>(src);
+        rS(i) = dk * rS(i) + x.x;
+        rS(i + 1) = dk * rS(i + 1) + x.y;
+      }
     }
   }
 }
 
-// The state into dst ([K, V] row-major, this V tile's columns), float32 or 16-bit (pairs packed).
-template <class T, class D, class Frag, class Coord>
+// The state into dst ([K, V] row-major, this V tile's columns), float32 or 16-bit (pairs packed
+// where they are adjacent columns).
+template <class T, bool kT = false, class D, class Frag, class Coord>
 __device__ __forceinline__ void store_state(D* dst, int V, const Frag& rS, const Coord& tUc) {
   using namespace cute;
   CUTE_UNROLL
-  for (int i = 0; i < size(rS); i += 2) {
-    D* ptr = dst + int64_t(get<0>(tUc(i))) * V + get<1>(tUc(i));
-    if constexpr (cute::is_same_v<D, float>) *reinterpret_cast<float2*>(ptr) = make_float2(rS(i), rS(i + 1));
+  for (int i = 0; i < size(rS); i += kT ? 1 : 2) {
+    D* ptr = dst + state_offset<kT>(tUc, i, V);
+    if constexpr (kT) *ptr = D(rS(i));
+    else if constexpr (cute::is_same_v<D, float>) *reinterpret_cast<float2*>(ptr) = make_float2(rS(i), rS(i + 1));
     else *reinterpret_cast<uint32_t*>(ptr) = pack2<T>(rS(i), rS(i + 1));
   }
 }

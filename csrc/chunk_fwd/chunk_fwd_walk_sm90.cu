@@ -1,15 +1,29 @@
 // Stage 2 of the two-stage forward on Hopper (sm_90a): the walk of chunk_fwd_walk.cu with
-// warpgroup MMAs (wgmma) reading their operands straight from shared memory, so that no warp
-// spends instructions on ldmatrix and the tensor cores run asynchronously. Two warpgroups:
-//   o (C x BV)  = qx (exp2(b_0) S) + A v   each warpgroup BV / 2 columns
-//   S (K x BV)  = exp2(G) S + kd^T v       each warpgroup K / 2 rows (64 floats per thread)
-// Every operand sits in smem in a wgmma layout with the 128-byte swizzle: qx and A K-major;
-// kd (as kd^T), v and the S copy MN-major, i.e. in their row-major global layouts. The loads
-// are cp.async (16-byte pieces, rows past the end zero-filled), double-buffered; the stores
-// into smem that wgmma reads are followed by fence.proxy.async before the barrier.
+// warpgroup MMAs (wgmma), TMA loads and the state kept transposed, S^T (BV x K, float32), so
+// that it feeds the output MMA straight from registers. Two warpgroups, each owning K / 2
+// channels (columns of S^T, 64 floats per thread):
+//   o^T (BV x C)  = (exp2(b_0) S)^T qx^T + v^T A^T   each warpgroup its channels and half the keys;
+//                                                    the two partial sums meet in smem
+//   S^T (BV x K)  = S^T exp2(G) + v^T kd            each warpgroup its channels
+// The first product takes its A operand from registers (the accumulator layout of S^T is the
+// register-operand layout of wgmma), so the state never goes through shared memory.
+// Loads: per chunk, 64 x 64 boxes with the 128-byte swizzle (the wgmma layouts), by TMA. The V
+// tiles of one (sequence, head) read the same qx, kd and A: pairs of them form a cluster and
+// each of those boxes is loaded once per cluster, multicast (a CTA issues boxes rank,
+// rank + 2, ...). Clusters of 4 or 8 would cut L2 reads further, but with one CTA per SM only
+// 30 or 15 of them fit at once and a 256-CTA grid takes a third wave. v (its own box) and the
+// decays (a bulk copy) are per CTA. Two stages: a stage's "full" barrier completes when all its
+// bytes landed, its "empty" barrier when every warp of the cluster is done with it (remote
+// arrivals), before a CTA issues its loads of the chunk after next into it.
+#include <cuda.h>           // CUtensorMap (the encoder comes from the driver at run time)
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
+
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/arch/mma_sm90.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/cluster_sm90.hpp>
+#include <cutlass/arch/barrier.h>
 
 #include "chunk_fwd_config.h"
 #include "chunk_fwd_state.cuh"
@@ -19,150 +33,258 @@ namespace gla {
 namespace chunk_walk_sm90_detail {
 
 using namespace cute;
+using Barrier = cutlass::arch::ClusterTransactionBarrier;
 
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// TMA descriptors: qx, kd (rows x H x K), A (rows x H x C) and v (rows x H x V), boxes of 64
+// columns x 1 head x 64 rows (token rows past the tensor read as zero).
+struct WalkMaps {
+  CUtensorMap x, d, a, v;
+};
+
+constexpr int kMaxCluster = 2;
+
 template <class T, int K, int BV, bool kSave>
 struct WalkGmma {
-  static constexpr int C = chunk_fwd_cfg::kChunk, NT = chunk_fwd_cfg::kThreads;
+  static constexpr int C = chunk_fwd_cfg::kChunk, NT = chunk_fwd_cfg::kThreads, kWarps = NT / 32;
+  static constexpr int KH = K / 2;  // channels per warpgroup
   using LX = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));    // qx (C, K)
   using LA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<C>>{}));    // A (C, C)
-  using LD = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<K>, Int<C>>{}));   // kd^T (K, C)
+  // kd as (K, C), MN-major, tiled along C first: each 64-channel block is one TMA box
+  using LD = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<K>, Int<C>>{}, Step<_2, _1>{}));
   using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}));  // v^T (BV, C)
-  using LS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<K>>{}));  // S^T (BV, K)
-  // per stage: qx, kd, v, A, then exp2(G), exp2(b_0) [K] float; then S. 1024-byte aligned pieces.
-  static constexpr int kOffD = C * K * 2, kOffV = kOffD + K * C * 2, kOffA = kOffV + BV * C * 2,
-                       kOffDec = kOffA + C * C * 2, kStage = (kOffDec + 2 * K * 4 + 1023) / 1024 * 1024;
-  static constexpr int kOffS = 2 * kStage, kSmem = kOffS + BV * K * 2 + 1024;  // + alignment slack
+  // per stage: qx, kd, A, v (TMA boxes of 8 KB), the decays [3][K] float. Then the other
+  // warpgroup's partial o^T (float32, [16][128 threads][4]: conflict-free 16-byte accesses),
+  // o as [C][BV + 8] (16-bit) for the coalesced store, the barriers.
+  static constexpr int kBox = C * 64 * 2, kBoxesX = K / 64, kShared = 2 * kBoxesX + 1;
+  static constexpr int kOffD = C * K * 2, kOffA = kOffD + K * C * 2, kOffV = kOffA + C * C * 2,
+                       kOffDec = kOffV + BV * C * 2, kDecBytes = 3 * K * 4,
+                       kStage = (kOffDec + kDecBytes + 1023) / 1024 * 1024;
+  static constexpr int kTx = kShared * kBox + (BV / 64) * kBox + kDecBytes;  // bytes landing per stage
+  static constexpr int LDO = BV + 8;
+  static constexpr int kOffR = 2 * kStage, kOffO = kOffR + C * BV * 4, kOffBar = kOffO + C * LDO * 2,
+                       kSmem = kOffBar + 64 + 1024;  // + alignment slack
   static_assert(kSmem == chunk_fwd_cfg::walk_sm90_smem_bytes(K, BV), "smem layout");
-  static_assert(BV % 64 == 0 && K % 128 == 0, "BV multiple of 64, K of 128");
+  static_assert(BV == 64 && K % 128 == 0, "one 64-column V tile, K a multiple of 128");
 
-  using AtomO = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<BV / 2>, _16>, GMMA::Major::K, GMMA::Major::MN>());
-  using AtomU = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<BV>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
-  using MmaO = decltype(make_tiled_mma(AtomO{}, Layout<Shape<_1, _2, _1>>{}));  // 64 x BV
-  using MmaU = decltype(make_tiled_mma(AtomU{}, Layout<Shape<_2, _1, _1>>{}));  // 128 x BV, K / 128 times
+  // S^T update: 64 x K, the two warpgroups side by side along K
+  using AtomU = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<KH>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
+  using MmaU = decltype(make_tiled_mma(AtomU{}, Layout<Shape<_1, _2, _1>>{}));
+  // o^T, one warpgroup: the state from registers times qx^T; v^T times A^T from smem
+  using AtomO = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::K, GMMA::Major::K>());
+  using AtomV = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::MN, GMMA::Major::K>());
+  using MmaO = decltype(make_tiled_mma(AtomO{}));
+  using MmaV = decltype(make_tiled_mma(AtomV{}));
 
-  static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, unsigned char* smem_raw) {
+  static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const WalkMaps& maps,
+                             unsigned char* smem_raw) {
     unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     auto at = [&](int c, int off) { return reinterpret_cast<T*>(smem + (c & 1) * kStage + off); };
-    T* sSp = reinterpret_cast<T*>(smem + kOffS);
-    const int tid = threadIdx.x;
+    float* sR = reinterpret_cast<float*>(smem + kOffR);
+    T* sO = reinterpret_cast<T*>(smem + kOffO);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kOffBar);  // [2]
+    uint64_t* empty = full + 2;                                    // [2]
+    const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
     const int n = blockIdx.x / p.H, h = blockIdx.x % p.H, vt = blockIdx.y, seg = blockIdx.z;
+    const int ncta = int(cluster_shape().y), rank = int(block_rank_in_cluster());
     int64_t bos, eos;
     sequence_bounds(p, n, bos, eos);
     int64_t len = eos > bos ? eos - bos : 0;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
-    if (last_seg < 0) return;
+    if (last_seg < 0) return;  // the whole cluster (same sequence, head, segment) returns
     const int64_t nh = int64_t(n) * p.H + h;
     const int nchunks = int((len + C - 1) / C);
     const int64_t slot0 = chunk_fwd_cfg::slot_base(p, n) + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0);
-    const int64_t HK = int64_t(p.H) * K, HV = int64_t(p.H) * p.V, HC = int64_t(p.H) * C;
-    const T* xb = static_cast<const T*>(p.save_qx) + bos * HK + int64_t(h) * K;
-    const T* db = static_cast<const T*>(p.save_kd) + bos * HK + int64_t(h) * K;
-    const T* ab = static_cast<const T*>(p.save_a) + bos * HC + int64_t(h) * C;
-    const T* vb = static_cast<const T*>(p.v) + bos * HV + int64_t(h) * p.V + vt * BV;
+    const int64_t HV = int64_t(p.H) * p.V;
     T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + vt * BV;
     auto rows_in = [&](int c) { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); };
 
-    // the (row, 8 columns) pieces of a row-major global tile into a swizzled smem tile; addr
-    // gives the smem address of piece (row, column)
-    auto load_rows = [&](auto&& addr, const T* g, int64_t gstride, int width, int rows) {
-      const int pr = width / 8;
-      for (int i = tid; i < C * pr; i += NT) {
-        const int r = i / pr, cc = (i % pr) * 8;
-        const bool ok = r < rows;
-        cp_async16(addr(r, cc), g + (ok ? int64_t(r) * gstride + cc : 0), ok);
+    if (tid == 0) {
+      for (int s = 0; s < 2; ++s) {
+        Barrier::init(&full[s], 1);
+        Barrier::init(&empty[s], kWarps * ncta);
       }
-    };
-    auto load = [&](int c) {
-      const int64_t t0 = int64_t(c) * C;
-      const int Lr = rows_in(c);
-      Tensor sX = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(at(c, 0)), LX{}));
-      Tensor sD = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(at(c, kOffD)), LD{}));
-      Tensor sV = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(at(c, kOffV)), LV{}));
-      Tensor sA = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(at(c, kOffA)), LA{}));
-      load_rows([&](int r, int cc) { return raw_pointer_cast(&sX(r, cc)); }, xb + t0 * HK, HK, K, Lr);
-      load_rows([&](int r, int cc) { return raw_pointer_cast(&sD(cc, r)); }, db + t0 * HK, HK, K, Lr);
-      load_rows([&](int r, int cc) { return raw_pointer_cast(&sV(cc, r)); }, vb + t0 * HV, HV, BV, Lr);
-      load_rows([&](int r, int cc) { return raw_pointer_cast(&sA(r, cc)); }, ab + t0 * HC, HC, C, Lr);
-      // exp2(G) and exp2(b_0): rows 0 and 2 of the slot's decays
-      const float* dec = p.save_decay + ((slot0 + c) * p.H + h) * 3 * K;
-      load_tile<NT, 2, K>(reinterpret_cast<float*>(smem + (c & 1) * kStage + kOffDec), K, dec, 2 * K, 2, tid);
-      cp_async_commit();
+      cutlass::arch::fence_barrier_init();
+    }
+    cluster_sync();  // the barriers of every CTA are initialised before any load or remote arrival
+
+    // tid 0: chunk c's loads into stage c & 1, once every warp of the cluster is done with the
+    // chunk that used it before
+    auto issue = [&](int c) {
+      const int s = c & 1;
+      if (c >= 2) Barrier::wait(&empty[s], ((c >> 1) - 1) & 1);
+      Barrier::arrive_and_expect_tx(&full[s], kTx);
+      const int32_t t0 = int32_t(bos + int64_t(c) * C);
+      const uint64_t hint = uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
+      for (int b = rank; b < kShared; b += ncta) {  // qx, kd, A: shared by the cluster
+        const CUtensorMap* map = b < kBoxesX ? &maps.x : b < 2 * kBoxesX ? &maps.d : &maps.a;
+        T* dst = b < kBoxesX ? at(c, b * kBox) : b < 2 * kBoxesX ? at(c, kOffD + (b - kBoxesX) * kBox) : at(c, kOffA);
+        const int32_t col = b < 2 * kBoxesX ? (b % kBoxesX) * 64 : 0;
+        if (ncta > 1) SM90_TMA_LOAD_MULTICAST_3D::copy(map, &full[s], uint16_t((1u << ncta) - 1), hint, dst, col, h, t0);
+        else SM90_TMA_LOAD_3D::copy(map, &full[s], hint, dst, col, h, t0);
+      }
+      SM90_TMA_LOAD_3D::copy(&maps.v, &full[s], hint, at(c, kOffV), int32_t(vt * BV), h, t0);
+      SM90_BULK_COPY_G2S::copy(p.save_decay + ((slot0 + c) * p.H + h) * 3 * K, &full[s], smem + (c & 1) * kStage + kOffDec,
+                               kDecBytes);
     };
 
     MmaU mmaU;
     auto thrU = mmaU.get_thread_slice(tid);
-    Tensor rS = partition_fragment_C(mmaU, Shape<Int<K>, Int<BV>>{});
-    Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<K>, Int<BV>>{}));
-    Tensor sSw = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(sSp), LS{}));
-    load_initial_state<K, BV>(p, sp, nh, vt, seg, rS, tUc);
+    Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                    // S^T
+    Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));      // (v, channel)
+    load_initial_state<K, BV, true>(p, sp, nh, vt, seg, rS, tUc);
 
     MmaO mmaO;
-    auto thrO = mmaO.get_thread_slice(tid);
-    Tensor tOrS = thrO.make_fragment_B(thrO.partition_B(make_tensor(make_smem_ptr(sSp), LS{})));
+    MmaV mmaV;
+    auto thrO = mmaO.get_thread_slice(wtid);
+    auto thrV = mmaV.get_thread_slice(wtid);
+    // the state as the A operand: k-block j of this warpgroup is rS(8 j .. 8 j + 7)
+    Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<BV>, Int<KH>>{}));
+    static_assert(size(decltype(tOrS){}) == size(decltype(rS){}), "state fragments");
+    Tensor acc = partition_fragment_C(mmaO, Shape<Int<BV>, Int<C>>{});                 // o^T
+    Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<BV>, Int<C>>{}));     // (v, t)
 
-    if (nchunks > 0) load(0);
+    if (tid == 0 && nchunks > 0) issue(0);
     for (int c = 0; c < nchunks; ++c) {
-      const float* sGam = reinterpret_cast<const float*>(smem + (c & 1) * kStage + kOffDec);
-      const float* sB0 = sGam + K;
-      cp_async_wait<0>();
-      fence_async_smem();
-      __syncthreads();  // chunk c landed; chunk c - 1 (its stage, S) no longer read
-      if (c + 1 < nchunks) load(c + 1);
-      if constexpr (kSave)  // the state entering this chunk
-        store_state<T>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
-                       p.V, rS, tUc);
-      CUTE_UNROLL
-      for (int i = 0; i < size(rS); i += 2) {
-        const int kk = get<0>(tUc(i)), vv = get<1>(tUc(i));
-        const float e = sB0[kk];
-        *reinterpret_cast<uint32_t*>(raw_pointer_cast(&sSw(vv, kk))) = pack2<T>(rS(i) * e, rS(i + 1) * e);
+      const int s = c & 1, Lr = rows_in(c);
+      const float* sGam = reinterpret_cast<const float*>(smem + s * kStage + kOffDec);  // exp2(G)
+      const float* sB0 = sGam + 2 * K;                                                   // exp2(b_0)
+      Barrier::wait(&full[s], (c >> 1) & 1);
+      if (tid == 0 && c + 1 < nchunks) issue(c + 1);
+      if (Lr < C) {  // kd rows past the end (the next sequence's, or never written) add nothing to S
+        Tensor sD = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(at(c, kOffD)), LD{}));
+        for (int i = tid; i < (C - Lr) * (K / 8); i += NT) {
+          const int r = Lr + i / (K / 8), cc = (i % (K / 8)) * 8;
+          *reinterpret_cast<uint4*>(raw_pointer_cast(&sD(cc, r))) = make_uint4(0u, 0u, 0u, 0u);
+        }
+        fence_async_smem();
+        __syncthreads();
       }
-      fence_async_smem();
-      __syncthreads();
-
-      Tensor tOrX = thrO.make_fragment_A(thrO.partition_A(make_tensor(make_smem_ptr(at(c, 0)), LX{})));
-      Tensor tOrA = thrO.make_fragment_A(thrO.partition_A(make_tensor(make_smem_ptr(at(c, kOffA)), LA{})));
-      Tensor tOrV = thrO.make_fragment_B(thrO.partition_B(make_tensor(make_smem_ptr(at(c, kOffV)), LV{})));
-      Tensor tUrD = thrU.make_fragment_A(thrU.partition_A(make_tensor(make_smem_ptr(at(c, kOffD)), LD{})));
-      Tensor tUrV = thrU.make_fragment_B(thrU.partition_B(make_tensor(make_smem_ptr(at(c, kOffV)), LV{})));
-      Tensor acc = partition_fragment_C(mmaO, Shape<Int<C>, Int<BV>>{});
-      clear(acc);
+      if constexpr (kSave)  // the state entering this chunk
+        store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
+                             p.V, rS, tUc);
       CUTE_UNROLL
-      for (int i = 0; i < size(rS); ++i) rS(i) *= sGam[get<0>(tUc(i))];
+      for (int i = 0; i < size(rS); ++i) {
+        const int ch = get<1>(tUc(i));
+        tOrS(i) = T(rS(i) * sB0[ch]);
+        rS(i) *= sGam[ch];
+      }
+
+      Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(at(c, 0)), LX{}));      // qx as (t, channel)
+      Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV)), LV{}));  // v^T (v, s)
+      Tensor tVrA = thrV.partition_fragment_B(make_tensor(make_smem_ptr(at(c, kOffA)), LA{}));  // A (t, s)
+      Tensor tUrV = thrU.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV)), LV{}));
+      Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(at(c, kOffD)), LD{}));  // kd (channel, t)
+      clear(acc);
+      warpgroup_fence_operand(tOrS);
       warpgroup_fence_operand(acc);
       warpgroup_fence_operand(rS);
       warpgroup_arrive();
-      gemm(mmaO, tOrX, tOrS, acc);  // qx (exp2(b_0) S)
-      gemm(mmaO, tOrA, tOrV, acc);  // + A v
-      gemm(mmaU, tUrD, tUrV, rS);   // S = exp2(G) S + kd^T v
+      CUTE_UNROLL
+      for (int j = 0; j < KH / 16; ++j) gemm(mmaO, tOrS(_, _, j), tOrX(_, _, wg * (KH / 16) + j), acc);
+      CUTE_UNROLL
+      for (int j = 0; j < C / 32; ++j) gemm(mmaV, tVrV(_, _, wg * (C / 32) + j), tVrA(_, _, wg * (C / 32) + j), acc);
+      gemm(mmaU, tUrV, tUrD, rS);
       warpgroup_commit_batch();
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc);
       warpgroup_fence_operand(rS);
+      // this warp is done with the stage: tell every CTA that will load into it again
+      if (c + 2 < nchunks && (tid & 31) == 0)
+        for (int r = 0; r < ncta; ++r) Barrier::arrive(&empty[s], uint32_t(r), 1u);
 
-      store_output<T, C, BV>(ob + int64_t(c) * C * HV, HV, rows_in(c), thrO, acc);
+      // o = the two warpgroups' partial sums, through smem, then row-wise 16-byte stores
+      if (wg == 1) {
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc); i += 4)
+          *reinterpret_cast<float4*>(sR + (i / 4 * 128 + wtid) * 4) = make_float4(acc(i), acc(i + 1), acc(i + 2), acc(i + 3));
+      }
+      __syncthreads();
+      if (wg == 0) {
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc); i += 4) {
+          const float4 x = *reinterpret_cast<const float4*>(sR + (i / 4 * 128 + wtid) * 4);
+          const float y[4] = {acc(i) + x.x, acc(i + 1) + x.y, acc(i + 2) + x.z, acc(i + 3) + x.w};
+          CUTE_UNROLL
+          for (int e = 0; e < 4; ++e) sO[get<1>(tOc(i + e)) * LDO + get<0>(tOc(i + e))] = T(y[e]);
+        }
+      }
+      __syncthreads();
+      T* oc = ob + int64_t(c) * C * HV;
+      for (int i = tid; i < Lr * (BV / 8); i += NT) {
+        const int t = i / (BV / 8), cc = (i % (BV / 8)) * 8;
+        *reinterpret_cast<uint4*>(oc + t * HV + cc) = *reinterpret_cast<const uint4*>(sO + t * LDO + cc);
+      }
     }
 
-    if (p.ht != nullptr && seg == last_seg) store_state<T>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);
+    if (p.ht != nullptr && seg == last_seg) store_state<T, true>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);
   }
 };
 
 template <class T, int K, int BV, bool kSave>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
-    chunk_walk_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp) {
+    chunk_walk_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp, const __grid_constant__ WalkMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem[];
-  WalkGmma<T, K, BV, kSave>::run(p, sp, smem);
+  WalkGmma<T, K, BV, kSave>::run(p, sp, maps, smem);
 #else
   __trap();  // built for sm_90a only; run_chunk_walk_sm90 is called on sm_90 devices only
 #endif
 }
 
+// cuTensorMapEncodeTiled from the driver (no link against libcuda)
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// rows x H x width 16-bit elements, row-major; boxes of 64 x 1 x 64 with the 128-byte swizzle
+bool encode_map(CUtensorMap* map, const void* base, int64_t rows, int H, int width) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[3] = {cuuint64_t(width), cuuint64_t(H), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(width) * 2, cuuint64_t(H) * width * 2};
+  const cuuint32_t box[3] = {64, 1, 64}, elem[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <class T, int K, int BV, bool kSave>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  return launch_walk(&chunk_walk_sm90_kernel<T, K, BV, kSave>, WalkGmma<T, K, BV, kSave>::kSmem, BV, p, sp, stream);
+  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), sp.seg_len > 0 ? unsigned(sp.nseg) : 1u);
+  if (grid.x == 0 || grid.y == 0 || p.T == 0) return cudaSuccess;
+  WalkMaps maps;
+  const int64_t rows = int64_t(p.B) * p.T;
+  if (!encode_map(&maps.x, p.save_qx, rows, p.H, K) || !encode_map(&maps.d, p.save_kd, rows, p.H, K) ||
+      !encode_map(&maps.a, p.save_a, rows, p.H, chunk_fwd_cfg::kChunk) || !encode_map(&maps.v, p.v, rows, p.H, p.V))
+    return cudaErrorInvalidValue;
+  auto* kernel = &chunk_walk_sm90_kernel<T, K, BV, kSave>;
+  constexpr int smem = WalkGmma<T, K, BV, kSave>::kSmem;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(chunk_fwd_cfg::kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;  // V tiles of one (sequence, head, segment)
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = grid.y < unsigned(kMaxCluster) ? grid.y : unsigned(kMaxCluster);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  err = cudaLaunchKernelEx(&cfg, kernel, p, sp, maps);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <class T>

@@ -264,6 +264,7 @@ int main(int argc, char** argv) {
     run_case({"small varlen bf16 K64 V64", bf, bf, 1, 0, 2, 64, 64, {0, 0, 1, 70, 133}, Gate::kNormal, true, true});
     run_case({"small varlen fp16 K128 V128", fp, f32, 1, 0, 1, 128, 128, {0, 65, 65, 100}, Gate::kMixed, true, true});
     run_case({"small split bf16 K64 V64 T600", bf, bf, 1, 600, 1, 64, 64, {}, Gate::kNormal, true, true});
+    run_case({"small varlen bf16 K256 V512", bf, bf, 1, 0, 1, 256, 512, {0, 0, 1, 70, 133}, Gate::kNormal, true, true});
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "bench64") {

@@ -2,7 +2,7 @@
 # Builds the fused chunked forward and its standalone test on the GPU machine, then runs
 # the checks and timings. Run from the repository root:
 #   bash csrc/chunk_fwd/test/run_on_device.sh [sanitize] [ncu]   (env CFB: build folder; BUILD_ONLY=1)
-#   sanitize: compute-sanitizer memcheck on the small cases (varlen, split)
+#   sanitize: compute-sanitizer memcheck and racecheck on the small cases (varlen, split)
 #   ncu:      Nsight Compute sections for one launch at (8,2048,16,128,128)
 # Writes test.log (and ncu.txt) under $OUT; build logs stay in $CFB/logs.
 set -u
@@ -38,7 +38,9 @@ for f in $CFB/logs/build_chunk_fwd_*_k*.log; do
 done
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 if [ $SANITIZE = 1 ]; then
-  /usr/local/cuda-13.0/bin/compute-sanitizer --tool memcheck $CFB/chunk_fwd_test small 2>&1 | tail -6
+  for tool in memcheck racecheck; do
+    /usr/local/cuda-13.0/bin/compute-sanitizer --tool $tool $CFB/chunk_fwd_test small 2>&1 | tail -7
+  done
 fi
 [ -n "${BUILD_ONLY:-}" ] && exit 0
 $CFB/chunk_fwd_test 2>&1 | tee "$OUTDIR/test.log"
