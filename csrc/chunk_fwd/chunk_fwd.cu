@@ -33,16 +33,19 @@ cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaS
   }
 }
 
-// The two-stage forward's walk with wgmma: in sm_90a builds on sm_90 devices, unless
-// GLA_CUDA_NO_WGMMA=1 asks for the mma.sync walk (the sm_80 path, tested on Hopper too).
-bool hopper_walk() {
+// The two-stage forward's walk with wgmma: in sm_90a builds on sm_90 devices, for V a multiple
+// of its tile, unless GLA_CUDA_NO_WGMMA=1 asks for the mma.sync walk (the sm_80 path, tested on
+// Hopper too).
+bool hopper_walk(const FwdParams& p) {
 #if defined(GLA_SM90A)
+  if (p.V % chunk_fwd_cfg::kWalkSm90BV != 0) return false;
   const char* off = std::getenv("GLA_CUDA_NO_WGMMA");
   if (off != nullptr && off[0] == '1') return false;
   int dev = 0, major = 0;
   return cudaGetDevice(&dev) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
 #else
+  (void)p;
   return false;
 #endif
 }
@@ -89,7 +92,7 @@ const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor
   const int bv = chunk_fwd_cfg::block_v(p.K, p.V);  // the larger tile
   const int smem = chunk_fwd_cfg::two_stage(p.K)
       ? std::max({chunk_fwd_cfg::prep_smem_bytes(p.K), chunk_fwd_cfg::walk_smem_bytes(p.K, bv),
-                  hopper_walk() ? chunk_fwd_cfg::walk_sm90_smem_bytes(p.K, bv) : 0})
+                  hopper_walk(p) ? chunk_fwd_cfg::walk_sm90_smem_bytes(p.K, chunk_fwd_cfg::kWalkSm90BV) : 0})
       : chunk_fwd_cfg::smem_bytes(p.K, bv);
   int dev = 0, max_smem = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -156,7 +159,7 @@ cudaError_t chunk_fwd(const FwdParams& p_in, void* workspace, cudaStream_t strea
   cudaError_t err = sp.seg_len > 0 ? run_segment_states(p, sp, stream) : cudaSuccess;
   if (two_stage) {
     if (err == cudaSuccess) err = run_chunk_prep(p, stream);
-    if (err == cudaSuccess) err = hopper_walk() ? run_chunk_walk_sm90(p, sp, stream) : run_chunk_walk(p, sp, stream);
+    if (err == cudaSuccess) err = hopper_walk(p) ? run_chunk_walk_sm90(p, sp, stream) : run_chunk_walk(p, sp, stream);
   } else if (err == cudaSuccess) {
     err = p.dtype == DType::kBFloat16 ? dispatch_k<cute::bfloat16_t>(p, sp, stream)
                                       : dispatch_k<cute::half_t>(p, sp, stream);

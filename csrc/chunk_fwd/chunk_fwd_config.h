@@ -68,13 +68,14 @@ constexpr int walk_smem_bytes(int K, int BV) {
   return 2 * (kChunk * (2 * (K + 8) + (BV + 8) + (kChunk + 8)) * 2 + 2 * K * 4) + K * (BV + 8) * 2;
 }
 
-// The Hopper walk (chunk_fwd_walk_sm90.cu): per stage qx, kd [C][K], A [C][C], v [C][BV]
-// (16-bit, unpadded: wgmma's swizzled layouts) and the decays [3][K] float, rounded to 1024
-// bytes; then a float32 C x BV partial output, the output tile [C][BV+8] (16-bit), four
-// mbarriers (64 bytes kept) and 1024 bytes to align the base.
+// The Hopper walk (chunk_fwd_walk_sm90.cu) takes V tiles of kWalkSm90BV columns (V = 64 runs
+// the mma.sync walk). Per stage qx, kd [C][K], A [C][C], v [C][BV] (16-bit, unpadded: wgmma's
+// swizzled layouts) and the decays [3][K] float, rounded to 1024 bytes; then two output tiles
+// [C][BV+8] (16-bit), four mbarriers (64 bytes kept) and 1024 bytes to align the base.
+constexpr int kWalkSm90BV = 128;
 constexpr int walk_sm90_smem_bytes(int K, int BV) {
-  return 2 * ((kChunk * (2 * K + BV + kChunk) * 2 + 3 * K * 4 + 1023) / 1024 * 1024) + kChunk * BV * 4 +
-         kChunk * (BV + 8) * 2 + 64 + 1024;
+  return 2 * ((kChunk * (2 * K + BV + kChunk) * 2 + 3 * K * 4 + 1023) / 1024 * 1024) + 2 * kChunk * (BV + 8) * 2 + 64 +
+         1024;
 }
 
 // Per-chunk slots of the two-stage intermediates: chunk c of sequence n is slot

@@ -1,20 +1,23 @@
 // Stage 2 of the two-stage forward on Hopper (sm_90a): the walk of chunk_fwd_walk.cu with
 // warpgroup MMAs (wgmma), TMA loads and the state kept transposed, S^T (BV x K, float32), so
-// that it feeds the output MMA straight from registers. Two warpgroups, each owning K / 2
-// channels (columns of S^T, 64 floats per thread):
-//   o^T (BV x C)  = (exp2(b_0) S)^T qx^T + v^T A^T   each warpgroup its channels and half the keys;
-//                                                    the two partial sums meet in smem
-//   S^T (BV x K)  = S^T exp2(G) + v^T kd            each warpgroup its channels
-// The first product takes its A operand from registers (the accumulator layout of S^T is the
-// register-operand layout of wgmma), so the state never goes through shared memory.
+// that it feeds the output MMA straight from registers. A CTA takes a V tile of 128; its two
+// warpgroups own 64 columns of V each (64 rows of S^T: 128 floats per thread), so neither
+// needs the other's results:
+//   o^T (64 x C)  = (exp2(b_0) S)^T qx^T + v^T A^T   (the first product in parts of K, the
+//                                                    register operand built per part)
+//   S^T (64 x K)  = S^T exp2(G) + v^T kd
+// (the accumulator layout of S^T is the register-operand layout of wgmma, so the state never
+// goes through shared memory). With 128 columns per CTA a (8, 2048, 4, 256, 512) grid is 128
+// CTAs, one wave, each reading qx, kd and A once for 128 columns.
 // Loads: per chunk, 64 x 64 boxes with the 128-byte swizzle (the wgmma layouts), by TMA. The V
 // tiles of one (sequence, head) read the same qx, kd and A: pairs of them form a cluster and
 // each of those boxes is loaded once per cluster, multicast (a CTA issues boxes rank,
-// rank + 2, ...). Clusters of 4 or 8 would cut L2 reads further, but with one CTA per SM only
-// 30 or 15 of them fit at once and a 256-CTA grid takes a third wave. v (its own box) and the
-// decays (a bulk copy) are per CTA. Two stages: a stage's "full" barrier completes when all its
-// bytes landed, its "empty" barrier when every warp of the cluster is done with it (remote
-// arrivals), before a CTA issues its loads of the chunk after next into it.
+// rank + 2, ...). Larger clusters of these one-CTA-per-SM kernels fit fewer at once (30 of 4,
+// 15 of 8 on the H100). v (its own boxes) and the decays (a bulk copy) are per CTA. Two
+// stages: a stage's "full" barrier completes when all its bytes landed, its "empty" barrier
+// when every warp of the cluster is done with it (remote arrivals), before a CTA issues its
+// loads of the chunk after next into it. The output goes through smem (double-buffered, one
+// warpgroup barrier per chunk) to row-wise 16-byte stores.
 #include <cuda.h>           // CUtensorMap (the encoder comes from the driver at run time)
 #include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
 
@@ -48,29 +51,28 @@ constexpr int kMaxCluster = 2;
 template <class T, int K, int BV, bool kSave>
 struct WalkGmma {
   static constexpr int C = chunk_fwd_cfg::kChunk, NT = chunk_fwd_cfg::kThreads, kWarps = NT / 32;
-  static constexpr int KH = K / 2;  // channels per warpgroup
+  static constexpr int VW = BV / 2, kParts = 4, KH = K / kParts;  // V columns per warpgroup; channels per part of o's MMA
   using LX = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));    // qx (C, K)
   using LA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<C>>{}));    // A (C, C)
-  // kd as (K, C), MN-major, tiled along C first: each 64-channel block is one TMA box
+  // kd as (K, C) and v^T as (BV, C), MN-major, tiled along C first: each 64-column block is one TMA box
   using LD = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<K>, Int<C>>{}, Step<_2, _1>{}));
-  using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}));  // v^T (BV, C)
-  // per stage: qx, kd, A, v (TMA boxes of 8 KB), the decays [3][K] float. Then the other
-  // warpgroup's partial o^T (float32, [16][128 threads][4]: conflict-free 16-byte accesses),
-  // o as [C][BV + 8] (16-bit) for the coalesced store, the barriers.
+  using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}, Step<_2, _1>{}));
+  using LVW = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<VW>, Int<C>>{}));  // one warpgroup's
+  // per stage: qx, kd, A, v (TMA boxes of 8 KB), the decays [3][K] float; then two output tiles
+  // [C][BV + 8] (16-bit) and the barriers
   static constexpr int kBox = C * 64 * 2, kBoxesX = K / 64, kShared = 2 * kBoxesX + 1;
   static constexpr int kOffD = C * K * 2, kOffA = kOffD + K * C * 2, kOffV = kOffA + C * C * 2,
                        kOffDec = kOffV + BV * C * 2, kDecBytes = 3 * K * 4,
                        kStage = (kOffDec + kDecBytes + 1023) / 1024 * 1024;
   static constexpr int kTx = kShared * kBox + (BV / 64) * kBox + kDecBytes;  // bytes landing per stage
   static constexpr int LDO = BV + 8;
-  static constexpr int kOffR = 2 * kStage, kOffO = kOffR + C * BV * 4, kOffBar = kOffO + C * LDO * 2,
-                       kSmem = kOffBar + 64 + 1024;  // + alignment slack
+  static constexpr int kOffO = 2 * kStage, kOffBar = kOffO + 2 * C * LDO * 2, kSmem = kOffBar + 64 + 1024;  // + alignment slack
   static_assert(kSmem == chunk_fwd_cfg::walk_sm90_smem_bytes(K, BV), "smem layout");
-  static_assert(BV == 64 && K % 128 == 0, "one 64-column V tile, K a multiple of 128");
+  static_assert(BV == 128 && K % 128 == 0, "a V tile of 128, K a multiple of 128");
 
-  // S^T update: 64 x K, the two warpgroups side by side along K
-  using AtomU = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<KH>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
-  using MmaU = decltype(make_tiled_mma(AtomU{}, Layout<Shape<_1, _2, _1>>{}));
+  // S^T update: BV x K, the two warpgroups stacked along V
+  using AtomU = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<K>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
+  using MmaU = decltype(make_tiled_mma(AtomU{}, Layout<Shape<_2, _1, _1>>{}));
   // o^T, one warpgroup: the state from registers times qx^T; v^T times A^T from smem
   using AtomO = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::K, GMMA::Major::K>());
   using AtomV = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::MN, GMMA::Major::K>());
@@ -81,8 +83,6 @@ struct WalkGmma {
                              unsigned char* smem_raw) {
     unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     auto at = [&](int c, int off) { return reinterpret_cast<T*>(smem + (c & 1) * kStage + off); };
-    float* sR = reinterpret_cast<float*>(smem + kOffR);
-    T* sO = reinterpret_cast<T*>(smem + kOffO);
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kOffBar);  // [2]
     uint64_t* empty = full + 2;                                    // [2]
     const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
@@ -97,7 +97,7 @@ struct WalkGmma {
     const int nchunks = int((len + C - 1) / C);
     const int64_t slot0 = chunk_fwd_cfg::slot_base(p, n) + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0);
     const int64_t HV = int64_t(p.H) * p.V;
-    T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + vt * BV;
+    T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + vt * BV + wg * VW;  // this warpgroup's columns
     auto rows_in = [&](int c) { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); };
 
     if (tid == 0) {
@@ -124,7 +124,8 @@ struct WalkGmma {
         if (ncta > 1) SM90_TMA_LOAD_MULTICAST_3D::copy(map, &full[s], uint16_t((1u << ncta) - 1), hint, dst, col, h, t0);
         else SM90_TMA_LOAD_3D::copy(map, &full[s], hint, dst, col, h, t0);
       }
-      SM90_TMA_LOAD_3D::copy(&maps.v, &full[s], hint, at(c, kOffV), int32_t(vt * BV), h, t0);
+      for (int b = 0; b < BV / 64; ++b)
+        SM90_TMA_LOAD_3D::copy(&maps.v, &full[s], hint, at(c, kOffV + b * kBox), int32_t(vt * BV + b * 64), h, t0);
       SM90_BULK_COPY_G2S::copy(p.save_decay + ((slot0 + c) * p.H + h) * 3 * K, &full[s], smem + (c & 1) * kStage + kOffDec,
                                kDecBytes);
     };
@@ -139,11 +140,12 @@ struct WalkGmma {
     MmaV mmaV;
     auto thrO = mmaO.get_thread_slice(wtid);
     auto thrV = mmaV.get_thread_slice(wtid);
-    // the state as the A operand: k-block j of this warpgroup is rS(8 j .. 8 j + 7)
-    Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<BV>, Int<KH>>{}));
-    static_assert(size(decltype(tOrS){}) == size(decltype(rS){}), "state fragments");
-    Tensor acc = partition_fragment_C(mmaO, Shape<Int<BV>, Int<C>>{});                 // o^T
-    Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<BV>, Int<C>>{}));     // (v, t)
+    // half of the state as the A operand: its k-block j is rS(8 j .. 8 j + 7) of that half
+    Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<VW>, Int<KH>>{}));
+    static_assert(kParts * size(decltype(tOrS){}) == size(decltype(rS){}), "state fragments");
+    constexpr int kPart = size(decltype(tOrS){});
+    Tensor acc = partition_fragment_C(mmaO, Shape<Int<VW>, Int<C>>{});                 // o^T
+    Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<VW>, Int<C>>{}));     // (v, t)
 
     if (tid == 0 && nchunks > 0) issue(0);
     for (int c = 0; c < nchunks; ++c) {
@@ -164,56 +166,55 @@ struct WalkGmma {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                              p.V, rS, tUc);
-      CUTE_UNROLL
-      for (int i = 0; i < size(rS); ++i) {
-        const int ch = get<1>(tUc(i));
-        tOrS(i) = T(rS(i) * sB0[ch]);
-        rS(i) *= sGam[ch];
-      }
 
       Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(at(c, 0)), LX{}));      // qx as (t, channel)
-      Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV)), LV{}));  // v^T (v, s)
+      Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV) + wg * VW * C), LVW{}));  // v^T
       Tensor tVrA = thrV.partition_fragment_B(make_tensor(make_smem_ptr(at(c, kOffA)), LA{}));  // A (t, s)
       Tensor tUrV = thrU.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV)), LV{}));
       Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(at(c, kOffD)), LD{}));  // kd (channel, t)
       clear(acc);
-      warpgroup_fence_operand(tOrS);
-      warpgroup_fence_operand(acc);
-      warpgroup_fence_operand(rS);
-      warpgroup_arrive();
+      // o^T += (exp2(b_0) S)^T qx^T, a part of the channels at a time (the register operand of
+      // a part must stay until its MMAs are done)
       CUTE_UNROLL
-      for (int j = 0; j < KH / 16; ++j) gemm(mmaO, tOrS(_, _, j), tOrX(_, _, wg * (KH / 16) + j), acc);
-      CUTE_UNROLL
-      for (int j = 0; j < C / 32; ++j) gemm(mmaV, tVrV(_, _, wg * (C / 32) + j), tVrA(_, _, wg * (C / 32) + j), acc);
-      gemm(mmaU, tUrV, tUrD, rS);
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-      warpgroup_fence_operand(rS);
+      for (int part = 0; part < kParts; ++part) {
+        CUTE_UNROLL
+        for (int i = 0; i < kPart; i += 2) {  // (i, i + 1): adjacent channels; then S^T exp2(G)
+          const int r = part * kPart + i, ch = get<1>(tUc(r));
+          const float2 e = *reinterpret_cast<const float2*>(sB0 + ch), gam = *reinterpret_cast<const float2*>(sGam + ch);
+          tOrS(i) = T(rS(r) * e.x);
+          tOrS(i + 1) = T(rS(r + 1) * e.y);
+          rS(r) *= gam.x;
+          rS(r + 1) *= gam.y;
+        }
+        warpgroup_fence_operand(tOrS);
+        warpgroup_fence_operand(acc);
+        warpgroup_fence_operand(rS);
+        warpgroup_arrive();
+        CUTE_UNROLL
+        for (int j = 0; j < KH / 16; ++j) gemm(mmaO, tOrS(_, _, j), tOrX(_, _, part * (KH / 16) + j), acc);
+        if (part == kParts - 1) {
+          CUTE_UNROLL
+          for (int j = 0; j < C / 16; ++j) gemm(mmaV, tVrV(_, _, j), tVrA(_, _, j), acc);  // + v^T A^T
+          gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T kd
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrS);
+        warpgroup_fence_operand(acc);
+        warpgroup_fence_operand(rS);
+      }
       // this warp is done with the stage: tell every CTA that will load into it again
       if (c + 2 < nchunks && (tid & 31) == 0)
         for (int r = 0; r < ncta; ++r) Barrier::arrive(&empty[s], uint32_t(r), 1u);
 
-      // o = the two warpgroups' partial sums, through smem, then row-wise 16-byte stores
-      if (wg == 1) {
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc); i += 4)
-          *reinterpret_cast<float4*>(sR + (i / 4 * 128 + wtid) * 4) = make_float4(acc(i), acc(i + 1), acc(i + 2), acc(i + 3));
-      }
-      __syncthreads();
-      if (wg == 0) {
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc); i += 4) {
-          const float4 x = *reinterpret_cast<const float4*>(sR + (i / 4 * 128 + wtid) * 4);
-          const float y[4] = {acc(i) + x.x, acc(i + 1) + x.y, acc(i + 2) + x.z, acc(i + 3) + x.w};
-          CUTE_UNROLL
-          for (int e = 0; e < 4; ++e) sO[get<1>(tOc(i + e)) * LDO + get<0>(tOc(i + e))] = T(y[e]);
-        }
-      }
-      __syncthreads();
+      // o: this warpgroup's columns into the tile of this chunk's parity, then row-wise 16-byte stores
+      T* sO = reinterpret_cast<T*>(smem + kOffO) + s * C * LDO + wg * VW;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); ++i) sO[get<1>(tOc(i)) * LDO + get<0>(tOc(i))] = T(acc(i));
+      cutlass::arch::NamedBarrier::sync(128, 1 + wg);  // the warpgroup's tile is written (ids 1, 2: not __syncthreads' 0)
       T* oc = ob + int64_t(c) * C * HV;
-      for (int i = tid; i < Lr * (BV / 8); i += NT) {
-        const int t = i / (BV / 8), cc = (i % (BV / 8)) * 8;
+      for (int i = wtid; i < Lr * (VW / 8); i += 128) {
+        const int t = i / (VW / 8), cc = (i % (VW / 8)) * 8;
         *reinterpret_cast<uint4*>(oc + t * HV + cc) = *reinterpret_cast<const uint4*>(sO + t * LDO + cc);
       }
     }
@@ -289,14 +290,14 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
 
 template <class T>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  return p.save_h != nullptr ? launch<T, 256, 64, true>(p, sp, stream) : launch<T, 256, 64, false>(p, sp, stream);
+  return p.save_h != nullptr ? launch<T, 256, 128, true>(p, sp, stream) : launch<T, 256, 128, false>(p, sp, stream);
 }
 
 }  // namespace chunk_walk_sm90_detail
 
 cudaError_t run_chunk_walk_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   using namespace chunk_walk_sm90_detail;
-  if (p.K != 256 || chunk_fwd_cfg::block_v(p.K, p.V) != 64) return cudaErrorInvalidValue;
+  if (p.K != 256 || p.V % chunk_fwd_cfg::kWalkSm90BV != 0) return cudaErrorInvalidValue;
   if (p.dtype == DType::kBFloat16) return dispatch_save<cute::bfloat16_t>(p, sp, stream);
   if (p.dtype == DType::kFloat16) return dispatch_save<cute::half_t>(p, sp, stream);
   return cudaErrorInvalidValue;
