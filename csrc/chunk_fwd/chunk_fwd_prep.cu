@@ -8,7 +8,9 @@
 //   save_a      scale * tril(q k^T gated), zeros above the diagonal (chunk_fwd_scores.cuh: one
 //               reference row where the gates allow, the exact path otherwise)
 //   save_flags  (where set) 1 if some |b_t - b_32| > 40 nats: the Triton backward's exact path
-// Rows past the end of a sequence are zero-filled on load and never written.
+// Rows past the end of a sequence are zero-filled on load and never written. Where the chunk
+// takes the one-reference scores, qx and kd come from the scores' gated operands (one pass,
+// two exponentials per element, per-channel factors for the rest).
 #include <cute/tensor.hpp>
 
 #include "chunk_fwd_config.h"
@@ -17,6 +19,13 @@
 
 namespace gla {
 namespace chunk_prep_detail {
+
+// Eight floats of smem (32-byte aligned) into registers.
+__device__ __forceinline__ void load8(const float* src, float* dst) {
+  const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+  dst[0] = a.x; dst[1] = a.y; dst[2] = a.z; dst[3] = a.w;
+  dst[4] = b.x; dst[5] = b.y; dst[6] = b.z; dst[7] = b.w;
+}
 
 template <class T, class GT, int K>
 struct Prep {
@@ -91,39 +100,79 @@ struct Prep {
     }
     __syncthreads();
 
-    // the gated operands, 8 channels (16 bytes) per thread and row
-    {
-      T* qx = static_cast<T*>(p.save_qx) + off;
-      T* kd = static_cast<T*>(p.save_kd) + off;
-      const float* sG_last = sB + (C - 1) * LDB;  // G (rows past the end add nothing)
-      for (int i = tid; i < Lr * (K / 8); i += NT) {
-        const int t = i / (K / 8), cc = (i % (K / 8)) * 8;
-        const uint4 qa = *reinterpret_cast<const uint4*>(sQ + t * LDQ + cc);
-        const uint4 ka = *reinterpret_cast<const uint4*>(sK + t * LDQ + cc);
-        const T* qe = reinterpret_cast<const T*>(&qa);
-        const T* ke = reinterpret_cast<const T*>(&ka);
-        uint4 xo, yo;
-        T* xe = reinterpret_cast<T*>(&xo);
-        T* ye = reinterpret_cast<T*>(&yo);
-        CUTE_UNROLL
-        for (int e = 0; e < 8; ++e) {
-          const float b = sB[t * LDB + cc + e];
-          xe[e] = T(p.scale * float(qe[e]) * ex2(fminf(b - sB[cc + e], 0.f)));
-          ye[e] = T(float(ke[e]) * ex2(sG_last[cc + e] - b));
-        }
-        *reinterpret_cast<uint4*>(qx + t * HK + cc) = xo;
-        *reinterpret_cast<uint4*>(kd + t * HK + cc) = yo;
-      }
-    }
-
-    // the scores (the vote is a barrier: q and k are no longer read above)
+    // the scores' path (the vote is a barrier); then the gated operands, 8 channels (16 bytes)
+    // per thread and row: a thread keeps channels cc .. cc + 7 (NT a multiple of K / 8)
     const bool one_ref = Scores::one_ref_ok(sB, bmax, bmin, tid);
     if (p.save_flags != nullptr) {
       const bool far = Scores::kSpan2 == kFlagSpan2 ? !one_ref : !Scores::one_ref_ok(sB, bmax, bmin, tid, kFlagSpan2);
       if (tid == 0) p.save_flags[slot * p.H + h] = int8_t(far);
     }
-    if (one_ref) Scores::one_ref(sQ, sQ, sK, sB, sA, p.scale, tid);
-    else Scores::template exact<false>(sQ, sK, sB, nullptr, sA, p.scale, tid);
+    static_assert(NT % (K / 8) == 0, "fixed channels per thread");
+    T* qx = static_cast<T*>(p.save_qx) + off;
+    T* kd = static_cast<T*>(p.save_kd) + off;
+    const int cc = (tid % (K / 8)) * 8;
+    float b0[8], bg[8], br[8];  // rows 0, C - 1 (G: rows past the end add nothing) and C / 2 of b
+    load8(sB + cc, b0);
+    load8(sB + (C - 1) * LDB + cc, bg);
+    load8(sB + (C / 2) * LDB + cc, br);
+    if (one_ref) {
+      // q~ = q exp2(b - b_r) and k~ = k exp2(b_r - b) over q and k for the scores' MMA;
+      // qx = scale q~ exp2(b_r - b_0) and kd = k~ exp2(G - b_r) from the same products
+      float fq[8], fk[8];
+      CUTE_UNROLL
+      for (int e = 0; e < 8; ++e) {
+        fq[e] = p.scale * ex2(br[e] - b0[e]);
+        fk[e] = ex2(bg[e] - br[e]);
+      }
+      for (int i = tid; i < C * (K / 8); i += NT) {
+        const int t = i / (K / 8);
+        const uint4 qa = *reinterpret_cast<const uint4*>(sQ + t * LDQ + cc);
+        const uint4 ka = *reinterpret_cast<const uint4*>(sK + t * LDQ + cc);
+        float b[8];
+        load8(sB + t * LDB + cc, b);
+        const T* qe = reinterpret_cast<const T*>(&qa);
+        const T* ke = reinterpret_cast<const T*>(&ka);
+        uint4 qt, kt, xo, yo;
+        T *qte = reinterpret_cast<T*>(&qt), *kte = reinterpret_cast<T*>(&kt);
+        T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
+        CUTE_UNROLL
+        for (int e = 0; e < 8; ++e) {
+          const float x = float(qe[e]) * ex2(b[e] - br[e]), y = float(ke[e]) * ex2(br[e] - b[e]);
+          qte[e] = T(x);
+          kte[e] = T(y);
+          xe[e] = T(x * fq[e]);
+          ye[e] = T(y * fk[e]);
+        }
+        *reinterpret_cast<uint4*>(sQ + t * LDQ + cc) = qt;
+        *reinterpret_cast<uint4*>(sK + t * LDQ + cc) = kt;
+        if (t < Lr) {
+          *reinterpret_cast<uint4*>(qx + t * HK + cc) = xo;
+          *reinterpret_cast<uint4*>(kd + t * HK + cc) = yo;
+        }
+      }
+      __syncthreads();
+      Scores::one_ref_mma(sQ, sK, sA, p.scale, tid);
+    } else {
+      for (int i = tid; i < Lr * (K / 8); i += NT) {
+        const int t = i / (K / 8);
+        const uint4 qa = *reinterpret_cast<const uint4*>(sQ + t * LDQ + cc);
+        const uint4 ka = *reinterpret_cast<const uint4*>(sK + t * LDQ + cc);
+        float b[8];
+        load8(sB + t * LDB + cc, b);
+        const T* qe = reinterpret_cast<const T*>(&qa);
+        const T* ke = reinterpret_cast<const T*>(&ka);
+        uint4 xo, yo;
+        T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
+        CUTE_UNROLL
+        for (int e = 0; e < 8; ++e) {
+          xe[e] = T(p.scale * float(qe[e]) * ex2(fminf(b[e] - b0[e], 0.f)));
+          ye[e] = T(float(ke[e]) * ex2(bg[e] - b[e]));
+        }
+        *reinterpret_cast<uint4*>(qx + t * HK + cc) = xo;
+        *reinterpret_cast<uint4*>(kd + t * HK + cc) = yo;
+      }
+      Scores::template exact<false>(sQ, sK, sB, nullptr, sA, p.scale, tid);
+    }
     __syncthreads();
     T* ab = static_cast<T*>(p.save_a) + (t0 * p.H + h) * C;
     for (int i = tid; i < Lr * (C / 8); i += NT) {

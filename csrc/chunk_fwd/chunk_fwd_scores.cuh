@@ -69,6 +69,12 @@ struct ChunkScores {
       *reinterpret_cast<uint32_t*>(sK + t * LDQ + cc) = pack2<T>(y.x * ex2(r.x - b.x), y.y * ex2(r.y - b.y));
     }
     __syncthreads();
+    one_ref_mma(sQt, sK, sA, scale, tid);
+  }
+
+  // The MMA of one_ref on q~ (sQt) and k~ (sK), complete in smem. Ends with sA written (no barrier).
+  static __device__ __forceinline__ void one_ref_mma(const T* sQt, const T* sK, T* sA, float scale, int tid) {
+    using namespace cute;
     Mma64 mma;
     auto thr = mma.get_thread_slice(tid);
     auto lqk = make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDQ>{}, _1{}));
