@@ -57,7 +57,7 @@ struct WalkGmma {
   // kd as (K, C) and v^T as (BV, C), MN-major, tiled along C first: each 64-column block is one TMA box
   using LD = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<K>, Int<C>>{}, Step<_2, _1>{}));
   using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}, Step<_2, _1>{}));
-  using LVW = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<VW>, Int<C>>{}));  // one warpgroup's
+  using LVW = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<VW>, Int<C>>{}));  // a warpgroup's v^T
   // per stage: qx, kd, A, v (TMA boxes of 8 KB), the decays [3][K] float; then two output tiles
   // [C][BV + 8] (16-bit) and the barriers
   static constexpr int kBox = C * 64 * 2, kBoxesX = K / 64, kShared = 2 * kBoxesX + 1;
@@ -140,7 +140,8 @@ struct WalkGmma {
     MmaV mmaV;
     auto thrO = mmaO.get_thread_slice(wtid);
     auto thrV = mmaV.get_thread_slice(wtid);
-    // half of the state as the A operand: its k-block j is rS(8 j .. 8 j + 7) of that half
+    // a part (K / kParts channels) of the state as the A operand: its k-block j is
+    // rS(8 j .. 8 j + 7) of that part
     Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<VW>, Int<KH>>{}));
     static_assert(kParts * size(decltype(tOrS){}) == size(decltype(rS){}), "state fragments");
     constexpr int kPart = size(decltype(tOrS){});
