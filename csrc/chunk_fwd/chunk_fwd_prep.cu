@@ -115,6 +115,17 @@ struct Prep {
     load8(sB + cc, b0);
     load8(sB + (C - 1) * LDB + cc, bg);
     load8(sB + (C / 2) * LDB + cc, br);
+    // body(t, q, k, b) for this thread's pieces of the first `rows` rows
+    auto for_pieces = [&](int rows, auto&& body) {
+      for (int i = tid; i < rows * (K / 8); i += NT) {
+        const int t = i / (K / 8);
+        const uint4 qa = *reinterpret_cast<const uint4*>(sQ + t * LDQ + cc);
+        const uint4 ka = *reinterpret_cast<const uint4*>(sK + t * LDQ + cc);
+        float b[8];
+        load8(sB + t * LDB + cc, b);
+        body(t, reinterpret_cast<const T*>(&qa), reinterpret_cast<const T*>(&ka), b);
+      }
+    };
     if (one_ref) {
       // q~ = q exp2(b - b_r) and k~ = k exp2(b_r - b) over q and k for the scores' MMA;
       // qx = scale q~ exp2(b_r - b_0) and kd = k~ exp2(G - b_r) from the same products
@@ -124,14 +135,7 @@ struct Prep {
         fq[e] = p.scale * ex2(br[e] - b0[e]);
         fk[e] = ex2(bg[e] - br[e]);
       }
-      for (int i = tid; i < C * (K / 8); i += NT) {
-        const int t = i / (K / 8);
-        const uint4 qa = *reinterpret_cast<const uint4*>(sQ + t * LDQ + cc);
-        const uint4 ka = *reinterpret_cast<const uint4*>(sK + t * LDQ + cc);
-        float b[8];
-        load8(sB + t * LDB + cc, b);
-        const T* qe = reinterpret_cast<const T*>(&qa);
-        const T* ke = reinterpret_cast<const T*>(&ka);
+      for_pieces(C, [&](int t, const T* qe, const T* ke, const float* b) {
         uint4 qt, kt, xo, yo;
         T *qte = reinterpret_cast<T*>(&qt), *kte = reinterpret_cast<T*>(&kt);
         T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
@@ -149,18 +153,11 @@ struct Prep {
           *reinterpret_cast<uint4*>(qx + t * HK + cc) = xo;
           *reinterpret_cast<uint4*>(kd + t * HK + cc) = yo;
         }
-      }
+      });
       __syncthreads();
       Scores::one_ref_mma(sQ, sK, sA, p.scale, tid);
     } else {
-      for (int i = tid; i < Lr * (K / 8); i += NT) {
-        const int t = i / (K / 8);
-        const uint4 qa = *reinterpret_cast<const uint4*>(sQ + t * LDQ + cc);
-        const uint4 ka = *reinterpret_cast<const uint4*>(sK + t * LDQ + cc);
-        float b[8];
-        load8(sB + t * LDB + cc, b);
-        const T* qe = reinterpret_cast<const T*>(&qa);
-        const T* ke = reinterpret_cast<const T*>(&ka);
+      for_pieces(Lr, [&](int t, const T* qe, const T* ke, const float* b) {
         uint4 xo, yo;
         T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
         CUTE_UNROLL
@@ -170,7 +167,7 @@ struct Prep {
         }
         *reinterpret_cast<uint4*>(qx + t * HK + cc) = xo;
         *reinterpret_cast<uint4*>(kd + t * HK + cc) = yo;
-      }
+      });
       Scores::template exact<false>(sQ, sK, sB, nullptr, sA, p.scale, tid);
     }
     __syncthreads();
