@@ -31,8 +31,6 @@ __device__ __forceinline__ int clip_to_segment(const chunk_fwd_cfg::Split& sp, i
   return last;
 }
 
-// h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
-// composed in order: S = exp(sum g over segment j) S + S_j.
 // Offset of element i of rS in a [K, V] row-major state (row stride V).
 template <bool kT, class Coord>
 __device__ __forceinline__ int64_t state_offset(const Coord& tUc, int i, int V) {
@@ -40,6 +38,8 @@ __device__ __forceinline__ int64_t state_offset(const Coord& tUc, int i, int V) 
   return int64_t(kk) * V + vv;
 }
 
+// h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
+// composed in order: S = exp(sum g over segment j) S + S_j.
 template <int K, int BV, bool kT = false, class Frag, class Coord>
 __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chunk_fwd_cfg::Split& sp, int64_t nh,
                                                    int vt, int seg, Frag& rS, const Coord& tUc) {
@@ -105,11 +105,16 @@ __device__ __forceinline__ void store_output(T* o, int64_t ld, int rows, const T
     if (get<0>(tOc(i)) < rows) *reinterpret_cast<uint32_t*>(&tOg(i)) = pack2<T>(acc(i), acc(i + 1));
 }
 
-// Launches a walk kernel(p, split) over (sequence x head, V / BV tiles, segments), 8 warps per CTA.
+// A walk's grid: (sequence x head, V / BV tiles, segments).
+inline dim3 walk_grid(const FwdParams& p, const chunk_fwd_cfg::Split& sp, int BV) {
+  return dim3(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), sp.seg_len > 0 ? unsigned(sp.nseg) : 1u);
+}
+
+// Launches a walk kernel(p, split) over walk_grid, 8 warps per CTA.
 template <class Kernel>
 cudaError_t launch_walk(Kernel* kernel, int smem, int BV, const FwdParams& p, const chunk_fwd_cfg::Split& sp,
                         cudaStream_t stream) {
-  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), sp.seg_len > 0 ? unsigned(sp.nseg) : 1u);
+  const dim3 grid = walk_grid(p, sp, BV);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;

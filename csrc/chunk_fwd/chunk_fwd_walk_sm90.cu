@@ -64,6 +64,7 @@ struct WalkGmma {
   static constexpr int kOffD = C * K * 2, kOffA = kOffD + K * C * 2, kOffV = kOffA + C * C * 2,
                        kOffDec = kOffV + BV * C * 2, kDecBytes = 3 * K * 4,
                        kStage = (kOffDec + kDecBytes + 1023) / 1024 * 1024;
+  static_assert(kOffD == kBoxesX * kBox && kOffA == 2 * kBoxesX * kBox, "qx, kd, A: consecutive boxes");
   static constexpr int kTx = kShared * kBox + (BV / 64) * kBox + kDecBytes;  // bytes landing per stage
   static constexpr int LDO = BV + 8;
   static constexpr int kOffO = 2 * kStage, kOffBar = kOffO + 2 * C * LDO * 2, kSmem = kOffBar + 64 + 1024;  // + alignment slack
@@ -119,7 +120,7 @@ struct WalkGmma {
       const uint64_t hint = uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
       for (int b = rank; b < kShared; b += ncta) {  // qx, kd, A: shared by the cluster
         const CUtensorMap* map = b < kBoxesX ? &maps.x : b < 2 * kBoxesX ? &maps.d : &maps.a;
-        T* dst = b < kBoxesX ? at(c, b * kBox) : b < 2 * kBoxesX ? at(c, kOffD + (b - kBoxesX) * kBox) : at(c, kOffA);
+        T* dst = at(c, b * kBox);  // qx, kd, A lie box after box
         const int32_t col = b < 2 * kBoxesX ? (b % kBoxesX) * 64 : 0;
         if (ncta > 1) SM90_TMA_LOAD_MULTICAST_3D::copy(map, &full[s], uint16_t((1u << ncta) - 1), hint, dst, col, h, t0);
         else SM90_TMA_LOAD_3D::copy(map, &full[s], hint, dst, col, h, t0);
@@ -262,7 +263,7 @@ bool encode_map(CUtensorMap* map, const void* base, int64_t rows, int H, int wid
 
 template <class T, int K, int BV, bool kSave>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / BV), sp.seg_len > 0 ? unsigned(sp.nseg) : 1u);
+  const dim3 grid = walk_grid(p, sp, BV);
   if (grid.x == 0 || grid.y == 0 || p.T == 0) return cudaSuccess;
   WalkMaps maps;
   const int64_t rows = int64_t(p.B) * p.T;
