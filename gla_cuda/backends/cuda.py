@@ -70,7 +70,7 @@ CHUNK_BWD_AUTO_MIN_CTAS_PER_SM = 0.75
 # side): above it the Triton one is faster, 1.763 vs 2.563 ms at (8, 2048, 16, 128, 128); at
 # K = 64 the compiled one is 1.6x faster (2.037 vs 3.254 ms at (32, 2048, 16, 64, 64)). The
 # compiled forward is taken at every K it covers: at K = 256 its two-stage form is the faster
-# one, 0.392 vs 0.452 ms (Triton) at (8, 2048, 4, 256, 512) (do_bench, 2026-11-23).
+# one, 0.224 vs 0.446 ms (Triton) at (8, 2048, 4, 256, 512) (gla-bench, 2026-11-23).
 CHUNK_BWD_AUTO_MAX_K = 64
 
 
