@@ -32,6 +32,10 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
 
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy accesses
+// (TMA, wgmma operands) of the CTA.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 // L2 prefetch of `rows` rows of `bytes` bytes (a multiple of 128) each, `stride` bytes apart.
 template <int kThreads>
 __device__ __forceinline__ void prefetch_rows(const void* base, int rows, int bytes, int64_t stride, int tid) {
@@ -53,6 +57,28 @@ __device__ __forceinline__ void load_tile(E* s, int sstride, const E* g, int64_t
   }
 }
 
+// Barriers over the whole CTA (CtaSync) or over a group of its warps (GroupSync: named barrier
+// kId, which must not be 0, __syncthreads' own, and kThreads threads): sync(), and any(pred), a
+// barrier that returns whether pred held in any thread of the group.
+struct CtaSync {
+  static __device__ __forceinline__ void sync() { __syncthreads(); }
+  static __device__ __forceinline__ bool any(bool pred) { return __syncthreads_or(pred) != 0; }
+};
+template <int kId, int kThreads>
+struct GroupSync {
+  static_assert(kId > 0 && kId < 16 && kThreads % 32 == 0, "named barrier 1..15, whole warps");
+  static __device__ __forceinline__ void sync() { asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory"); }
+  static __device__ __forceinline__ bool any(bool pred) {
+    uint32_t r;
+    asm volatile(
+        "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+        : "=r"(r)
+        : "r"(uint32_t(pred)), "n"(kId), "n"(kThreads)
+        : "memory");
+    return r != 0;
+  }
+};
+
 // Two floats rounded to T (16-bit) and packed into one 32-bit word.
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
@@ -65,11 +91,11 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 // In-chunk cumulative sum of g for channel ch, the chunk's rows cut into parts of RPT rows, one
 // thread per (channel, part): gv gets this thread's inclusive partial sums (rows at or past
 // `rows` count 0); returns the sum of the parts before this one (x) and the chunk's total (y).
-// g is [rows][ldg], tot a [PARTS][ldtot] float scratch. Every thread of the block calls it: it
-// holds one barrier, after which the raw g may be overwritten.
-template <int RPT, int PARTS, class GT>
+// g is [rows][ldg], tot a [PARTS][ldtot] float scratch. Every thread of the block (of the
+// group, with a GroupSync) calls it: it holds one barrier, after which the raw g may be overwritten.
+template <int RPT, int PARTS, class GT, class Sync = CtaSync>
 __device__ __forceinline__ float2 chunk_cumsum(const GT* g, int ldg, int ch, int part, int rows, float* tot,
-                                               int ldtot, float (&gv)[RPT]) {
+                                               int ldtot, float (&gv)[RPT], Sync = {}) {
 #pragma unroll
   for (int r = 0; r < RPT; ++r) {
     const int t = part * RPT + r;
@@ -77,7 +103,7 @@ __device__ __forceinline__ float2 chunk_cumsum(const GT* g, int ldg, int ch, int
     gv[r] = r ? gv[r - 1] + x : x;
   }
   tot[part * ldtot + ch] = gv[RPT - 1];
-  __syncthreads();
+  Sync::sync();
   float off = 0.f, total = 0.f;
 #pragma unroll
   for (int s = 0; s < PARTS; ++s) {

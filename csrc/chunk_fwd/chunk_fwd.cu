@@ -16,6 +16,16 @@ namespace {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+bool hopper_wgmma(const FwdParams& p);
+
+// The Hopper fused kernel at K = 128 (chunk_fwd_fused_sm90.cu) has not yet run correctly on a GPU
+// (csrc/chunk_fwd/NOTES.md, run 10): opt-in with GLA_CUDA_FUSED_SM90=1 until it has. It does not
+// write the training forward's intermediates (save_*).
+bool hopper_fused(const FwdParams& p) {
+  const char* on = std::getenv("GLA_CUDA_FUSED_SM90");
+  return p.K == 128 && on != nullptr && on[0] == '1' && p.save_a == nullptr && hopper_wgmma(p);
+}
+
 template <class T, int K, int BV>
 cudaError_t dispatch_g(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   if (p.g_dtype == DType::kFloat32) return run_chunk_fwd<T, float, K, BV>(p, sp, stream);
@@ -27,16 +37,18 @@ cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaS
   switch (p.K) {
     case 64: return dispatch_g<T, 64, 64>(p, sp, stream);
     case 128:
+      if (hopper_fused(p)) return run_chunk_fused_sm90(p, sp, stream);
       if (chunk_fwd_cfg::block_v(128, p.V) == 128) return dispatch_g<T, 128, 128>(p, sp, stream);
       return dispatch_g<T, 128, 64>(p, sp, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
-// The two-stage forward's walk with wgmma: in sm_90a builds on sm_90 devices, for V a multiple
-// of its tile, unless GLA_CUDA_NO_WGMMA=1 asks for the mma.sync walk (the sm_80 path, tested on
-// Hopper too).
-bool hopper_walk(const FwdParams& p) {
+// The wgmma kernels (the two-stage forward's walk at K = 256, the fused kernel at K = 128): in
+// sm_90a builds on sm_90 devices, for V a multiple of their V tile (128), unless
+// GLA_CUDA_NO_WGMMA=1 asks for the mma.sync kernels (the sm_80 path, tested on Hopper too).
+static_assert(chunk_fwd_cfg::kWalkSm90BV == chunk_fwd_cfg::kFusedSm90BV, "one V tile for both wgmma kernels");
+bool hopper_wgmma(const FwdParams& p) {
 #if defined(GLA_SM90A)
   if (p.V % chunk_fwd_cfg::kWalkSm90BV != 0) return false;
   const char* off = std::getenv("GLA_CUDA_NO_WGMMA");
@@ -92,8 +104,9 @@ const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor
   const int bv = chunk_fwd_cfg::block_v(p.K, p.V);  // the larger tile
   const int smem = chunk_fwd_cfg::two_stage(p.K)
       ? std::max({chunk_fwd_cfg::prep_smem_bytes(p.K), chunk_fwd_cfg::walk_smem_bytes(p.K, bv),
-                  hopper_walk(p) ? chunk_fwd_cfg::walk_sm90_smem_bytes(p.K, chunk_fwd_cfg::kWalkSm90BV) : 0})
-      : chunk_fwd_cfg::smem_bytes(p.K, bv);
+                  hopper_wgmma(p) ? chunk_fwd_cfg::walk_sm90_smem_bytes(p.K, chunk_fwd_cfg::kWalkSm90BV) : 0})
+      : std::max(chunk_fwd_cfg::smem_bytes(p.K, bv),
+                 hopper_fused(p) ? chunk_fwd_cfg::fused_sm90_smem_bytes(p.K, chunk_fwd_cfg::kFusedSm90BV) : 0);
   int dev = 0, max_smem = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
@@ -159,7 +172,7 @@ cudaError_t chunk_fwd(const FwdParams& p_in, void* workspace, cudaStream_t strea
   cudaError_t err = sp.seg_len > 0 ? run_segment_states(p, sp, stream) : cudaSuccess;
   if (two_stage) {
     if (err == cudaSuccess) err = run_chunk_prep(p, stream);
-    if (err == cudaSuccess) err = hopper_walk(p) ? run_chunk_walk_sm90(p, sp, stream) : run_chunk_walk(p, sp, stream);
+    if (err == cudaSuccess) err = hopper_wgmma(p) ? run_chunk_walk_sm90(p, sp, stream) : run_chunk_walk(p, sp, stream);
   } else if (err == cudaSuccess) {
     err = p.dtype == DType::kBFloat16 ? dispatch_k<cute::bfloat16_t>(p, sp, stream)
                                       : dispatch_k<cute::half_t>(p, sp, stream);

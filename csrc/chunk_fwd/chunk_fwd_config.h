@@ -78,6 +78,22 @@ constexpr int walk_sm90_smem_bytes(int K, int BV) {
          1024;
 }
 
+// The Hopper fused kernel (chunk_fwd_fused_sm90.cu; K = 128, V a multiple of kFusedSm90BV):
+// two producer warpgroups and one consumer warpgroup, which takes registers from the producers
+// (setmaxnreg: 256 * producer + 128 * consumer registers within the 64,512 a CTA of 384 threads
+// starts with, or the consumer's request never completes).
+// smem: two stages of {qx, kd [C][K], A [C][C], v [C][BV] (16-bit, wgmma's swizzled layouts),
+// exp2(G), exp2(b_0) [2][K] float} rounded to 1024 bytes, the output tile [C][BV+8] (16-bit), the
+// producers' prep tiles, four mbarriers (64 bytes kept) and 1024 bytes to align the base.
+constexpr int kFusedSm90BV = 128;
+constexpr int kFusedSm90Threads = 3 * 128;
+constexpr int kFusedSm90ProducerRegs = 128, kFusedSm90ConsumerRegs = 248;
+static_assert(256 * kFusedSm90ProducerRegs + 128 * kFusedSm90ConsumerRegs <= 64512, "setmaxnreg budget");
+constexpr int fused_sm90_smem_bytes(int K, int BV) {
+  return 2 * ((kChunk * (2 * K + kChunk + BV) * 2 + 2 * K * 4 + 1023) / 1024 * 1024) + kChunk * (BV + 8) * 2 +
+         prep_smem_bytes(K) + 64 + 1024;
+}
+
 // Per-chunk slots of the two-stage intermediates: chunk c of sequence n is slot
 // slot_base(n) + c. Training passes chunk_off (the Triton backward's layout); otherwise a batch
 // has ceil(T / C) slots per row and varlen sequence n starts at slot cu[n] / C + n (increasing,
@@ -110,6 +126,9 @@ cudaError_t run_chunk_prep(const FwdParams& p, cudaStream_t stream);
 cudaError_t run_chunk_walk(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
 // The walk with wgmma (sm_90a builds, sm_90 devices): chunk_fwd_walk_sm90.cu.
 cudaError_t run_chunk_walk_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
+
+// The fused kernel on Hopper (sm_90a builds, sm_90 devices): chunk_fwd_fused_sm90.cu.
+cudaError_t run_chunk_fused_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
 
 // Pass 1 of a split (split.seg_len > 0): the segments' end states and decays into the workspace.
 // chunk_fwd_segment_states.cu.

@@ -48,10 +48,12 @@ struct ChunkScores {
                                              cute::Tile<cute::_16, cute::_16, cute::_16>{}));
 
   // Whether the chunk may take one_ref: bmax/bmin are this thread's extremes of b in channel
-  // tid % K. A CTA-wide vote (a barrier); sB must be complete.
-  static __device__ __forceinline__ bool one_ref_ok(const float* sB, float bmax, float bmin, int tid, float span2 = kSpan2) {
+  // tid % K. A vote of the 256 threads (a barrier: the CTA's, or Sync's group); sB must be complete.
+  template <class Sync = CtaSync>
+  static __device__ __forceinline__ bool one_ref_ok(const float* sB, float bmax, float bmin, int tid,
+                                                    float span2 = kSpan2, Sync = {}) {
     const float br = sB[(C / 2) * LDB + tid % K];
-    return !__syncthreads_or(bmax - br > span2 || br - bmin > span2);
+    return !Sync::any(bmax - br > span2 || br - bmin > span2);
   }
 
   // q~ into sQt (which may be sQ itself), k~ over sK; then the MMA. Ends with sA written (no barrier).

@@ -18,8 +18,7 @@
 // when every warp of the cluster is done with it (remote arrivals), before a CTA issues its
 // loads of the chunk after next into it. The output goes through smem (double-buffered, one
 // warpgroup barrier per chunk) to row-wise 16-byte stores.
-#include <cuda.h>           // CUtensorMap (the encoder comes from the driver at run time)
-#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
+#include "chunk_fwd_tma.h"  // first: cudaTypedefs.h before the CUTLASS headers
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -37,8 +36,6 @@ namespace chunk_walk_sm90_detail {
 
 using namespace cute;
 using Barrier = cutlass::arch::ClusterTransactionBarrier;
-
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // TMA descriptors: qx, kd (rows x H x K), A (rows x H x C) and v (rows x H x V), boxes of 64
 // columns x 1 head x 64 rows (token rows past the tensor read as zero).
@@ -234,31 +231,6 @@ __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
 #else
   __trap();  // built for sm_90a only; run_chunk_walk_sm90 is called on sm_90 devices only
 #endif
-}
-
-// cuTensorMapEncodeTiled from the driver (no link against libcuda)
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      ptr = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-// rows x H x width 16-bit elements, row-major; boxes of 64 x 1 x 64 with the 128-byte swizzle
-bool encode_map(CUtensorMap* map, const void* base, int64_t rows, int H, int width) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[3] = {cuuint64_t(width), cuuint64_t(H), cuuint64_t(rows)};
-  const cuuint64_t strides[2] = {cuuint64_t(width) * 2, cuuint64_t(H) * width * 2};
-  const cuuint32_t box[3] = {64, 1, 64}, elem[3] = {1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, elem,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <class T, int K, int BV, bool kSave>

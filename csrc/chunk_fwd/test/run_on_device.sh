@@ -1,9 +1,11 @@
 #!/bin/bash
 # Builds the fused chunked forward and its standalone test on the GPU machine, then runs
 # the checks and timings. Run from the repository root:
-#   bash csrc/chunk_fwd/test/run_on_device.sh [sanitize] [ncu]   (env CFB: build folder; BUILD_ONLY=1)
+#   bash csrc/chunk_fwd/test/run_on_device.sh [sanitize] [ncu]   (env CFB: build folder; BUILD_ONLY=1;
+#                                                                  FUSED=1: the Hopper fused kernel at K = 128)
 #   sanitize: compute-sanitizer memcheck and racecheck on the small cases (varlen, split)
 #   ncu:      Nsight Compute sections for one launch at (8,2048,16,128,128)
+# Every run of the test has a time limit (a hung kernel fails instead of taking the device time).
 # Writes test.log (and ncu.txt) under $OUT; build logs stay in $CFB/logs.
 set -u
 CFB=${CFB:-/tmp/cfb}  # build folder (several builds side by side: set it)
@@ -13,6 +15,7 @@ SANITIZE=0; NCU=0
 for a in "$@"; do
   case $a in sanitize) SANITIZE=1 ;; ncu) NCU=1 ;; esac
 done
+[ -n "${FUSED:-}" ] && export GLA_CUDA_FUSED_SM90=1
 mkdir -p "$OUTDIR" /tmp/cutl $CFB/logs
 if [ ! -d /tmp/cutl/cutlass_library ]; then
   (cd /tmp/cutl && python3 -m zipfile -e "$ROOT/.whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl" .)
@@ -36,17 +39,19 @@ for f in $CFB/logs/build_chunk_fwd_*_k*.log; do
   grep -E "Compiling entry|registers|spill" "$f" | paste - - - | grep sm_90a |
     sed -e 's/.*chunk_fwd_kernelIN7cutlass//' -e 's/EEEvNS_9FwdParams[^ ]* for .sm_90a.//' -e 's/ptxas info *://'
 done
+grep -E "registers|spill" $CFB/logs/build_chunk_fwd_fused_sm90.log | paste - - | sed 's/ptxas info *://' | head -4
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 if [ $SANITIZE = 1 ]; then
   for tool in memcheck racecheck; do
-    /usr/local/cuda-13.0/bin/compute-sanitizer --tool $tool $CFB/chunk_fwd_test small 2>&1 | tail -7
+    timeout 300 /usr/local/cuda-13.0/bin/compute-sanitizer --tool $tool $CFB/chunk_fwd_test small 2>&1 | tail -7
   done
 fi
 [ -n "${BUILD_ONLY:-}" ] && exit 0
-$CFB/chunk_fwd_test 2>&1 | tee "$OUTDIR/test.log"
+timeout 60 $CFB/chunk_fwd_test small || { echo "small cases: failed or timed out"; exit 1; }
+timeout 300 $CFB/chunk_fwd_test 2>&1 | tee "$OUTDIR/test.log"
 if [ $NCU = 1 ]; then
   NCUBIN=$(command -v ncu || echo /usr/local/cuda-13.0/bin/ncu)
-  $NCUBIN --kernel-name regex:chunk_fwd_kernel --launch-skip 3 --launch-count 1 \
+  timeout 300 $NCUBIN --kernel-name regex:chunk_f --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
     --section InstructionStats $CFB/chunk_fwd_test bench > "$OUTDIR/ncu.txt" 2>&1

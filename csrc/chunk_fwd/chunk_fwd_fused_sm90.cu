@@ -1,0 +1,295 @@
+// The fused chunked forward on Hopper (sm_90a) for K = 128 and V tiles of 128: warp-specialised.
+// One CTA per (sequence, head, V tile of 128, segment), three warpgroups:
+//   producers (warpgroups 0 and 1, 256 threads): per chunk, the prep of chunk_fwd_prep.cuh (q, k,
+//     g by cp.async; the cumulative gate b; the gated operands qx = scale q exp2(b - b_0) and
+//     kd = k exp2(G - b); the scores A by mma.sync), written into a stage of shared memory in
+//     wgmma's 128-byte-swizzled layouts, with exp2(G) and exp2(b_0); one of them loads the
+//     chunk's v into the stage by TMA;
+//   consumer (warpgroup 2, 128 threads): the walk of chunk_fwd_walk_sm90.cu with the state S^T
+//     (128 x 128, float32, 128 registers per thread) in the accumulator of the update's wgmma:
+//       o^T = (exp2(b_0) S)^T qx^T + v^T A^T   (the state as wgmma's register operand)
+//       S^T = S^T exp2(G) + v^T kd
+//     in two halves of 64 rows of V, then o through shared memory to 16-byte row stores.
+// Two stages: the producers fill one while the consumer reads the other; a stage's "full"
+// mbarrier completes when the 256 producer threads have written it (and fenced their writes for
+// the async proxy) and its v landed, its "empty" one when the consumer's 4 warps are done with
+// it. The producers give registers to the consumer (setmaxnreg). Segment splitting as in the
+// other walks (pass 1: chunk_fwd_segment_states.cu).
+#include "chunk_fwd_tma.h"  // first: cudaTypedefs.h before the CUTLASS headers
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "chunk_fwd_config.h"
+#include "chunk_fwd_prep.cuh"
+#include "chunk_fwd_state.cuh"
+#include "device_common.cuh"
+
+namespace gla {
+namespace chunk_fused_sm90_detail {
+
+using namespace cute;
+using Barrier = cutlass::arch::ClusterTransactionBarrier;
+
+template <class T, class GT>
+struct FusedGmma {
+  static constexpr int K = 128, BV = chunk_fwd_cfg::kFusedSm90BV, C = chunk_fwd_cfg::kChunk;
+  static constexpr int NP = chunk_fwd_cfg::kThreads, NT = chunk_fwd_cfg::kFusedSm90Threads;  // producers; all
+  static constexpr int VH = 64, kParts = 4, KH = K / kParts;  // V rows per half of o's MMA; channels per part
+  using Prod = GroupSync<1, NP>;
+  using Cons = GroupSync<2, NT - NP>;
+  using P = ChunkPrep<T, GT, K, Prod>;
+  using LX = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));    // qx (C, K)
+  using LA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<C>>{}));    // A (C, C)
+  // kd as (K, C) and v^T as (BV, C), MN-major, tiled along C first (v: each 64-column block is one TMA box)
+  using LD = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<K>, Int<C>>{}, Step<_2, _1>{}));
+  using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}, Step<_2, _1>{}));
+  using LVH = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<VH>, Int<C>>{}));  // half of v^T
+  // a stage: qx, kd, A, v, then exp2(G) and exp2(b_0) [2][K] float
+  static constexpr int kBox = C * 64 * 2;
+  static constexpr int kOffD = C * K * 2, kOffA = kOffD + K * C * 2, kOffV = kOffA + C * C * 2,
+                       kOffDec = kOffV + BV * C * 2, kStage = (kOffDec + 2 * K * 4 + 1023) / 1024 * 1024;
+  static constexpr int kTxV = (BV / 64) * kBox;  // TMA bytes per stage
+  // then the output tile [C][BV + 8] (16-bit), the producers' tiles, the barriers
+  static constexpr int LDO = BV + 8;
+  static constexpr int kOffO = 2 * kStage, kOffP = kOffO + C * LDO * 2, kOffBar = kOffP + P::kSmem,
+                       kSmem = kOffBar + 64 + 1024;  // + alignment slack
+  static_assert(kSmem == chunk_fwd_cfg::fused_sm90_smem_bytes(K, BV), "smem layout");
+  static_assert(NT - NP == 128 && BV == 2 * VH, "one consumer warpgroup, two halves of V");
+
+  // S^T update: BV x K, both halves (two M tiles of one warpgroup)
+  using AtomU = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<K>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
+  using MmaU = decltype(make_tiled_mma(AtomU{}));
+  // o^T, a half: the state from registers times qx^T; v^T times A^T from smem
+  using AtomO = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::K, GMMA::Major::K>());
+  using AtomV = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::MN, GMMA::Major::K>());
+  using MmaO = decltype(make_tiled_mma(AtomO{}));
+  using MmaV = decltype(make_tiled_mma(AtomV{}));
+
+  struct Ctx {
+    unsigned char* smem;
+    uint64_t *full, *empty;  // [2] each
+    int64_t bos, len;
+    int n, h, vt, seg, last_seg, nchunks;
+    __device__ T* stage(int c, int off) const { return reinterpret_cast<T*>(smem + (c & 1) * kStage + off); }
+    __device__ int rows_in(int c) const { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); }
+  };
+
+  // Warpgroups 0 and 1: the prep of every chunk into its stage, v by TMA (thread 0).
+  static __device__ void produce(const FwdParams& p, const CUtensorMap& vmap, const Ctx& x, int tid) {
+    const typename P::Tiles st(x.smem + kOffP);
+    const int64_t HK = int64_t(p.H) * K;
+    const T* qb = static_cast<const T*>(p.q) + x.bos * HK + int64_t(x.h) * K;
+    const T* kb = static_cast<const T*>(p.k) + x.bos * HK + int64_t(x.h) * K;
+    const GT* gb = static_cast<const GT*>(p.g) + x.bos * HK + int64_t(x.h) * K;
+    auto load = [&](int c) {
+      const int64_t off = int64_t(c) * C * HK;
+      P::load(st, qb + off, kb + off, gb + off, HK, x.rows_in(c), tid);
+    };
+    if (x.nchunks > 0) load(0);
+    for (int c = 0; c < x.nchunks; ++c) {
+      const int s = c & 1, Lr = x.rows_in(c);
+      if (c + 1 < x.nchunks) {  // the next chunk into L2 (its cp.async is issued once the tiles are free)
+        const int64_t off = int64_t(c + 1) * C * HK;
+        const int rows = x.rows_in(c + 1);
+        prefetch_rows<NP>(qb + off, rows, K * 2, HK * 2, tid);
+        prefetch_rows<NP>(kb + off, rows, K * 2, HK * 2, tid);
+        prefetch_rows<NP>(gb + off, rows, K * int(sizeof(GT)), HK * int(sizeof(GT)), tid);
+      }
+      if (tid == 0) {  // once the consumer is done with the stage: its v by TMA
+        if (c >= 2) Barrier::wait(&x.empty[s], ((c >> 1) - 1) & 1);
+        Barrier::arrive_and_expect_tx(&x.full[s], kTxV);
+        const int32_t t0 = int32_t(x.bos + int64_t(c) * C);
+        for (int b = 0; b < BV / 64; ++b)
+          SM90_TMA_LOAD_3D::copy(&vmap, &x.full[s], uint64_t(TMA::CacheHintSm90::EVICT_FIRST), x.stage(c, kOffV + b * kBox),
+                                 int32_t(x.vt * BV + b * 64), x.h, t0);
+      }
+      cp_async_wait<0>();
+      Prod::sync();  // q, k, g landed; the stage is free (thread 0 waited for it)
+
+      float* dec = reinterpret_cast<float*>(x.smem + s * kStage + kOffDec);
+      const typename P::Path path = P::cumsum(st, Lr, tid, false, [&](int ch, float gam2, float bz) {
+        dec[ch] = ex2(gam2);
+        dec[K + ch] = ex2(bz);
+      });
+      Tensor sX = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));
+      Tensor sD = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));
+      // every row: kd must be zero past the sequence (the stage holds an older chunk)
+      P::operands_and_scores(st, path.one_ref, p.scale, C, tid, [&](int t, int cc, uint4 qx, uint4 kd) {
+        *reinterpret_cast<uint4*>(raw_pointer_cast(&sX(t, cc))) = qx;
+        *reinterpret_cast<uint4*>(raw_pointer_cast(&sD(cc, t))) = kd;
+      });
+      if (c + 1 < x.nchunks) load(c + 1);  // q, k, b are free
+      Tensor sA = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));
+      P::scores_out(st, C, tid, [&](int t, int s0, uint4 a) { *reinterpret_cast<uint4*>(raw_pointer_cast(&sA(t, s0))) = a; });
+      fence_async_smem();  // the stage is read by wgmma
+      Barrier::arrive(&x.full[s]);
+    }
+  }
+
+  // Warpgroup 2: the walk down the chunks with the state in registers.
+  static __device__ void consume(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const Ctx& x, int wtid) {
+    const int64_t nh = int64_t(x.n) * p.H + x.h, HV = int64_t(p.H) * p.V;
+    T* ob = static_cast<T*>(p.o) + x.bos * HV + int64_t(x.h) * p.V + x.vt * BV;
+    MmaU mmaU;
+    auto thrU = mmaU.get_thread_slice(wtid);
+    Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                // S^T: (frag, half, 1)
+    Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));  // (v, channel)
+    load_initial_state<K, BV, true>(p, sp, nh, x.vt, x.seg, rS, tUc);
+
+    MmaO mmaO;
+    MmaV mmaV;
+    auto thrO = mmaO.get_thread_slice(wtid);
+    auto thrV = mmaV.get_thread_slice(wtid);
+    // a part (K / kParts channels) of a half of the state as the A operand: its k-block j is
+    // rS(8 j .. 8 j + 7, half) of that part
+    Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<VH>, Int<KH>>{}));
+    constexpr int kPart = size(decltype(tOrS){});
+    static_assert(2 * kParts * kPart == size(decltype(rS){}) && size<1>(decltype(rS){}) == 2, "state fragments");
+    Tensor acc = partition_fragment_C(mmaO, Shape<Int<VH>, Int<C>>{});              // o^T of a half
+    Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<VH>, Int<C>>{}));  // (v, t)
+    T* sO = reinterpret_cast<T*>(x.smem + kOffO);
+
+    for (int c = 0; c < x.nchunks; ++c) {
+      const int s = c & 1, Lr = x.rows_in(c);
+      const float* sGam = reinterpret_cast<const float*>(x.smem + s * kStage + kOffDec);  // exp2(G)
+      const float* sB0 = sGam + K;                                                         // exp2(b_0)
+      Barrier::wait(&x.full[s], (c >> 1) & 1);
+      Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));      // qx (t, channel)
+      Tensor tVrA = thrV.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));  // A (t, s)
+      Tensor tUrV = thrU.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, kOffV)), LV{}));  // v^T
+      Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));  // kd (channel, t)
+      CUTE_UNROLL
+      for (int m = 0; m < 2; ++m) {
+        Tensor rSm = rS(_, m, _);
+        Tensor tUcm = tUc(_, m, _);
+        Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, kOffV) + m * VH * C), LVH{}));
+        clear(acc);
+        // o^T += (exp2(b_0) S)^T qx^T, a part of the channels at a time (the register operand of
+        // a part must stay until its MMAs are done)
+        CUTE_UNROLL
+        for (int part = 0; part < kParts; ++part) {
+          CUTE_UNROLL
+          for (int i = 0; i < kPart; i += 2) {  // (i, i + 1): adjacent channels; then S^T exp2(G)
+            const int r = part * kPart + i, ch = get<1>(tUcm(r));
+            const float2 e = *reinterpret_cast<const float2*>(sB0 + ch), gam = *reinterpret_cast<const float2*>(sGam + ch);
+            tOrS(i) = T(rSm(r) * e.x);
+            tOrS(i + 1) = T(rSm(r + 1) * e.y);
+            rSm(r) *= gam.x;
+            rSm(r + 1) *= gam.y;
+          }
+          warpgroup_fence_operand(tOrS);
+          warpgroup_fence_operand(acc);
+          warpgroup_fence_operand(rS);
+          warpgroup_arrive();
+          CUTE_UNROLL
+          for (int j = 0; j < KH / 16; ++j) gemm(mmaO, tOrS(_, _, j), tOrX(_, _, part * (KH / 16) + j), acc);
+          if (part == kParts - 1) {
+            CUTE_UNROLL
+            for (int j = 0; j < C / 16; ++j) gemm(mmaV, tVrV(_, _, j), tVrA(_, _, j), acc);  // + v^T A^T
+            if (m == 1) gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T kd, both halves (both scaled by now)
+          }
+          warpgroup_commit_batch();
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrS);
+          warpgroup_fence_operand(acc);
+          warpgroup_fence_operand(rS);
+        }
+        if (m == 0) Cons::sync();  // the previous chunk's rows of o are stored
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc); ++i) sO[get<1>(tOc(i)) * LDO + m * VH + get<0>(tOc(i))] = T(acc(i));
+      }
+      // this warp is done with the stage
+      if (c + 2 < x.nchunks && (wtid & 31) == 0) Barrier::arrive(&x.empty[s]);
+      Cons::sync();  // the tile is written
+      T* oc = ob + int64_t(c) * C * HV;
+      for (int i = wtid; i < Lr * (BV / 8); i += NT - NP) {
+        const int t = i / (BV / 8), cc = (i % (BV / 8)) * 8;
+        *reinterpret_cast<uint4*>(oc + t * HV + cc) = *reinterpret_cast<const uint4*>(sO + t * LDO + cc);
+      }
+    }
+
+    if (p.ht != nullptr && x.seg == x.last_seg)
+      store_state<T, true>(p.ht + nh * K * p.V + int64_t(x.vt) * BV, p.V, rS, tUc);
+  }
+
+  static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const CUtensorMap& vmap,
+                             unsigned char* smem_raw) {
+    Ctx x;
+    x.smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    x.full = reinterpret_cast<uint64_t*>(x.smem + kOffBar);
+    x.empty = x.full + 2;
+    const int tid = threadIdx.x;
+    x.n = blockIdx.x / p.H;
+    x.h = blockIdx.x % p.H;
+    x.vt = blockIdx.y;
+    x.seg = blockIdx.z;
+    int64_t eos;
+    sequence_bounds(p, x.n, x.bos, eos);
+    x.len = eos > x.bos ? eos - x.bos : 0;
+    x.last_seg = clip_to_segment(sp, x.seg, x.bos, x.len);
+    if (x.last_seg < 0) return;
+    x.nchunks = int((x.len + C - 1) / C);
+    if (tid == 0) {
+      for (int s = 0; s < 2; ++s) {
+        Barrier::init(&x.full[s], NP + 1);    // the producers' arrivals and the TMA's
+        Barrier::init(&x.empty[s], (NT - NP) / 32);  // the consumer's warps
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();
+    if (tid < NP) {
+      cutlass::arch::warpgroup_reg_dealloc<chunk_fwd_cfg::kFusedSm90ProducerRegs>();
+      produce(p, vmap, x, tid);
+    } else {
+      cutlass::arch::warpgroup_reg_alloc<chunk_fwd_cfg::kFusedSm90ConsumerRegs>();
+      consume(p, sp, x, tid - NP);
+    }
+  }
+};
+
+template <class T, class GT>
+__global__ void __launch_bounds__(chunk_fwd_cfg::kFusedSm90Threads, 1)
+    chunk_fused_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp, const __grid_constant__ CUtensorMap vmap) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) unsigned char smem[];
+  FusedGmma<T, GT>::run(p, sp, vmap, smem);
+#else
+  __trap();  // built for sm_90a only; run_chunk_fused_sm90 is called on sm_90 devices only
+#endif
+}
+
+template <class T, class GT>
+cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
+  const dim3 grid = walk_grid(p, sp, chunk_fwd_cfg::kFusedSm90BV);
+  if (grid.x == 0 || grid.y == 0 || p.T == 0) return cudaSuccess;
+  CUtensorMap vmap;
+  if (!encode_map(&vmap, p.v, int64_t(p.B) * p.T, p.H, p.V)) return cudaErrorInvalidValue;
+  auto* kernel = &chunk_fused_sm90_kernel<T, GT>;
+  constexpr int smem = FusedGmma<T, GT>::kSmem;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, chunk_fwd_cfg::kFusedSm90Threads, smem, stream>>>(p, sp, vmap);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t dispatch_g(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
+  return p.g_dtype == DType::kFloat32 ? launch<T, float>(p, sp, stream) : launch<T, T>(p, sp, stream);
+}
+
+}  // namespace chunk_fused_sm90_detail
+
+cudaError_t run_chunk_fused_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
+  using namespace chunk_fused_sm90_detail;
+  if (p.K != 128 || p.V % chunk_fwd_cfg::kFusedSm90BV != 0) return cudaErrorInvalidValue;
+  if (p.dtype == DType::kBFloat16) return dispatch_g<cute::bfloat16_t>(p, sp, stream);
+  if (p.dtype == DType::kFloat16) return dispatch_g<cute::half_t>(p, sp, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gla
