@@ -27,6 +27,7 @@
 #include "chunk_fwd_config.h"
 #include "chunk_fwd_prep.cuh"
 #include "chunk_fwd_state.cuh"
+#include "chunk_fwd_walk_gmma.cuh"
 #include "device_common.cuh"
 
 namespace gla {
@@ -145,11 +146,9 @@ struct FusedGmma {
     MmaV mmaV;
     auto thrO = mmaO.get_thread_slice(wtid);
     auto thrV = mmaV.get_thread_slice(wtid);
-    // a part (K / kParts channels) of a half of the state as the A operand: its k-block j is
-    // rS(8 j .. 8 j + 7, half) of that part
+    // a part (K / kParts channels) of a half of the state as the A operand (chunk_fwd_walk_gmma.cuh)
     Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<VH>, Int<KH>>{}));
-    constexpr int kPart = size(decltype(tOrS){});
-    static_assert(2 * kParts * kPart == size(decltype(rS){}) && size<1>(decltype(rS){}) == 2, "state fragments");
+    static_assert(size<1>(decltype(rS){}) == 2, "two halves (M tiles) of S^T");
     Tensor acc = partition_fragment_C(mmaO, Shape<Int<VH>, Int<C>>{});              // o^T of a half
     Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<VH>, Int<C>>{}));  // (v, t)
     T* sO = reinterpret_cast<T*>(x.smem + kOffO);
@@ -165,40 +164,11 @@ struct FusedGmma {
       Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));  // kd (channel, t)
       CUTE_UNROLL
       for (int m = 0; m < 2; ++m) {
-        Tensor rSm = rS(_, m, _);
-        Tensor tUcm = tUc(_, m, _);
         Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, kOffV) + m * VH * C), LVH{}));
-        clear(acc);
-        // o^T += (exp2(b_0) S)^T qx^T, a part of the channels at a time (the register operand of
-        // a part must stay until its MMAs are done)
-        CUTE_UNROLL
-        for (int part = 0; part < kParts; ++part) {
-          CUTE_UNROLL
-          for (int i = 0; i < kPart; i += 2) {  // (i, i + 1): adjacent channels; then S^T exp2(G)
-            const int r = part * kPart + i, ch = get<1>(tUcm(r));
-            const float2 e = *reinterpret_cast<const float2*>(sB0 + ch), gam = *reinterpret_cast<const float2*>(sGam + ch);
-            tOrS(i) = T(rSm(r) * e.x);
-            tOrS(i + 1) = T(rSm(r + 1) * e.y);
-            rSm(r) *= gam.x;
-            rSm(r + 1) *= gam.y;
-          }
-          warpgroup_fence_operand(tOrS);
-          warpgroup_fence_operand(acc);
-          warpgroup_fence_operand(rS);
-          warpgroup_arrive();
-          CUTE_UNROLL
-          for (int j = 0; j < KH / 16; ++j) gemm(mmaO, tOrS(_, _, j), tOrX(_, _, part * (KH / 16) + j), acc);
-          if (part == kParts - 1) {
-            CUTE_UNROLL
-            for (int j = 0; j < C / 16; ++j) gemm(mmaV, tVrV(_, _, j), tVrA(_, _, j), acc);  // + v^T A^T
-            if (m == 1) gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T kd, both halves (both scaled by now)
-          }
-          warpgroup_commit_batch();
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tOrS);
-          warpgroup_fence_operand(acc);
-          warpgroup_fence_operand(rS);
-        }
+        walk_chunk_mmas<kParts, C>(mmaO, mmaV, rS(_, m, _), rS, tUc(_, m, _), tOrS, tOrX, tVrV, tVrA, acc, sB0, sGam,
+                                   [&] {
+                                     if (m == 1) gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T kd, both halves scaled by now
+                                   });
         if (m == 0) Cons::sync();  // the previous chunk's rows of o are stored
         CUTE_UNROLL
         for (int i = 0; i < size(acc); ++i) sO[get<1>(tOc(i)) * LDO + m * VH + get<0>(tOc(i))] = T(acc(i));

@@ -29,6 +29,7 @@
 
 #include "chunk_fwd_config.h"
 #include "chunk_fwd_state.cuh"
+#include "chunk_fwd_walk_gmma.cuh"
 #include "device_common.cuh"
 
 namespace gla {
@@ -138,11 +139,8 @@ struct WalkGmma {
     MmaV mmaV;
     auto thrO = mmaO.get_thread_slice(wtid);
     auto thrV = mmaV.get_thread_slice(wtid);
-    // a part (K / kParts channels) of the state as the A operand: its k-block j is
-    // rS(8 j .. 8 j + 7) of that part
+    // a part (K / kParts channels) of the state as the A operand (chunk_fwd_walk_gmma.cuh)
     Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<VW>, Int<KH>>{}));
-    static_assert(kParts * size(decltype(tOrS){}) == size(decltype(rS){}), "state fragments");
-    constexpr int kPart = size(decltype(tOrS){});
     Tensor acc = partition_fragment_C(mmaO, Shape<Int<VW>, Int<C>>{});                 // o^T
     Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<VW>, Int<C>>{}));     // (v, t)
 
@@ -171,37 +169,8 @@ struct WalkGmma {
       Tensor tVrA = thrV.partition_fragment_B(make_tensor(make_smem_ptr(at(c, kOffA)), LA{}));  // A (t, s)
       Tensor tUrV = thrU.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV)), LV{}));
       Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(at(c, kOffD)), LD{}));  // kd (channel, t)
-      clear(acc);
-      // o^T += (exp2(b_0) S)^T qx^T, a part of the channels at a time (the register operand of
-      // a part must stay until its MMAs are done)
-      CUTE_UNROLL
-      for (int part = 0; part < kParts; ++part) {
-        CUTE_UNROLL
-        for (int i = 0; i < kPart; i += 2) {  // (i, i + 1): adjacent channels; then S^T exp2(G)
-          const int r = part * kPart + i, ch = get<1>(tUc(r));
-          const float2 e = *reinterpret_cast<const float2*>(sB0 + ch), gam = *reinterpret_cast<const float2*>(sGam + ch);
-          tOrS(i) = T(rS(r) * e.x);
-          tOrS(i + 1) = T(rS(r + 1) * e.y);
-          rS(r) *= gam.x;
-          rS(r + 1) *= gam.y;
-        }
-        warpgroup_fence_operand(tOrS);
-        warpgroup_fence_operand(acc);
-        warpgroup_fence_operand(rS);
-        warpgroup_arrive();
-        CUTE_UNROLL
-        for (int j = 0; j < KH / 16; ++j) gemm(mmaO, tOrS(_, _, j), tOrX(_, _, part * (KH / 16) + j), acc);
-        if (part == kParts - 1) {
-          CUTE_UNROLL
-          for (int j = 0; j < C / 16; ++j) gemm(mmaV, tVrV(_, _, j), tVrA(_, _, j), acc);  // + v^T A^T
-          gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T kd
-        }
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrS);
-        warpgroup_fence_operand(acc);
-        warpgroup_fence_operand(rS);
-      }
+      walk_chunk_mmas<kParts, C>(mmaO, mmaV, rS, rS, tUc, tOrS, tOrX, tVrV, tVrA, acc, sB0, sGam,
+                                 [&] { gemm(mmaU, tUrV, tUrD, rS); });  // S^T += v^T kd
       // this warp is done with the stage: tell every CTA that will load into it again
       if (c + 2 < nchunks && (tid & 31) == 0)
         for (int r = 0; r < ncta; ++r) Barrier::arrive(&empty[s], uint32_t(r), 1u);

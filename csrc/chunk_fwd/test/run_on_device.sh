@@ -22,7 +22,7 @@ if [ ! -d /tmp/cutl/cutlass_library ]; then
 fi
 NVCC=${NVCC:-/usr/local/cuda-13.0/bin/nvcc}
 ARCH="-gencode arch=compute_90a,code=sm_90a -gencode arch=compute_80,code=sm_80"
-FLAGS="-DGLA_SM90A=1 -std=c++17 -O3 --expt-relaxed-constexpr -I$ROOT/csrc -I/tmp/cutl/cutlass_library/source/include $ARCH"
+FLAGS="-DGLA_SM90A=1 -DNDEBUG -std=c++17 -O3 --expt-relaxed-constexpr -I$ROOT/csrc -I/tmp/cutl/cutlass_library/source/include $ARCH"
 rm -f $CFB/*.o
 pids=()
 for f in "$ROOT"/csrc/chunk_fwd/*.cu "$ROOT"/csrc/chunk_fwd/test/chunk_fwd_test.cu; do
