@@ -1,4 +1,6 @@
 """Every backend against the float64 naive recurrence: o, final state and every gradient."""
+import os
+
 import pytest
 import torch
 
@@ -111,6 +113,31 @@ def test_two_stage_k256(monkeypatch, walk, gate):
     ins = make_inputs(1, 330, 2, 256, 512, dtype=torch.bfloat16, g_dtype=torch.float32, device="cuda",
                       h0=True, N=5, gate=gate)
     check("chunk", "cuda", ins, cu_seqlens=cu)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.skipif(os.environ.get("GLA_CUDA_FUSED_SM90") != "1",
+                    reason="the Hopper fused forward at K = 128 is opt-in (GLA_CUDA_FUSED_SM90=1) until verified")
+@pytest.mark.parametrize("dtype,g_dtype,gate,V,varlen", [
+    (torch.bfloat16, torch.bfloat16, "normal", 128, False),
+    (torch.bfloat16, torch.float32, "mixed", 256, True),
+    (torch.float16, torch.float32, "strong", 128, True),
+    (torch.float16, torch.float16, "zero", 512, False),
+])
+def test_fused_sm90_k128(dtype, g_dtype, gate, V, varlen):
+    """The warp-specialised Hopper forward at K = 128 (csrc/chunk_fwd/chunk_fwd_fused_sm90.cu),
+    which runs only with GLA_CUDA_FUSED_SM90=1 until it is verified (set it for the whole run:
+    on other GPUs it changes nothing): varlen with an empty and a one-token sequence, sequences
+    long enough to be split into segments, every gate regime, several V tiles."""
+    from gla_cuda.backends import cuda as cuda_backend
+    cu = torch.tensor([0, 0, 1, 70, 1300], dtype=torch.int32, device="cuda") if varlen else None
+    ins = make_inputs(1 if varlen else 2, 1300 if varlen else 700, 1, 128, V, dtype=dtype, g_dtype=g_dtype,
+                      device="cuda", h0=True, N=4 if varlen else None, gate=gate)
+    o, ht = cuda_backend.chunk_fwd(ins["q"], ins["k"], ins["v"], ins["g"], 128 ** -0.5, ins["initial_state"],
+                                   True, cu)
+    ref_o, ref_ht = oracle(ins, None, cu)
+    errors = {"o": rel_err(o, ref_o), "ht": rel_err(ht, ref_ht)}
+    assert all(e <= TOL[dtype] for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("device", DEVICES)
