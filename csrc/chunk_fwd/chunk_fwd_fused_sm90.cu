@@ -236,9 +236,9 @@ __global__ void __launch_bounds__(chunk_fwd_cfg::kFusedSm90Threads, 1)
 template <class T, class GT>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   const dim3 grid = walk_grid(p, sp, chunk_fwd_cfg::kFusedSm90BV);
-  if (grid.x == 0 || grid.y == 0 || p.T == 0) return cudaSuccess;
-  CUtensorMap vmap;
-  if (!encode_map(&vmap, p.v, int64_t(p.B) * p.T, p.H, p.V)) return cudaErrorInvalidValue;
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  CUtensorMap vmap{};  // T = 0 still writes the final states: no tensor to map, and no CTA loads
+  if (p.T > 0 && !encode_map(&vmap, p.v, int64_t(p.B) * p.T, p.H, p.V)) return cudaErrorInvalidValue;
   auto* kernel = &chunk_fused_sm90_kernel<T, GT>;
   constexpr int smem = FusedGmma<T, GT>::kSmem;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

@@ -205,11 +205,13 @@ __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
 template <class T, int K, int BV, bool kSave>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   const dim3 grid = walk_grid(p, sp, BV);
-  if (grid.x == 0 || grid.y == 0 || p.T == 0) return cudaSuccess;
-  WalkMaps maps;
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  // T = 0 still writes the final states (h0 or zero): no tensor to map, and no CTA loads
+  WalkMaps maps{};
   const int64_t rows = int64_t(p.B) * p.T;
-  if (!encode_map(&maps.x, p.save_qx, rows, p.H, K) || !encode_map(&maps.d, p.save_kd, rows, p.H, K) ||
-      !encode_map(&maps.a, p.save_a, rows, p.H, chunk_fwd_cfg::kChunk) || !encode_map(&maps.v, p.v, rows, p.H, p.V))
+  if (rows > 0 &&
+      (!encode_map(&maps.x, p.save_qx, rows, p.H, K) || !encode_map(&maps.d, p.save_kd, rows, p.H, K) ||
+       !encode_map(&maps.a, p.save_a, rows, p.H, chunk_fwd_cfg::kChunk) || !encode_map(&maps.v, p.v, rows, p.H, p.V)))
     return cudaErrorInvalidValue;
   auto* kernel = &chunk_walk_sm90_kernel<T, K, BV, kSave>;
   constexpr int smem = WalkGmma<T, K, BV, kSave>::kSmem;

@@ -291,6 +291,7 @@ int main(int argc, char** argv) {
       {"fp16 gfp K256 V64 T300 mixed", fp, fp, 1, 300, 2, 256, 64, {}, Gate::kMixed, true, true},
       {"bf16 g32 K128 V128 T1 ", bf, f32, 3, 1, 2, 128, 128, {}, Gate::kNormal, true, true},
       {"bf16 g32 K128 V128 T0", bf, f32, 2, 0, 2, 128, 128, {}, Gate::kNormal, true, true},
+      {"bf16 g32 K256 V128 T0", bf, f32, 2, 0, 2, 256, 128, {}, Gate::kNormal, true, true},
       {"varlen bf16 gbf K128 V128", bf, bf, 1, 0, 2, 128, 128, {0, 0, 1, 65, 200, 333, 333, 400}, Gate::kNormal, true, true},
       {"varlen fp16 g32 K64 V256 mixed", fp, f32, 1, 0, 2, 64, 256, {0, 5, 69, 69, 200}, Gate::kMixed, false, true},
       {"varlen bf16 g32 K256 V128 no states", bf, f32, 1, 0, 1, 256, 128, {0, 1, 129, 250}, Gate::kNormal, false, false},
