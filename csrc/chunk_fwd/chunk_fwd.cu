@@ -16,7 +16,23 @@ namespace {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-bool hopper_wgmma(const FwdParams& p);
+// The wgmma kernels (the two-stage forward's walk at K = 256, the fused kernel at K = 128): in
+// sm_90a builds on sm_90 devices, for V a multiple of their V tile (128), unless
+// GLA_CUDA_NO_WGMMA=1 asks for the mma.sync kernels (the sm_80 path, tested on Hopper too).
+static_assert(chunk_fwd_cfg::kWalkSm90BV == chunk_fwd_cfg::kFusedSm90BV, "one V tile for both wgmma kernels");
+bool hopper_wgmma(const FwdParams& p) {
+#if defined(GLA_SM90A)
+  if (p.V % chunk_fwd_cfg::kWalkSm90BV != 0) return false;
+  const char* off = std::getenv("GLA_CUDA_NO_WGMMA");
+  if (off != nullptr && off[0] == '1') return false;
+  int dev = 0, major = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+#else
+  (void)p;
+  return false;
+#endif
+}
 
 // The Hopper fused kernel at K = 128 (chunk_fwd_fused_sm90.cu) has not yet run correctly on a GPU
 // (csrc/chunk_fwd/NOTES.md, run 10): opt-in with GLA_CUDA_FUSED_SM90=1 until it has. It does not
@@ -42,24 +58,6 @@ cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaS
       return dispatch_g<T, 128, 64>(p, sp, stream);
     default: return cudaErrorInvalidValue;
   }
-}
-
-// The wgmma kernels (the two-stage forward's walk at K = 256, the fused kernel at K = 128): in
-// sm_90a builds on sm_90 devices, for V a multiple of their V tile (128), unless
-// GLA_CUDA_NO_WGMMA=1 asks for the mma.sync kernels (the sm_80 path, tested on Hopper too).
-static_assert(chunk_fwd_cfg::kWalkSm90BV == chunk_fwd_cfg::kFusedSm90BV, "one V tile for both wgmma kernels");
-bool hopper_wgmma(const FwdParams& p) {
-#if defined(GLA_SM90A)
-  if (p.V % chunk_fwd_cfg::kWalkSm90BV != 0) return false;
-  const char* off = std::getenv("GLA_CUDA_NO_WGMMA");
-  if (off != nullptr && off[0] == '1') return false;
-  int dev = 0, major = 0;
-  return cudaGetDevice(&dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
-#else
-  (void)p;
-  return false;
-#endif
 }
 
 // Segment plan: split only when the (sequence, head, V-tile) CTAs fill at most half the GPU

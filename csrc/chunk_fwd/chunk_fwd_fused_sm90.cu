@@ -113,20 +113,20 @@ struct FusedGmma {
       Prod::sync();  // q, k, g landed; the stage is free (thread 0 waited for it)
 
       float* dec = reinterpret_cast<float*>(x.smem + s * kStage + kOffDec);
-      const typename P::Path path = P::cumsum(st, Lr, tid, false, [&](int ch, float gam2, float bz) {
+      const bool one_ref = P::cumsum(st, Lr, tid, [&](int ch, float gam2, float bz) {
         dec[ch] = ex2(gam2);
         dec[K + ch] = ex2(bz);
       });
       Tensor sX = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));
       Tensor sD = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));
       // every row: kd must be zero past the sequence (the stage holds an older chunk)
-      P::operands_and_scores(st, path.one_ref, p.scale, C, tid, [&](int t, int cc, uint4 qx, uint4 kd) {
+      P::operands_and_scores(st, one_ref, p.scale, tid, [&](int t, int cc, uint4 qx, uint4 kd) {
         *reinterpret_cast<uint4*>(raw_pointer_cast(&sX(t, cc))) = qx;
         *reinterpret_cast<uint4*>(raw_pointer_cast(&sD(cc, t))) = kd;
       });
       if (c + 1 < x.nchunks) load(c + 1);  // q, k, b are free
       Tensor sA = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));
-      P::scores_out(st, C, tid, [&](int t, int s0, uint4 a) { *reinterpret_cast<uint4*>(raw_pointer_cast(&sA(t, s0))) = a; });
+      P::scores_out(st, tid, [&](int t, int s0, uint4 a) { *reinterpret_cast<uint4*>(raw_pointer_cast(&sA(t, s0))) = a; });
       fence_async_smem();  // the stage is read by wgmma
       Barrier::arrive(&x.full[s]);
     }

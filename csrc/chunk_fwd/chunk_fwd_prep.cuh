@@ -2,8 +2,9 @@
 // intra-chunk scores, for the producer warps of the Hopper fused kernel (chunk_fwd_fused_sm90.cu,
 // results to the consumer's shared-memory stages): Sync is the barrier of those 256 threads, the
 // sinks say where results go. The same steps as the two-stage forward's prep kernel
-// (chunk_fwd_prep.cu), which should call this too: moved onto it, the prep kernel's machine code
-// changes, so that waits for a GPU run to check it (NOTES.md, run 10). With b = log2(e) * the in-chunk
+// (chunk_fwd_prep.cu), which should call this too, once a GPU run can check the move (its
+// machine code changes; NOTES.md, run 10): it needs rows limited to the sequence and the Triton
+// backward's exact-flag vote, which it alone uses. With b = log2(e) * the in-chunk
 // cumulative sum of g, b_0 its first row and G its last:
 //   qx = scale q exp2(b - b_0),  kd = k exp2(G - b),  A = scale * tril(q k^T gated)
 // (chunk_fwd_scores.cuh: one reference row where the gates allow, the exact path otherwise).
@@ -58,17 +59,11 @@ struct ChunkPrep {
     cp_async_commit();
   }
 
-  // The scores' path of a chunk, and (where asked) the Triton backward's exact flag: some
-  // |b_t - b_32| > 40 nats.
-  struct Path {
-    bool one_ref, far;
-  };
-  static constexpr float kFlagSpan2 = 40.f * kLog2e;
-
   // b over the raw g (which must have landed and be visible), then a barrier; dec(ch, exp2(G),
-  // b_0) once per channel. Then the votes (barriers; `flag` uniform over the threads).
+  // b_0) once per channel. Returns whether the chunk takes the one-reference scores (a vote: a
+  // barrier).
   template <class Dec>
-  static __device__ __forceinline__ Path cumsum(const Tiles& s, int Lr, int tid, bool flag, Dec&& dec) {
+  static __device__ __forceinline__ bool cumsum(const Tiles& s, int Lr, int tid, Dec&& dec) {
     float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
     {
       const int ch = tid % K, part = tid / K;
@@ -85,28 +80,23 @@ struct ChunkPrep {
       if (part == 0) dec(ch, cs.y * kLog2e, bz);
     }
     Sync::sync();
-    Path path;
-    path.one_ref = Scores::one_ref_ok(s.b, bmax, bmin, tid, Scores::kSpan2, Sync{});
-    path.far = !path.one_ref;
-    if (flag && Scores::kSpan2 != kFlagSpan2) path.far = !Scores::one_ref_ok(s.b, bmax, bmin, tid, kFlagSpan2, Sync{});
-    return path;
+    return Scores::one_ref_ok(s.b, bmax, bmin, tid, Scores::kSpan2, Sync{});
   }
 
   // The gated operands, 8 channels (16 bytes) per thread and row: sink(t, cc, qx, kd) for
-  // channels cc .. cc + 7 of every row t < C with the one-reference scores, of rows t < rows
-  // otherwise (rows past the sequence are zeros in q and k); then the scores into s.a. Ends with
-  // a barrier: s.a complete, s.q, s.k and s.b free.
+  // channels cc .. cc + 7 of every row t < C (rows past the sequence are zeros in q and k); then
+  // the scores into s.a. Ends with a barrier: s.a complete, s.q, s.k and s.b free.
   template <class Sink>
-  static __device__ __forceinline__ void operands_and_scores(const Tiles& s, bool one_ref, float scale, int rows,
-                                                             int tid, Sink&& sink) {
+  static __device__ __forceinline__ void operands_and_scores(const Tiles& s, bool one_ref, float scale, int tid,
+                                                             Sink&& sink) {
     const int cc = (tid % (K / 8)) * 8;
     float b0[8], bg[8], br[8];  // rows 0, C - 1 (G: rows past the end add nothing) and C / 2 of b
     load8(s.b + cc, b0);
     load8(s.b + (C - 1) * LDB + cc, bg);
     load8(s.b + (C / 2) * LDB + cc, br);
-    // body(t, q, k, b) for this thread's pieces of the first n rows
-    auto for_pieces = [&](int n, auto&& body) {
-      for (int i = tid; i < n * (K / 8); i += NT) {
+    // body(t, q, k, b) for this thread's pieces of every row
+    auto for_pieces = [&](auto&& body) {
+      for (int i = tid; i < C * (K / 8); i += NT) {
         const int t = i / (K / 8);
         const uint4 qa = *reinterpret_cast<const uint4*>(s.q + t * LDQ + cc);
         const uint4 ka = *reinterpret_cast<const uint4*>(s.k + t * LDQ + cc);
@@ -124,7 +114,7 @@ struct ChunkPrep {
         fq[e] = scale * ex2(br[e] - b0[e]);
         fk[e] = ex2(bg[e] - br[e]);
       }
-      for_pieces(C, [&](int t, const T* qe, const T* ke, const float* b) {
+      for_pieces([&](int t, const T* qe, const T* ke, const float* b) {
         uint4 qt, kt, xo, yo;
         T *qte = reinterpret_cast<T*>(&qt), *kte = reinterpret_cast<T*>(&kt);
         T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
@@ -143,7 +133,7 @@ struct ChunkPrep {
       Sync::sync();
       Scores::one_ref_mma(s.q, s.k, s.a, scale, tid);
     } else {
-      for_pieces(rows, [&](int t, const T* qe, const T* ke, const float* b) {
+      for_pieces([&](int t, const T* qe, const T* ke, const float* b) {
         uint4 xo, yo;
         T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
         CUTE_UNROLL
@@ -158,11 +148,11 @@ struct ChunkPrep {
     Sync::sync();
   }
 
-  // The scores' rows as 16-byte pieces: sink(t, s0, piece) for t < rows, zeros above the
+  // The scores' rows as 16-byte pieces: sink(t, s0, piece) for every row, zeros above the
   // diagonal blocks (the exact path leaves those unwritten).
   template <class Sink>
-  static __device__ __forceinline__ void scores_out(const Tiles& s, int rows, int tid, Sink&& sink) {
-    for (int i = tid; i < rows * (C / 8); i += NT) {
+  static __device__ __forceinline__ void scores_out(const Tiles& s, int tid, Sink&& sink) {
+    for (int i = tid; i < C * (C / 8); i += NT) {
       const int t = i / (C / 8), s0 = (i % (C / 8)) * 8;
       sink(t, s0, s0 / 16 > t / 16 ? make_uint4(0u, 0u, 0u, 0u) : *reinterpret_cast<const uint4*>(s.a + t * LDA + s0));
     }
