@@ -35,6 +35,9 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
                        backend=backend)
             if dispatch.choose(f"{form}_bwd", q, k, v, g, h0, cu, backend).backend is not None:
                 (o.float().sum() + ht.sum()).backward()
+            if form == "chunk":  # inference keeps no intermediates (sm_90, K = 128: the warp-specialised kernel)
+                with torch.no_grad():
+                    fn(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend=backend)
             torch.cuda.synchronize()
             print(f"{backend} {form} T={q.shape[1]}: ran")
     if backend == "cuda":  # the mma.sync walk of the two-stage forward (other GPUs than sm_90)

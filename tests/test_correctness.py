@@ -1,5 +1,4 @@
 """Every backend against the float64 naive recurrence: o, final state and every gradient."""
-import os
 
 import pytest
 import torch
@@ -116,8 +115,6 @@ def test_two_stage_k256(monkeypatch, walk, gate):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-@pytest.mark.skipif(os.environ.get("GLA_CUDA_FUSED_SM90") != "1",
-                    reason="the Hopper fused forward at K = 128 is opt-in (GLA_CUDA_FUSED_SM90=1) until verified")
 @pytest.mark.parametrize("dtype,g_dtype,gate,V,varlen", [
     (torch.bfloat16, torch.bfloat16, "normal", 128, False),
     (torch.bfloat16, torch.float32, "mixed", 256, True),

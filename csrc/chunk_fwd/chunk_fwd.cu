@@ -34,13 +34,9 @@ bool hopper_wgmma(const FwdParams& p) {
 #endif
 }
 
-// The Hopper fused kernel at K = 128 (chunk_fwd_fused_sm90.cu) has not yet run correctly on a GPU
-// (csrc/chunk_fwd/NOTES.md, run 10): opt-in with GLA_CUDA_FUSED_SM90=1 until it has. It does not
-// write the training forward's intermediates (save_*).
-bool hopper_fused(const FwdParams& p) {
-  const char* on = std::getenv("GLA_CUDA_FUSED_SM90");
-  return p.K == 128 && on != nullptr && on[0] == '1' && p.save_a == nullptr && hopper_wgmma(p);
-}
+// The warp-specialised Hopper kernel at K = 128 (chunk_fwd_fused_sm90.cu). It does not write the
+// training forward's intermediates (save_*): that forward runs the mma.sync kernel.
+bool hopper_fused(const FwdParams& p) { return p.K == 128 && p.save_a == nullptr && hopper_wgmma(p); }
 
 template <class T, int K, int BV>
 cudaError_t dispatch_g(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {

@@ -82,15 +82,15 @@ constexpr int walk_sm90_smem_bytes(int K, int BV) {
 // two producer warpgroups and one consumer warpgroup, which takes registers from the producers
 // (setmaxnreg: 256 * producer + 128 * consumer registers within the 64,512 a CTA of 384 threads
 // starts with, or the consumer's request never completes).
-// smem: two stages of {qx, kd [C][K], A [C][C], v [C][BV] (16-bit, wgmma's swizzled layouts),
-// exp2(G), exp2(b_0) [2][K] float} rounded to 1024 bytes, the output tile [C][BV+8] (16-bit), the
+// smem: two stages of {qx or q~, kd or k~ [C][K], A [C][C], v [C][BV] (16-bit, wgmma's swizzled
+// layouts), the chunk's factors [3][K] float and a flag} rounded to 1024 bytes, the output tile [C][BV+8] (16-bit), the
 // producers' prep tiles, four mbarriers (64 bytes kept) and 1024 bytes to align the base.
 constexpr int kFusedSm90BV = 128;
 constexpr int kFusedSm90Threads = 3 * 128;
 constexpr int kFusedSm90ProducerRegs = 128, kFusedSm90ConsumerRegs = 248;
 static_assert(256 * kFusedSm90ProducerRegs + 128 * kFusedSm90ConsumerRegs <= 64512, "setmaxnreg budget");
 constexpr int fused_sm90_smem_bytes(int K, int BV) {
-  return 2 * ((kChunk * (2 * K + kChunk + BV) * 2 + 2 * K * 4 + 1023) / 1024 * 1024) + kChunk * (BV + 8) * 2 +
+  return 2 * ((kChunk * (2 * K + kChunk + BV) * 2 + 3 * K * 4 + 16 + 1023) / 1024 * 1024) + kChunk * (BV + 8) * 2 +
          prep_smem_bytes(K) + 64 + 1024;
 }
 

@@ -1,20 +1,26 @@
 // The fused chunked forward on Hopper (sm_90a) for K = 128 and V tiles of 128: warp-specialised.
 // One CTA per (sequence, head, V tile of 128, segment), three warpgroups:
 //   producers (warpgroups 0 and 1, 256 threads): per chunk, the prep of chunk_fwd_prep.cuh (q, k,
-//     g by cp.async; the cumulative gate b; the gated operands qx = scale q exp2(b - b_0) and
-//     kd = k exp2(G - b); the scores A by mma.sync), written into a stage of shared memory in
-//     wgmma's 128-byte-swizzled layouts, with exp2(G) and exp2(b_0); one of them loads the
-//     chunk's v into the stage by TMA;
-//   consumer (warpgroup 2, 128 threads): the walk of chunk_fwd_walk_sm90.cu with the state S^T
-//     (128 x 128, float32, 128 registers per thread) in the accumulator of the update's wgmma:
-//       o^T = (exp2(b_0) S)^T qx^T + v^T A^T   (the state as wgmma's register operand)
-//       S^T = S^T exp2(G) + v^T kd
-//     in two halves of 64 rows of V, then o through shared memory to 16-byte row stores.
-// Two stages: the producers fill one while the consumer reads the other; a stage's "full"
-// mbarrier completes when the 256 producer threads have written it (and fenced their writes for
-// the async proxy) and its v landed, its "empty" one when the consumer's 4 warps are done with
-// it. The producers give registers to the consumer (setmaxnreg). Segment splitting as in the
-// other walks (pass 1: chunk_fwd_segment_states.cu).
+//     g by cp.async; the cumulative gate b; the one-reference vote; the operands), written into a
+//     stage of shared memory in wgmma's 128-byte-swizzled layouts with the chunk's per-channel
+//     factors; one of them loads the chunk's v into the stage by TMA. Where the gates allow one
+//     reference row r (nearly always), the operands are q~ = q exp2(b - b_r) and
+//     k~ = k exp2(b_r - b) and the scores are left to the consumer; otherwise qx, kd and the
+//     exact scores A;
+//   consumer (warpgroup 2, 128 threads): A = scale tril(q~ k~^T) by wgmma where the producers left
+//     it, then the walk of chunk_fwd_walk_sm90.cu with the state S^T (128 x 128, float32, 128
+//     registers per thread) in the accumulator of the update's wgmma:
+//       o^T = (f_out S)^T x^T + v^T A^T           (the state as wgmma's register operand)
+//       S^T = (S^T f_pre + v^T y) f_post          (f_post on one-reference chunks only)
+//     with x, y = q~, k~ and f = scale exp2(b_r), exp2(b_r), exp2(G - b_r), or x, y = qx, kd and
+//     f = exp2(b_0), exp2(G); in two halves of 64 rows of V, then o through shared memory to
+//     16-byte row stores.
+// Moving the scores to the consumer balanced the two sides (NOTES.md, run 11). Two stages: the
+// producers fill one while the consumer reads the other; a stage's "full" mbarrier completes
+// when the 256 producer threads have written it (and fenced their writes for the async proxy)
+// and its v landed, its "empty" one when the consumer's 4 warps are done with it. The producers
+// give registers to the consumer (setmaxnreg). Segment splitting as in the other walks (pass 1:
+// chunk_fwd_segment_states.cu).
 #include "chunk_fwd_tma.h"  // first: cudaTypedefs.h before the CUTLASS headers
 
 #include <cute/tensor.hpp>
@@ -50,10 +56,12 @@ struct FusedGmma {
   using LD = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<K>, Int<C>>{}, Step<_2, _1>{}));
   using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}, Step<_2, _1>{}));
   using LVH = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<VH>, Int<C>>{}));  // half of v^T
-  // a stage: qx, kd, A, v, then exp2(G) and exp2(b_0) [2][K] float
+  // the same smem as LD, read as k~ (s, channel) K-major: the B operand of the scores
+  using LK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));
+  // a stage: qx or q~, kd or k~, A, v, then the per-channel factors [3][K] float and the one_ref flag
   static constexpr int kBox = C * 64 * 2;
   static constexpr int kOffD = C * K * 2, kOffA = kOffD + K * C * 2, kOffV = kOffA + C * C * 2,
-                       kOffDec = kOffV + BV * C * 2, kStage = (kOffDec + 2 * K * 4 + 1023) / 1024 * 1024;
+                       kOffDec = kOffV + BV * C * 2, kStage = (kOffDec + 3 * K * 4 + 16 + 1023) / 1024 * 1024;
   static constexpr int kTxV = (BV / 64) * kBox;  // TMA bytes per stage
   // then the output tile [C][BV + 8] (16-bit), the producers' tiles, the barriers
   static constexpr int LDO = BV + 8;
@@ -70,6 +78,18 @@ struct FusedGmma {
   using AtomV = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::MN, GMMA::Major::K>());
   using MmaO = decltype(make_tiled_mma(AtomO{}));
   using MmaV = decltype(make_tiled_mma(AtomV{}));
+  // the scores of a one_ref chunk: q~ k~^T, both from smem
+  using AtomA = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::K, GMMA::Major::K>());
+  using MmaA = decltype(make_tiled_mma(AtomA{}));
+
+  // A stage's per-channel factors (f_out, f_pre, f_post above) and its one_ref flag.
+  struct Factors {
+    float *out, *pre, *post;
+    int* one_ref;
+    __device__ Factors(unsigned char* stage)
+        : out(reinterpret_cast<float*>(stage + kOffDec)), pre(out + K), post(out + 2 * K),
+          one_ref(reinterpret_cast<int*>(out + 3 * K)) {}
+  };
 
   struct Ctx {
     unsigned char* smem;
@@ -77,6 +97,7 @@ struct FusedGmma {
     int64_t bos, len;
     int n, h, vt, seg, last_seg, nchunks;
     __device__ T* stage(int c, int off) const { return reinterpret_cast<T*>(smem + (c & 1) * kStage + off); }
+    __device__ Factors factors(int c) const { return Factors(smem + (c & 1) * kStage); }
     __device__ int rows_in(int c) const { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); }
   };
 
@@ -112,21 +133,27 @@ struct FusedGmma {
       cp_async_wait<0>();
       Prod::sync();  // q, k, g landed; the stage is free (thread 0 waited for it)
 
-      float* dec = reinterpret_cast<float*>(x.smem + s * kStage + kOffDec);
-      const bool one_ref = P::cumsum(st, Lr, tid, [&](int ch, float gam2, float bz) {
-        dec[ch] = ex2(gam2);
-        dec[K + ch] = ex2(bz);
-      });
+      const bool one_ref = P::cumsum(st, Lr, tid);
+      if (tid < K) {  // the factors, from b (log2 units) at rows 0, C / 2 and C - 1
+        const Factors f = x.factors(c);
+        const float b0 = st.b[tid], br = st.b[(C / 2) * P::LDB + tid], bg = st.b[(C - 1) * P::LDB + tid];
+        f.out[tid] = one_ref ? p.scale * ex2(br) : ex2(b0);
+        f.pre[tid] = ex2(one_ref ? br : bg);
+        f.post[tid] = ex2(bg - br);
+        if (tid == 0) *f.one_ref = one_ref;
+      }
       Tensor sX = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));
       Tensor sD = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));
       // every row: kd must be zero past the sequence (the stage holds an older chunk)
-      P::operands_and_scores(st, one_ref, p.scale, tid, [&](int t, int cc, uint4 qx, uint4 kd) {
+      P::operands(st, one_ref, p.scale, tid, [&](int t, int cc, uint4 qx, uint4 kd) {
         *reinterpret_cast<uint4*>(raw_pointer_cast(&sX(t, cc))) = qx;
         *reinterpret_cast<uint4*>(raw_pointer_cast(&sD(cc, t))) = kd;
       });
       if (c + 1 < x.nchunks) load(c + 1);  // q, k, b are free
-      Tensor sA = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));
-      P::scores_out(st, tid, [&](int t, int s0, uint4 a) { *reinterpret_cast<uint4*>(raw_pointer_cast(&sA(t, s0))) = a; });
+      if (!one_ref) {  // the exact scores (a one_ref chunk's are the consumer's)
+        Tensor sA = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));
+        P::scores_out(st, tid, [&](int t, int s0, uint4 a) { *reinterpret_cast<uint4*>(raw_pointer_cast(&sA(t, s0))) = a; });
+      }
       fence_async_smem();  // the stage is read by wgmma
       Barrier::arrive(&x.full[s]);
     }
@@ -151,13 +178,37 @@ struct FusedGmma {
     static_assert(size<1>(decltype(rS){}) == 2, "two halves (M tiles) of S^T");
     Tensor acc = partition_fragment_C(mmaO, Shape<Int<VH>, Int<C>>{});              // o^T of a half
     Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<VH>, Int<C>>{}));  // (v, t)
+    MmaA mmaA;
+    auto thrA = mmaA.get_thread_slice(wtid);
+    Tensor accA = partition_fragment_C(mmaA, Shape<Int<C>, Int<C>>{});
+    Tensor tAc = thrA.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));  // (t, s)
     T* sO = reinterpret_cast<T*>(x.smem + kOffO);
 
     for (int c = 0; c < x.nchunks; ++c) {
       const int s = c & 1, Lr = x.rows_in(c);
-      const float* sGam = reinterpret_cast<const float*>(x.smem + s * kStage + kOffDec);  // exp2(G)
-      const float* sB0 = sGam + K;                                                         // exp2(b_0)
+      const Factors f = x.factors(c);
       Barrier::wait(&x.full[s], (c >> 1) & 1);
+      const bool one_ref = *f.one_ref != 0;
+      if (one_ref) {  // A = scale tril(q~ k~^T) into the stage
+        Tensor tArQ = thrA.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));
+        Tensor tArK = thrA.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LK{}));
+        clear(accA);
+        warpgroup_fence_operand(accA);
+        warpgroup_arrive();
+        gemm(mmaA, tArQ, tArK, accA);
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accA);
+        Tensor sA = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));
+        CUTE_UNROLL
+        for (int i = 0; i < size(accA); i += 2) {  // (i, i + 1): columns s0, s0 + 1
+          const int t = get<0>(tAc(i)), s0 = get<1>(tAc(i));
+          *reinterpret_cast<uint32_t*>(raw_pointer_cast(&sA(t, s0))) =
+              pack2<T>(s0 <= t ? accA(i) * p.scale : 0.f, s0 + 1 <= t ? accA(i + 1) * p.scale : 0.f);
+        }
+        fence_async_smem();  // A is read by wgmma
+        Cons::sync();
+      }
       Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));      // qx (t, channel)
       Tensor tVrA = thrV.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));  // A (t, s)
       Tensor tUrV = thrU.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, kOffV)), LV{}));  // v^T
@@ -165,13 +216,21 @@ struct FusedGmma {
       CUTE_UNROLL
       for (int m = 0; m < 2; ++m) {
         Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, kOffV) + m * VH * C), LVH{}));
-        walk_chunk_mmas<kParts, C>(mmaO, mmaV, rS(_, m, _), rS, tUc(_, m, _), tOrS, tOrX, tVrV, tVrA, acc, sB0, sGam,
+        walk_chunk_mmas<kParts, C>(mmaO, mmaV, rS(_, m, _), rS, tUc(_, m, _), tOrS, tOrX, tVrV, tVrA, acc, f.out, f.pre,
                                    [&] {
                                      if (m == 1) gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T kd, both halves scaled by now
                                    });
         if (m == 0) Cons::sync();  // the previous chunk's rows of o are stored
         CUTE_UNROLL
         for (int i = 0; i < size(acc); ++i) sO[get<1>(tOc(i)) * LDO + m * VH + get<0>(tOc(i))] = T(acc(i));
+      }
+      if (one_ref) {  // S^T = (S^T exp2(b_r) + v^T k~) exp2(G - b_r)
+        CUTE_UNROLL
+        for (int i = 0; i < size(rS); i += 2) {
+          const float2 e = *reinterpret_cast<const float2*>(f.post + get<1>(tUc(i)));
+          rS(i) *= e.x;
+          rS(i + 1) *= e.y;
+        }
       }
       // this warp is done with the stage
       if (c + 2 < x.nchunks && (wtid & 31) == 0) Barrier::arrive(&x.empty[s]);

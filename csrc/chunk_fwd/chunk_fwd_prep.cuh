@@ -1,15 +1,15 @@
-// One chunk's prep, done by 256 threads: the in-chunk cumulative gate, the gated operands and the
-// intra-chunk scores, for the producer warps of the Hopper fused kernel (chunk_fwd_fused_sm90.cu,
-// results to the consumer's shared-memory stages): Sync is the barrier of those 256 threads, the
-// sinks say where results go. The same steps as the two-stage forward's prep kernel
-// (chunk_fwd_prep.cu), which should call this too, once a GPU run can check the move (its
-// machine code changes; NOTES.md, run 10): it needs rows limited to the sequence and the Triton
-// backward's exact-flag vote, which it alone uses. With b = log2(e) * the in-chunk
-// cumulative sum of g, b_0 its first row and G its last:
+// One chunk's prep, done by 256 threads: the in-chunk cumulative gate, the gated operands and,
+// on the exact path, the intra-chunk scores, for the producer warps of the Hopper fused kernel
+// (chunk_fwd_fused_sm90.cu, results to the consumer's shared-memory stages): Sync is the barrier
+// of those 256 threads, the sinks say where results go. With b = log2(e) * the in-chunk
+// cumulative sum of g, b_0 its first row, b_r its row C / 2 and G its last:
 //   qx = scale q exp2(b - b_0),  kd = k exp2(G - b),  A = scale * tril(q k^T gated)
 // (chunk_fwd_scores.cuh: one reference row where the gates allow, the exact path otherwise).
-// Where the chunk takes the one-reference scores, qx and kd come from the scores' gated operands
-// (one pass, two exponentials per element, per-channel factors for the rest).
+// Where the chunk takes the one-reference scores, the prep gives q~ = q exp2(b - b_r) and
+// k~ = k exp2(b_r - b) only: A = scale tril(q~ k~^T), qx = scale exp2(b_r - b_0) q~ and
+// kd = exp2(G - b_r) k~, the consumer applying those per-channel factors to the state instead.
+// The two-stage forward's prep kernel (chunk_fwd_prep.cu) does the same steps but keeps qx, kd
+// and A in memory for its walk and the backward.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -59,15 +59,12 @@ struct ChunkPrep {
     cp_async_commit();
   }
 
-  // b over the raw g (which must have landed and be visible), then a barrier; dec(ch, exp2(G),
-  // b_0) once per channel. Returns whether the chunk takes the one-reference scores (a vote: a
-  // barrier).
-  template <class Dec>
-  static __device__ __forceinline__ bool cumsum(const Tiles& s, int Lr, int tid, Dec&& dec) {
+  // b over the raw g (which must have landed and be visible), then a barrier. Returns whether the
+  // chunk takes the one-reference scores (a vote: a barrier, after which s.b is complete).
+  static __device__ __forceinline__ bool cumsum(const Tiles& s, int Lr, int tid) {
     float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
     {
       const int ch = tid % K, part = tid / K;
-      const float bz = float(s.g[ch]) * kLog2e;
       float gv[RPT];
       const float2 cs = chunk_cumsum<RPT, TPC>(s.g, K, ch, part, Lr, s.tot, K, gv, Sync{});  // then b may overwrite g
       CUTE_UNROLL
@@ -77,74 +74,50 @@ struct ChunkPrep {
         bmax = fmaxf(bmax, b);
         bmin = fminf(bmin, b);
       }
-      if (part == 0) dec(ch, cs.y * kLog2e, bz);
     }
     Sync::sync();
     return Scores::one_ref_ok(s.b, bmax, bmin, tid, Scores::kSpan2, Sync{});
   }
 
-  // The gated operands, 8 channels (16 bytes) per thread and row: sink(t, cc, qx, kd) for
-  // channels cc .. cc + 7 of every row t < C (rows past the sequence are zeros in q and k); then
-  // the scores into s.a. Ends with a barrier: s.a complete, s.q, s.k and s.b free.
+  // The chunk's operands, 8 channels (16 bytes) per thread and row: sink(t, cc, x, y) for
+  // channels cc .. cc + 7 of every row t < C (rows past the sequence are zeros in q and k), with
+  // b_r = b at row C / 2:
+  //   one_ref: x = q~ = q exp2(b - b_r), y = k~ = k exp2(b_r - b)  (the scores are q~ k~^T, left
+  //            to the caller, as are the per-channel factors that make qx and kd of them);
+  //   exact:   x = qx, y = kd, and the scores into s.a.
+  // Ends with a barrier: s.a complete, s.q, s.k and s.b free.
   template <class Sink>
-  static __device__ __forceinline__ void operands_and_scores(const Tiles& s, bool one_ref, float scale, int tid,
-                                                             Sink&& sink) {
+  static __device__ __forceinline__ void operands(const Tiles& s, bool one_ref, float scale, int tid, Sink&& sink) {
     const int cc = (tid % (K / 8)) * 8;
-    float b0[8], bg[8], br[8];  // rows 0, C - 1 (G: rows past the end add nothing) and C / 2 of b
-    load8(s.b + cc, b0);
+    float bref[8], bg[8];  // b_r (one_ref) or b_0 (exact); G = row C - 1 (rows past the end add nothing)
+    load8(s.b + (one_ref ? C / 2 : 0) * LDB + cc, bref);
     load8(s.b + (C - 1) * LDB + cc, bg);
-    load8(s.b + (C / 2) * LDB + cc, br);
-    // body(t, q, k, b) for this thread's pieces of every row
-    auto for_pieces = [&](auto&& body) {
+    auto pieces = [&](auto ref) {  // ref: one_ref, as a compile-time constant
       for (int i = tid; i < C * (K / 8); i += NT) {
         const int t = i / (K / 8);
         const uint4 qa = *reinterpret_cast<const uint4*>(s.q + t * LDQ + cc);
         const uint4 ka = *reinterpret_cast<const uint4*>(s.k + t * LDQ + cc);
+        const T *qe = reinterpret_cast<const T*>(&qa), *ke = reinterpret_cast<const T*>(&ka);
         float b[8];
         load8(s.b + t * LDB + cc, b);
-        body(t, reinterpret_cast<const T*>(&qa), reinterpret_cast<const T*>(&ka), b);
-      }
-    };
-    if (one_ref) {
-      // q~ = q exp2(b - b_r) and k~ = k exp2(b_r - b) over q and k for the scores' MMA;
-      // qx = scale q~ exp2(b_r - b_0) and kd = k~ exp2(G - b_r) from the same products
-      float fq[8], fk[8];
-      CUTE_UNROLL
-      for (int e = 0; e < 8; ++e) {
-        fq[e] = scale * ex2(br[e] - b0[e]);
-        fk[e] = ex2(bg[e] - br[e]);
-      }
-      for_pieces([&](int t, const T* qe, const T* ke, const float* b) {
-        uint4 qt, kt, xo, yo;
-        T *qte = reinterpret_cast<T*>(&qt), *kte = reinterpret_cast<T*>(&kt);
-        T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
-        CUTE_UNROLL
-        for (int e = 0; e < 8; ++e) {
-          const float x = float(qe[e]) * ex2(b[e] - br[e]), y = float(ke[e]) * ex2(br[e] - b[e]);
-          qte[e] = T(x);
-          kte[e] = T(y);
-          xe[e] = T(x * fq[e]);
-          ye[e] = T(y * fk[e]);
-        }
-        *reinterpret_cast<uint4*>(s.q + t * LDQ + cc) = qt;
-        *reinterpret_cast<uint4*>(s.k + t * LDQ + cc) = kt;
-        sink(t, cc, xo, yo);
-      });
-      Sync::sync();
-      Scores::one_ref_mma(s.q, s.k, s.a, scale, tid);
-    } else {
-      for_pieces([&](int t, const T* qe, const T* ke, const float* b) {
         uint4 xo, yo;
         T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
         CUTE_UNROLL
         for (int e = 0; e < 8; ++e) {
-          xe[e] = T(scale * float(qe[e]) * ex2(fminf(b[e] - b0[e], 0.f)));
-          ye[e] = T(float(ke[e]) * ex2(bg[e] - b[e]));
+          if constexpr (decltype(ref)::value) {
+            xe[e] = T(float(qe[e]) * ex2(b[e] - bref[e]));
+            ye[e] = T(float(ke[e]) * ex2(bref[e] - b[e]));
+          } else {
+            xe[e] = T(scale * float(qe[e]) * ex2(fminf(b[e] - bref[e], 0.f)));
+            ye[e] = T(float(ke[e]) * ex2(bg[e] - b[e]));
+          }
         }
         sink(t, cc, xo, yo);
-      });
-      Scores::template exact<false>(s.q, s.k, s.b, nullptr, s.a, scale, tid);
-    }
+      }
+    };
+    if (one_ref) pieces(cute::true_type{});
+    else pieces(cute::false_type{});
+    if (!one_ref) Scores::template exact<false>(s.q, s.k, s.b, nullptr, s.a, scale, tid);
     Sync::sync();
   }
 

@@ -2,7 +2,7 @@
 # Builds the fused chunked forward and its standalone test on the GPU machine, then runs
 # the checks and timings. Run from the repository root:
 #   bash csrc/chunk_fwd/test/run_on_device.sh [sanitize] [ncu]   (env CFB: build folder; BUILD_ONLY=1;
-#                                                                  FUSED=1: the Hopper fused kernel at K = 128)
+#                                                                  GLA_CUDA_NO_WGMMA=1: the mma.sync kernels)
 #   sanitize: compute-sanitizer memcheck and racecheck on the small cases (varlen, split)
 #   ncu:      Nsight Compute sections for one launch at (8,2048,16,128,128)
 # Every run of the test has a time limit (a hung kernel fails instead of taking the device time).
@@ -15,7 +15,6 @@ SANITIZE=0; NCU=0
 for a in "$@"; do
   case $a in sanitize) SANITIZE=1 ;; ncu) NCU=1 ;; esac
 done
-[ -n "${FUSED:-}" ] && export GLA_CUDA_FUSED_SM90=1
 mkdir -p "$OUTDIR" /tmp/cutl $CFB/logs
 if [ ! -d /tmp/cutl/cutlass_library ]; then
   (cd /tmp/cutl && python3 -m zipfile -e "$ROOT/.whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl" .)
