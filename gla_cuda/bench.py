@@ -406,6 +406,12 @@ def accuracy(fn, device, shape=(2, 300, 2, 64, 64), gate="normal", grads=True, s
     if ht is not None:
         errs["ht"] = _rel(ht, ref_ht)
     if grads:
+        # the inference forward too (no graph: no intermediates kept, a kernel of its own on sm_90)
+        with torch.no_grad():
+            o_i, ht_i = fn(*leaves[:4], h0=leaves[4], final=True)
+        errs["o_nograd"] = _rel(o_i, ref_o)
+        if ht_i is not None:
+            errs["ht_nograd"] = _rel(ht_i, ref_ht)
         do = torch.randn_like(o)
         dht = torch.randn_like(ref_ht).float()
         loss = (o.float() * do.float()).sum() + ((ht * dht).sum() if ht is not None else 0)
@@ -716,8 +722,8 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, t
     if not cands:
         return usable
     tol = _tolerance(dtype)
-    log(f"\naccuracy vs the float64 reference, {dname}, (B, T, H, K, V) = {shape}: relative error norms, "
-        f"then with gates of -20 per step; above {tol:g} fails and is not timed")
+    log(f"\naccuracy vs the float64 reference, {dname}, (B, T, H, K, V) = {shape}: relative error norms (o_nograd, "
+        f"ht_nograd: the inference forward), then with gates of -20 per step (inference); above {tol:g} fails and is not timed")
     started = time.perf_counter()
     children = {name: _start_child_check(name, shape, timed_shapes, dname) for name in isolate
                 if cands.get(name, (None,))[0] is not None and not over_budget(f"accuracy {name} {dname}")}
