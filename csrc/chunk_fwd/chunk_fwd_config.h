@@ -83,8 +83,9 @@ constexpr int walk_sm90_smem_bytes(int K, int BV) {
 // (setmaxnreg: 256 * producer + 128 * consumer registers within the 64,512 a CTA of 384 threads
 // starts with, or the consumer's request never completes).
 // smem: two stages of {qx or q~, kd or k~ [C][K], A [C][C], v [C][BV] (16-bit, wgmma's swizzled
-// layouts), the chunk's factors [3][K] float and a flag} rounded to 1024 bytes, the output tile [C][BV+8] (16-bit), the
-// producers' prep tiles, four mbarriers (64 bytes kept) and 1024 bytes to align the base.
+// layouts), the chunk's factors [3][K] float and a flag} rounded to 1024 bytes, the output tile
+// [C][BV+8] (16-bit), the producers' prep tiles, four mbarriers (64 bytes kept) and 1024 bytes to
+// align the base.
 constexpr int kFusedSm90BV = 128;
 constexpr int kFusedSm90Threads = 3 * 128;
 constexpr int kFusedSm90ProducerRegs = 128, kFusedSm90ConsumerRegs = 248;

@@ -50,13 +50,14 @@ struct FusedGmma {
   using Prod = GroupSync<1, NP>;
   using Cons = GroupSync<2, NT - NP>;
   using P = ChunkPrep<T, GT, K, Prod>;
-  using LX = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));    // qx (C, K)
+  using LX = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));    // x: q~ or qx (C, K)
   using LA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<C>>{}));    // A (C, C)
-  // kd as (K, C) and v^T as (BV, C), MN-major, tiled along C first (v: each 64-column block is one TMA box)
+  // y (k~ or kd) as (K, C) and v^T as (BV, C), MN-major, tiled along C first (v: each 64-column block is one TMA box)
   using LD = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<K>, Int<C>>{}, Step<_2, _1>{}));
   using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}, Step<_2, _1>{}));
   using LVH = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<VH>, Int<C>>{}));  // half of v^T
-  // the same smem as LD, read as k~ (s, channel) K-major: the B operand of the scores
+  // the same smem as LD, read as k~ (s, channel) K-major: the B operand of the scores (checked
+  // element by element on the host, NOTES.md run 11)
   using LK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));
   // a stage: qx or q~, kd or k~, A, v, then the per-channel factors [3][K] float and the one_ref flag
   static constexpr int kBox = C * 64 * 2;
@@ -73,7 +74,7 @@ struct FusedGmma {
   // S^T update: BV x K, both halves (two M tiles of one warpgroup)
   using AtomU = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<K>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
   using MmaU = decltype(make_tiled_mma(AtomU{}));
-  // o^T, a half: the state from registers times qx^T; v^T times A^T from smem
+  // o^T, a half: the state from registers times x^T; v^T times A^T from smem
   using AtomO = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::K, GMMA::Major::K>());
   using AtomV = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<C>, _16>, GMMA::Major::MN, GMMA::Major::K>());
   using MmaO = decltype(make_tiled_mma(AtomO{}));
@@ -144,10 +145,10 @@ struct FusedGmma {
       }
       Tensor sX = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));
       Tensor sD = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));
-      // every row: kd must be zero past the sequence (the stage holds an older chunk)
-      P::operands(st, one_ref, p.scale, tid, [&](int t, int cc, uint4 qx, uint4 kd) {
-        *reinterpret_cast<uint4*>(raw_pointer_cast(&sX(t, cc))) = qx;
-        *reinterpret_cast<uint4*>(raw_pointer_cast(&sD(cc, t))) = kd;
+      // every row: y must be zero past the sequence (the stage holds an older chunk)
+      P::operands(st, one_ref, p.scale, tid, [&](int t, int cc, uint4 xv, uint4 yv) {
+        *reinterpret_cast<uint4*>(raw_pointer_cast(&sX(t, cc))) = xv;
+        *reinterpret_cast<uint4*>(raw_pointer_cast(&sD(cc, t))) = yv;
       });
       if (c + 1 < x.nchunks) load(c + 1);  // q, k, b are free
       if (!one_ref) {  // the exact scores (a one_ref chunk's are the consumer's)
@@ -209,16 +210,16 @@ struct FusedGmma {
         fence_async_smem();  // A is read by wgmma
         Cons::sync();
       }
-      Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));      // qx (t, channel)
+      Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));      // x (t, channel)
       Tensor tVrA = thrV.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));  // A (t, s)
       Tensor tUrV = thrU.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, kOffV)), LV{}));  // v^T
-      Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));  // kd (channel, t)
+      Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));  // y (channel, t)
       CUTE_UNROLL
       for (int m = 0; m < 2; ++m) {
         Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(x.stage(c, kOffV) + m * VH * C), LVH{}));
         walk_chunk_mmas<kParts, C>(mmaO, mmaV, rS(_, m, _), rS, tUc(_, m, _), tOrS, tOrX, tVrV, tVrA, acc, f.out, f.pre,
                                    [&] {
-                                     if (m == 1) gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T kd, both halves scaled by now
+                                     if (m == 1) gemm(mmaU, tUrV, tUrD, rS);  // S^T += v^T y, both halves scaled by now
                                    });
         if (m == 0) Cons::sync();  // the previous chunk's rows of o are stored
         CUTE_UNROLL
