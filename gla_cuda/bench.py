@@ -290,19 +290,20 @@ def _graph_ms(step, device, steps=20):
     return _bench(graph.replay, device) / steps
 
 
-def warm(shape, device="cuda", dtype="bf16", check=True, only=None):
+def warm(shape, device="cuda", dtype="bf16", check=True, only=None, backward=True):
     """Makes every candidate's calls of a timed run once at ``shape``, filling Triton's on-disk
     compile cache (fla compiles every config it autotunes; Triton compiles per H, K, V, fla
     also per B and per initial state): the plain forward and backward, and with ``check`` the
-    accuracy check's calls. Several shapes warm in parallel processes (``--warm``); their
-    autotune timings are not kept (they ran side by side), the timed run autotunes alone."""
+    accuracy check's calls (``backward=False``: forwards only, for a run of --modes fwd). Several
+    shapes warm in parallel processes (``--warm``); their autotune timings are not kept (they
+    ran side by side), the timed run autotunes alone."""
     dt = DTYPES.get(dtype, dtype)
     for name, (fn, _) in candidates(device).items():
         if fn is None or name == "reference" or (name.startswith("sdpa") and shape[3] != shape[4]) or \
                 (only is not None and name not in only):
             continue
         try:
-            grads = _has_backward(name, device)
+            grads = backward and _has_backward(name, device)
             q, k, v, g = make_inputs(*shape, device, dtype=dt, requires_grad=grads)
             o, _ = fn(q, k, v, g)
             if grads:
@@ -435,25 +436,25 @@ def decode_accuracy(fn, device, B=8, H=4, K=128, V=128, dtype=torch.bfloat16, ga
     return {"o": _rel(o, ref_o), "ht": _rel(ht, ref_ht)}
 
 
-def child_check(name, shape, timed_shapes, dtype="bf16"):
+def child_check(name, shape, timed_shapes, dtype="bf16", grads=True):
     """In a child process (``_check_in_child``): candidate ``name``'s accuracy check at shape,
     then one call of it on each timed shape, so that everything it compiles (and autotunes,
     with TRITON_CACHE_AUTOTUNING=1) is on disk for the parent. Returns the errors."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fn, dt = candidates(device)[name][0], DTYPES[dtype]
-    grads = _has_backward(name, device)
+    grads = grads and _has_backward(name, device)
     errs = accuracy(fn, device, tuple(shape), grads=grads, dtype=dt)
     strong = accuracy(fn, device, tuple(shape), gate="strong", grads=False, dtype=dt)
     for s in timed_shapes:
-        warm(tuple(s), device, dtype, check=False, only=(name,))
+        warm(tuple(s), device, dtype, check=False, only=(name,), backward=grads)
     return {"errors": errs, "strong_gates": strong}
 
 
-def _start_child_check(name, shape, timed_shapes, dtype):
+def _start_child_check(name, shape, timed_shapes, dtype, grads=True):
     """child_check in a child process (collected by _child_result): a candidate whose first call
     can compile for minutes (fla autotunes every configuration) cannot overrun --quick."""
     code = (f"import json; from gla_cuda import bench; r = bench.child_check({name!r}, {tuple(shape)!r}, "
-            f"{[tuple(s) for s in timed_shapes]!r}, {dtype!r}); print('GLA_BENCH_RESULT ' + json.dumps(r))")
+            f"{[tuple(s) for s in timed_shapes]!r}, {dtype!r}, {grads!r}); print('GLA_BENCH_RESULT ' + json.dumps(r))")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -655,7 +656,7 @@ def run(shapes, device, modes=MODES, out_dir=None, log=None, dtypes=("bf16",), d
                     cands, device, dtype, dname, results, log, bar, over_budget, accuracy_shape(shape),
                     groups[tuple(shape[2:])], isolate,
                     lambda: 3600.0 if budget_s is None else
-                    budget_s - TIMING_RESERVE_S - (time.perf_counter() - t_start))
+                    budget_s - TIMING_RESERVE_S - (time.perf_counter() - t_start), grads=train_modes != ["fwd"])
             usable = usable_by[tuple(shape[2:])]
             t0 = time.perf_counter()
             B, T, H, K, V = shape
@@ -713,8 +714,9 @@ def usable_modes(name, device, modes):
 
 
 def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, timed_shapes=(), isolate=(),
-           time_left=None):
-    """Accuracy of every GLA candidate in dtype at shape; returns {name: fn} of those that pass.
+           time_left=None, grads=True):
+    """Accuracy of every GLA candidate in dtype at shape; returns {name: fn} of those that pass
+    (grads: with the gradients, for runs that time a backward).
     Candidates in ``isolate`` are checked (and their timed shapes compiled) in a child process
     started first, so it compiles while the others are checked, and collected last: it is killed
     once time_left() runs out."""
@@ -725,7 +727,7 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, t
     log(f"\naccuracy vs the float64 reference, {dname}, (B, T, H, K, V) = {shape}: relative error norms (o_nograd, "
         f"ht_nograd: the inference forward), then with gates of -20 per step (inference); above {tol:g} fails and is not timed")
     started = time.perf_counter()
-    children = {name: _start_child_check(name, shape, timed_shapes, dname) for name in isolate
+    children = {name: _start_child_check(name, shape, timed_shapes, dname, grads) for name in isolate
                 if cands.get(name, (None,))[0] is not None and not over_budget(f"accuracy {name} {dname}")}
     try:
         for name in [n for n in cands if n not in children] + list(children):
@@ -742,7 +744,7 @@ def _check(cands, device, dtype, dname, results, log, bar, over_budget, shape, t
                 except Exception as e:
                     log(f"  {name:<11} cannot run {dname}: {_first_line(e)}")
             elif name in children or not over_budget(f"accuracy {name} {dname}"):
-                has_bwd = _has_backward(name, device)
+                has_bwd = grads and _has_backward(name, device)
                 try:
                     if name in children:
                         errs, strong = _child_result(children.pop(name), max(1.0, time_left()), started)

@@ -42,9 +42,10 @@ for step in $steps; do
       timeout $(( $(left) < 240 ? $(left) : 240 )) python3 examples/train_gla_lm.py --bf16 ${EXAMPLE_ARGS:-} 2>&1 |
         tee "$OUT/example.log" || status=1 ;;
     warm)
-      # compile (and let fla autotune) every benchmark shape in parallel processes
+      # compile (and let fla autotune) every benchmark shape in parallel processes (WARM_BACKWARD=0:
+      # forwards only, for BENCH_ARGS="--modes fwd")
       for s in $SHAPES; do
-        timeout $(( $(left) < 300 ? $(left) : 300 )) python3 -c "import sys; from gla_cuda import bench; bench.warm(tuple(map(int, sys.argv[1].split(','))))" $s \
+        timeout $(( $(left) < 300 ? $(left) : 300 )) python3 -c "import sys; from gla_cuda import bench; bench.warm(tuple(map(int, sys.argv[1].split(','))), backward=sys.argv[2] == '1')" $s ${WARM_BACKWARD:-1} \
           >> "$OUT/warm.log" 2>&1 &
       done ;;
     wait)
