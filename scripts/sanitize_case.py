@@ -47,6 +47,15 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
         torch.cuda.synchronize()
         del os.environ["GLA_CUDA_NO_WGMMA"]
         print("cuda chunk K=256, mma.sync walk: ran")
+    if backend == "auto":  # the opt-in warp-specialised training forward (sm_90, K = 128)
+        os.environ["GLA_CUDA_FUSED_SM90_TRAIN"] = "1"
+        for cu, (q, k, v, g, h0) in cases[2:4]:
+            leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+            o, ht = gla_cuda.chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
+            (o.float().sum() + ht.sum()).backward()
+            torch.cuda.synchronize()
+        del os.environ["GLA_CUDA_FUSED_SM90_TRAIN"]
+        print("auto chunk K=128, GLA_CUDA_FUSED_SM90_TRAIN=1: ran")
     q, k, v, g = (x.view(4, 3, *x.shape[2:]) for x in inputs(12, 2, 100, 72, 1)[:4])
     pool = torch.randn(6, 2, 72, 100, device="cuda")  # [P, H, V, K]: state_v_first
     if dispatch.choose("recurrent_pool_fwd_", q, k, v, g, pool, None, backend).backend is not None:

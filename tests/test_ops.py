@@ -76,29 +76,37 @@ def test_training_forward_saves_what_the_backward_recomputes(device, gate):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 192)])
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 192), (128, 256)])
 @pytest.mark.parametrize("gate", ["normal", "mixed", "strong"])
-@pytest.mark.parametrize("varlen", [False, True])
-def test_cuda_training_forward_keeps_what_triton_keeps(monkeypatch, K, V, gate, varlen):
+@pytest.mark.parametrize("layout", ["batch", "varlen", "split"])
+@pytest.mark.parametrize("kernel", ["mma_sync", "fused_sm90"])
+def test_cuda_training_forward_keeps_what_triton_keeps(monkeypatch, K, V, gate, layout, kernel):
     """The CUDA forward's kept intermediates (training under auto: CUDA forward, Triton
     backward) match the Triton forward's in layout and value, its o is the plain forward's
-    (bitwise), and the gradients through them match the float64 oracle."""
+    of the same kernel (bitwise), and the gradients through them match the float64 oracle.
+    The kernel: mma.sync (GLA_CUDA_NO_WGMMA=1: inference too; training's default), or on sm_90
+    at K = 128, V a multiple of 128, the warp-specialised one (GLA_CUDA_FUSED_SM90_TRAIN=1:
+    training too; inference's default). "split": one long sequence, walked in segments."""
     from gla_cuda.backends import cuda, triton
     from gla_cuda.backends.triton.chunk import _Meta
-    cu = torch.tensor([0, 5, 130, 300], dtype=torch.int32, device="cuda") if varlen else None
-    ins = make_inputs(1 if varlen else 2, 300, 2, K, V, dtype=torch.bfloat16, device="cuda", h0=True,
-                      N=3 if varlen else 2, gate=gate)
+    if kernel == "mma_sync":
+        monkeypatch.setenv("GLA_CUDA_NO_WGMMA", "1")
+    elif K != 128 or V % 128 or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised kernel runs on sm_90 at K = 128, V a multiple of 128")
+    else:
+        monkeypatch.setenv("GLA_CUDA_FUSED_SM90_TRAIN", "1")
+    B, T, N, cu = {"batch": (2, 300, 2, None), "varlen": (1, 300, 3, [0, 5, 130, 300]),
+                   "split": (1, 1100, 1, None)}[layout]
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    ins = make_inputs(B, T, 1 if layout == "split" else 2, K, V, dtype=torch.bfloat16, device="cuda", h0=True,
+                      N=N, gate=gate)
     skip_unless_runs("chunk_fwd", "cuda", ins, cu)
     names = ("q", "k", "v", "g", "initial_state")
     args = tuple(ins[n] for n in names[:4]) + (0.2, ins["initial_state"], True, cu)
     assert dispatch.saving_backend(*args[:4], ins["initial_state"], cu) == "cuda"
     o_c, ht_c, kept_c = cuda.chunk_fwd_saving(*args)
     o_t, ht_t, kept_t = triton.chunk_fwd_saving(*args)
-    # the plain forward of the same kernel (on sm_90 at K = 128 inference runs the warp-specialised
-    # one, which test_fused_sm90_k128 checks against the oracle)
-    with monkeypatch.context() as m:
-        m.setenv("GLA_CUDA_NO_WGMMA", "1")
-        o_p, ht_p = cuda.chunk_fwd(*args)
+    o_p, ht_p = cuda.chunk_fwd(*args)  # test_fused_sm90_k128 checks it against the oracle
     assert torch.equal(o_c, o_p) and torch.equal(ht_c, ht_p)
     off = _Meta(ins["q"], cu).chunk_off.tolist()
     used = [s for n in range(len(off) - 1) for s in range(off[n], off[n + 1])]  # slots with tokens

@@ -15,6 +15,10 @@
 //     with x, y = q~, k~ and f = scale exp2(b_r), exp2(b_r), exp2(G - b_r), or x, y = qx, kd and
 //     f = exp2(b_0), exp2(G); in two halves of 64 rows of V, then o through shared memory to
 //     16-byte row stores.
+// Training (kSave) also keeps the Triton backward's intermediates (FwdParams::save_*): the
+// producers write qx, kd (from the same products as q~, k~), the decays, the flags and the exact
+// scores, the consumer the one-reference scores (from its stage) and the state entering every
+// chunk (V tile 0 the per-token ones, every V tile its columns of the states).
 // Moving the scores to the consumer balanced the two sides (NOTES.md, run 11). Two stages: the
 // producers fill one while the consumer reads the other; a stage's "full" mbarrier completes
 // when the 256 producer threads have written it (and fenced their writes for the async proxy)
@@ -42,7 +46,7 @@ namespace chunk_fused_sm90_detail {
 using namespace cute;
 using Barrier = cutlass::arch::ClusterTransactionBarrier;
 
-template <class T, class GT>
+template <class T, class GT, bool kSave>
 struct FusedGmma {
   static constexpr int K = 128, BV = chunk_fwd_cfg::kFusedSm90BV, C = chunk_fwd_cfg::kChunk;
   static constexpr int NP = chunk_fwd_cfg::kThreads, NT = chunk_fwd_cfg::kFusedSm90Threads;  // producers; all
@@ -95,8 +99,9 @@ struct FusedGmma {
   struct Ctx {
     unsigned char* smem;
     uint64_t *full, *empty;  // [2] each
-    int64_t bos, len;
+    int64_t bos, len, slot0;  // slot0: the kept intermediates' slot of this segment's first chunk
     int n, h, vt, seg, last_seg, nchunks;
+    bool save_tok;  // kSave and V tile 0: keeps the per-token intermediates
     __device__ T* stage(int c, int off) const { return reinterpret_cast<T*>(smem + (c & 1) * kStage + off); }
     __device__ Factors factors(int c) const { return Factors(smem + (c & 1) * kStage); }
     __device__ int rows_in(int c) const { return int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C); }
@@ -106,6 +111,8 @@ struct FusedGmma {
   static __device__ void produce(const FwdParams& p, const CUtensorMap& vmap, const Ctx& x, int tid) {
     const typename P::Tiles st(x.smem + kOffP);
     const int64_t HK = int64_t(p.H) * K;
+    T* const qxb = kSave ? static_cast<T*>(p.save_qx) + x.bos * HK + int64_t(x.h) * K : nullptr;
+    T* const kdb = kSave ? static_cast<T*>(p.save_kd) + x.bos * HK + int64_t(x.h) * K : nullptr;
     const T* qb = static_cast<const T*>(p.q) + x.bos * HK + int64_t(x.h) * K;
     const T* kb = static_cast<const T*>(p.k) + x.bos * HK + int64_t(x.h) * K;
     const GT* gb = static_cast<const GT*>(p.g) + x.bos * HK + int64_t(x.h) * K;
@@ -134,7 +141,9 @@ struct FusedGmma {
       cp_async_wait<0>();
       Prod::sync();  // q, k, g landed; the stage is free (thread 0 waited for it)
 
-      const bool one_ref = P::cumsum(st, Lr, tid);
+      bool far = false;
+      const bool one_ref = P::cumsum(st, Lr, tid, kSave ? &far : nullptr);
+      const int64_t slot = x.slot0 + c;
       if (tid < K) {  // the factors, from b (log2 units) at rows 0, C / 2 and C - 1
         const Factors f = x.factors(c);
         const float b0 = st.b[tid], br = st.b[(C / 2) * P::LDB + tid], bg = st.b[(C - 1) * P::LDB + tid];
@@ -142,22 +151,49 @@ struct FusedGmma {
         f.pre[tid] = ex2(one_ref ? br : bg);
         f.post[tid] = ex2(bg - br);
         if (tid == 0) *f.one_ref = one_ref;
+        if (x.save_tok) {
+          float* dec = p.save_decay + (slot * p.H + x.h) * 3 * K + tid;
+          dec[0] = ex2(bg);
+          dec[K] = ex2(bg - b0);
+          dec[2 * K] = ex2(b0);
+          if (tid == 0) p.save_flags[slot * p.H + x.h] = int8_t(far);
+        }
       }
       Tensor sX = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));
       Tensor sD = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffD)), LD{}));
       // every row: y must be zero past the sequence (the stage holds an older chunk)
-      P::operands(st, one_ref, p.scale, tid, [&](int t, int cc, uint4 xv, uint4 yv) {
+      auto sink = [&](int t, int cc, uint4 xv, uint4 yv) {
         *reinterpret_cast<uint4*>(raw_pointer_cast(&sX(t, cc))) = xv;
         *reinterpret_cast<uint4*>(raw_pointer_cast(&sD(cc, t))) = yv;
-      });
+      };
+      if constexpr (kSave) {
+        const int64_t r0 = int64_t(c) * C * HK;
+        P::operands(st, one_ref, p.scale, tid, sink, [&](int t, int cc, uint4 qx, uint4 kd) {
+          if (x.save_tok && t < Lr) {
+            *reinterpret_cast<uint4*>(qxb + r0 + t * HK + cc) = qx;
+            *reinterpret_cast<uint4*>(kdb + r0 + t * HK + cc) = kd;
+          }
+        });
+      } else {
+        P::operands(st, one_ref, p.scale, tid, sink);
+      }
       if (c + 1 < x.nchunks) load(c + 1);  // q, k, b are free
       if (!one_ref) {  // the exact scores (a one_ref chunk's are the consumer's)
         Tensor sA = as_position_independent_swizzle_tensor(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));
-        P::scores_out(st, tid, [&](int t, int s0, uint4 a) { *reinterpret_cast<uint4*>(raw_pointer_cast(&sA(t, s0))) = a; });
+        T* ab = kSave ? kept_scores(p, x, c) : nullptr;
+        P::scores_out(st, tid, [&](int t, int s0, uint4 a) {
+          *reinterpret_cast<uint4*>(raw_pointer_cast(&sA(t, s0))) = a;
+          if (x.save_tok && t < Lr) *reinterpret_cast<uint4*>(ab + int64_t(t) * p.H * C + s0) = a;
+        });
       }
       fence_async_smem();  // the stage is read by wgmma
       Barrier::arrive(&x.full[s]);
     }
+  }
+
+  // Row 0 of chunk c's kept scores (row stride H * C).
+  static __device__ T* kept_scores(const FwdParams& p, const Ctx& x, int c) {
+    return static_cast<T*>(p.save_a) + ((x.bos + int64_t(c) * C) * p.H + x.h) * C;
   }
 
   // Warpgroup 2: the walk down the chunks with the state in registers.
@@ -188,6 +224,10 @@ struct FusedGmma {
     for (int c = 0; c < x.nchunks; ++c) {
       const int s = c & 1, Lr = x.rows_in(c);
       const Factors f = x.factors(c);
+      if constexpr (kSave)  // the state entering this chunk (16-bit stores: the pairs are adjacent rows)
+        store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((x.slot0 + c) * p.H + x.h) * K * p.V +
+                                 x.vt * BV,
+                             p.V, rS, tUc);
       Barrier::wait(&x.full[s], (c >> 1) & 1);
       const bool one_ref = *f.one_ref != 0;
       if (one_ref) {  // A = scale tril(q~ k~^T) into the stage
@@ -209,6 +249,13 @@ struct FusedGmma {
         }
         fence_async_smem();  // A is read by wgmma
         Cons::sync();
+        if (x.save_tok) {  // the rows in the sequence, 16 bytes at a time
+          T* ab = kept_scores(p, x, c);
+          for (int i = wtid; i < Lr * (C / 8); i += NT - NP) {
+            const int t = i / (C / 8), s0 = (i % (C / 8)) * 8;
+            *reinterpret_cast<uint4*>(ab + int64_t(t) * p.H * C + s0) = *reinterpret_cast<const uint4*>(raw_pointer_cast(&sA(t, s0)));
+          }
+        }
       }
       Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, 0)), LX{}));      // x (t, channel)
       Tensor tVrA = thrV.partition_fragment_B(make_tensor(make_smem_ptr(x.stage(c, kOffA)), LA{}));  // A (t, s)
@@ -264,6 +311,8 @@ struct FusedGmma {
     x.last_seg = clip_to_segment(sp, x.seg, x.bos, x.len);
     if (x.last_seg < 0) return;
     x.nchunks = int((x.len + C - 1) / C);
+    x.slot0 = kSave ? p.chunk_off[x.n] + (sp.seg_len > 0 ? int64_t(x.seg) * (sp.seg_len / C) : 0) : 0;
+    x.save_tok = kSave && x.vt == 0;
     if (tid == 0) {
       for (int s = 0; s < 2; ++s) {
         Barrier::init(&x.full[s], NP + 1);    // the producers' arrivals and the TMA's
@@ -282,34 +331,39 @@ struct FusedGmma {
   }
 };
 
-template <class T, class GT>
+template <class T, class GT, bool kSave>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kFusedSm90Threads, 1)
     chunk_fused_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp, const __grid_constant__ CUtensorMap vmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem[];
-  FusedGmma<T, GT>::run(p, sp, vmap, smem);
+  FusedGmma<T, GT, kSave>::run(p, sp, vmap, smem);
 #else
   __trap();  // built for sm_90a only; run_chunk_fused_sm90 is called on sm_90 devices only
 #endif
 }
 
-template <class T, class GT>
+template <class T, class GT, bool kSave>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   const dim3 grid = walk_grid(p, sp, chunk_fwd_cfg::kFusedSm90BV);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
   CUtensorMap vmap{};  // T = 0 still writes the final states: no tensor to map, and no CTA loads
   if (p.T > 0 && !encode_map(&vmap, p.v, int64_t(p.B) * p.T, p.H, p.V)) return cudaErrorInvalidValue;
-  auto* kernel = &chunk_fused_sm90_kernel<T, GT>;
-  constexpr int smem = FusedGmma<T, GT>::kSmem;
+  auto* kernel = &chunk_fused_sm90_kernel<T, GT, kSave>;
+  constexpr int smem = FusedGmma<T, GT, kSave>::kSmem;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, chunk_fwd_cfg::kFusedSm90Threads, smem, stream>>>(p, sp, vmap);
   return cudaGetLastError();
 }
 
+template <class T, class GT>
+cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
+  return p.save_a != nullptr ? launch<T, GT, true>(p, sp, stream) : launch<T, GT, false>(p, sp, stream);
+}
+
 template <class T>
 cudaError_t dispatch_g(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  return p.g_dtype == DType::kFloat32 ? launch<T, float>(p, sp, stream) : launch<T, T>(p, sp, stream);
+  return p.g_dtype == DType::kFloat32 ? dispatch_save<T, float>(p, sp, stream) : dispatch_save<T, T>(p, sp, stream);
 }
 
 }  // namespace chunk_fused_sm90_detail

@@ -64,7 +64,6 @@ struct Kernel {
                        LDA = L.lda(), LDS = L.lds(), TPC = L.tpc(), RPT = C / TPC;
   static constexpr int kSmem = L.bytes();
   using Scores = ChunkScores<T, K, LDQ, LDB, LDA>;
-  static constexpr float kFlagSpan2 = 40.f * kLog2e;
   static_assert(C == 64 && NT == 256, "warp roles assume 8 warps and 64-token chunks");
   static_assert((K == 64 || K == 128) && RPT % 2 == 0, "K in {64, 128}");
   static_assert(BV % 64 == 0, "BV multiple of 64");
@@ -248,8 +247,8 @@ struct Kernel {
       const bool one_ref = Scores::one_ref_ok(sB, bmax, bmin, tid);
       if constexpr (kSave) {  // the Triton backward's exact flag
         bool far;
-        if constexpr (Scores::kSpan2 == kFlagSpan2) far = !one_ref;
-        else far = !Scores::one_ref_ok(sB, bmax, bmin, tid, kFlagSpan2);
+        if constexpr (Scores::kSpan2 == Scores::kFlagSpan2) far = !one_ref;
+        else far = !Scores::one_ref_ok(sB, bmax, bmin, tid, Scores::kFlagSpan2);
         if (save_tok && tid == 0) p.save_flags[(slot0 + c) * p.H + h] = int8_t(far);
       }
 

@@ -38,7 +38,6 @@ struct Prep {
   static_assert(kSmem == chunk_fwd_cfg::prep_smem_bytes(K), "smem layout");
   static_assert(NT % K == 0 && RPT % 2 == 0, "K in {64, 128, 256}");
   using Scores = ChunkScores<T, K, LDQ, LDB, LDA>;
-  static constexpr float kFlagSpan2 = 40.f * kLog2e;
 
   static __device__ void run(const FwdParams& p, unsigned char* smem) {
     T* sQ = reinterpret_cast<T*>(smem);
@@ -104,7 +103,8 @@ struct Prep {
     // per thread and row: a thread keeps channels cc .. cc + 7 (NT a multiple of K / 8)
     const bool one_ref = Scores::one_ref_ok(sB, bmax, bmin, tid);
     if (p.save_flags != nullptr) {
-      const bool far = Scores::kSpan2 == kFlagSpan2 ? !one_ref : !Scores::one_ref_ok(sB, bmax, bmin, tid, kFlagSpan2);
+      const bool far = Scores::kSpan2 == Scores::kFlagSpan2 ? !one_ref
+                                                            : !Scores::one_ref_ok(sB, bmax, bmin, tid, Scores::kFlagSpan2);
       if (tid == 0) p.save_flags[slot * p.H + h] = int8_t(far);
     }
     static_assert(NT % (K / 8) == 0, "fixed channels per thread");

@@ -60,8 +60,9 @@ struct ChunkPrep {
   }
 
   // b over the raw g (which must have landed and be visible), then a barrier. Returns whether the
-  // chunk takes the one-reference scores (a vote: a barrier, after which s.b is complete).
-  static __device__ __forceinline__ bool cumsum(const Tiles& s, int Lr, int tid) {
+  // chunk takes the one-reference scores (a vote: a barrier, after which s.b is complete); with
+  // `far`, also the Triton backward's flag (a second vote where the spans differ: float16).
+  static __device__ __forceinline__ bool cumsum(const Tiles& s, int Lr, int tid, bool* far = nullptr) {
     float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
     {
       const int ch = tid % K, part = tid / K;
@@ -76,8 +77,16 @@ struct ChunkPrep {
       }
     }
     Sync::sync();
-    return Scores::one_ref_ok(s.b, bmax, bmin, tid, Scores::kSpan2, Sync{});
+    const bool one_ref = Scores::one_ref_ok(s.b, bmax, bmin, tid, Scores::kSpan2, Sync{});
+    if (far != nullptr)
+      *far = Scores::kSpan2 == Scores::kFlagSpan2 ? !one_ref
+                                                  : !Scores::one_ref_ok(s.b, bmax, bmin, tid, Scores::kFlagSpan2, Sync{});
+    return one_ref;
   }
+
+  struct NoKeep {
+    __device__ void operator()(int, int, uint4, uint4) const {}
+  };
 
   // The chunk's operands, 8 channels (16 bytes) per thread and row: sink(t, cc, x, y) for
   // channels cc .. cc + 7 of every row t < C (rows past the sequence are zeros in q and k), with
@@ -85,13 +94,26 @@ struct ChunkPrep {
   //   one_ref: x = q~ = q exp2(b - b_r), y = k~ = k exp2(b_r - b)  (the scores are q~ k~^T, left
   //            to the caller, as are the per-channel factors that make qx and kd of them);
   //   exact:   x = qx, y = kd, and the scores into s.a.
+  // keep(t, cc, qx, kd), where given (training), gets qx and kd on both paths (one_ref: from the
+  // same products, qx = scale exp2(b_r - b_0) q~ and kd = exp2(G - b_r) k~ before rounding).
   // Ends with a barrier: s.a complete, s.q, s.k and s.b free.
-  template <class Sink>
-  static __device__ __forceinline__ void operands(const Tiles& s, bool one_ref, float scale, int tid, Sink&& sink) {
+  template <class Sink, class Keep = NoKeep>
+  static __device__ __forceinline__ void operands(const Tiles& s, bool one_ref, float scale, int tid, Sink&& sink,
+                                                  Keep&& keep = {}) {
+    constexpr bool kKeep = !cute::is_same_v<cute::remove_cvref_t<Keep>, NoKeep>;
     const int cc = (tid % (K / 8)) * 8;
     float bref[8], bg[8];  // b_r (one_ref) or b_0 (exact); G = row C - 1 (rows past the end add nothing)
     load8(s.b + (one_ref ? C / 2 : 0) * LDB + cc, bref);
     load8(s.b + (C - 1) * LDB + cc, bg);
+    float fq[8], fk[8];  // kept one_ref operands: qx = q~ fq, kd = k~ fk
+    if (kKeep && one_ref) {
+      load8(s.b + cc, fq);
+      CUTE_UNROLL
+      for (int e = 0; e < 8; ++e) {
+        fq[e] = scale * ex2(bref[e] - fq[e]);
+        fk[e] = ex2(bg[e] - bref[e]);
+      }
+    }
     auto pieces = [&](auto ref) {  // ref: one_ref, as a compile-time constant
       for (int i = tid; i < C * (K / 8); i += NT) {
         const int t = i / (K / 8);
@@ -100,19 +122,28 @@ struct ChunkPrep {
         const T *qe = reinterpret_cast<const T*>(&qa), *ke = reinterpret_cast<const T*>(&ka);
         float b[8];
         load8(s.b + t * LDB + cc, b);
-        uint4 xo, yo;
+        uint4 xo, yo, qxo, kdo;
         T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
         CUTE_UNROLL
         for (int e = 0; e < 8; ++e) {
           if constexpr (decltype(ref)::value) {
-            xe[e] = T(float(qe[e]) * ex2(b[e] - bref[e]));
-            ye[e] = T(float(ke[e]) * ex2(bref[e] - b[e]));
+            const float x = float(qe[e]) * ex2(b[e] - bref[e]), y = float(ke[e]) * ex2(bref[e] - b[e]);
+            xe[e] = T(x);
+            ye[e] = T(y);
+            if constexpr (kKeep) {
+              reinterpret_cast<T*>(&qxo)[e] = T(x * fq[e]);
+              reinterpret_cast<T*>(&kdo)[e] = T(y * fk[e]);
+            }
           } else {
             xe[e] = T(scale * float(qe[e]) * ex2(fminf(b[e] - bref[e], 0.f)));
             ye[e] = T(float(ke[e]) * ex2(bg[e] - b[e]));
           }
         }
         sink(t, cc, xo, yo);
+        if constexpr (kKeep) {
+          if constexpr (decltype(ref)::value) keep(t, cc, qxo, kdo);
+          else keep(t, cc, xo, yo);
+        }
       }
     };
     if (one_ref) pieces(cute::true_type{});

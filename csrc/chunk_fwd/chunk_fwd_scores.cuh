@@ -38,6 +38,8 @@ struct ChunkScores {
   static constexpr int NCH = K / 64;  // 8-channel pieces per lane in the diagonal blocks
   // span of the one-reference path (log2 units): bf16 keeps float32's exponent range
   static constexpr float kSpan2 = (cute::is_same_v<T, cute::half_t> ? 4.f : 40.f) * kLog2e;
+  // the Triton backward's exact-path flag (FwdParams::save_flags): some |b_t - b_r| > 40 nats
+  static constexpr float kFlagSpan2 = 40.f * kLog2e;
 
   using Atom = cute::MMA_Atom<typename MmaAtomFor<T>::type>;
   // 64 x 64 scores: 4 warps along the queries, 2 along the keys
