@@ -122,7 +122,8 @@ struct ChunkPrep {
         const T *qe = reinterpret_cast<const T*>(&qa), *ke = reinterpret_cast<const T*>(&ka);
         float b[8];
         load8(s.b + t * LDB + cc, b);
-        uint4 xo, yo, qxo, kdo;
+        uint4 xo, yo;
+        [[maybe_unused]] uint4 qxo, kdo;  // kept one_ref operands
         T *xe = reinterpret_cast<T*>(&xo), *ye = reinterpret_cast<T*>(&yo);
         CUTE_UNROLL
         for (int e = 0; e < 8; ++e) {
