@@ -17,6 +17,14 @@ def inputs(T, H, K, V, N):
     return q, k, v, g, torch.randn(N, H, K, V, device="cuda")
 
 
+def run(fn, q, k, v, g, h0, cu, backend, backward):
+    """One call of fn with gradients on every input, and its backward if asked."""
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu, backend=backend)
+    if backward:
+        (o.float().sum() + ht.sum()).backward()
+
+
 cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"), inputs(263, 2, 64, 64, 5)),
          (torch.tensor([0, 0, 1, 7, 12], dtype=torch.int32, device="cuda"), inputs(12, 2, 100, 72, 4)),
          # two V tiles: the compiled backward sums them in a thread-block cluster on sm_90
@@ -30,11 +38,8 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
         for form, fn in (("chunk", gla_cuda.chunk_gla), ("recurrent", gla_cuda.fused_recurrent_gla)):
             if dispatch.choose(f"{form}_fwd", q, k, v, g, h0, cu, backend).backend is None:
                 continue
-            leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-            o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu,
-                       backend=backend)
-            if dispatch.choose(f"{form}_bwd", q, k, v, g, h0, cu, backend).backend is not None:
-                (o.float().sum() + ht.sum()).backward()
+            run(fn, q, k, v, g, h0, cu, backend,
+                backward=dispatch.choose(f"{form}_bwd", q, k, v, g, h0, cu, backend).backend is not None)
             if form == "chunk":  # inference keeps no intermediates (sm_90, K = 128: the warp-specialised kernel)
                 with torch.no_grad():
                     fn(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend=backend)
@@ -50,9 +55,7 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
     if backend == "auto":  # the opt-in warp-specialised training forward (sm_90, K = 128)
         os.environ["GLA_CUDA_FUSED_SM90_TRAIN"] = "1"
         for cu, (q, k, v, g, h0) in cases[2:4]:
-            leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-            o, ht = gla_cuda.chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
-            (o.float().sum() + ht.sum()).backward()
+            run(gla_cuda.chunk_gla, q, k, v, g, h0, cu, "auto", backward=True)
             torch.cuda.synchronize()
         del os.environ["GLA_CUDA_FUSED_SM90_TRAIN"]
         print("auto chunk K=128, GLA_CUDA_FUSED_SM90_TRAIN=1: ran")
