@@ -170,68 +170,83 @@ cuda_chunk_fwd_saving(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return {o, ht, kept[0], kept[1], kept[2], kept[3], kept[4], kept[5]};
 }
 
-// The fused chunked backward: a state walk into a float32 workspace, then the reverse kernel.
-// With several V tiles the kernel sums dq, dk, dg over them in a cluster (sm_90+); before sm_90
-// they come back as float32 partial sums per tile, summed here in a fixed order (deterministic).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chunk_bwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-    double scale, const std::optional<at::Tensor>& initial_state,
-    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& dout,
-    const std::optional<at::Tensor>& dht) {
+// The chunked backward's checks and fields for the inputs, do, initial_state and dht.
+std::pair<int, int> bwd_params(BwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& g, double scale, const std::optional<at::Tensor>& initial_state,
+                               const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& dout,
+                               const std::optional<at::Tensor>& dht, const char* op) {
   const auto device = q.device();
-  check_inputs(q, k, v, g, "cuda_chunk_bwd");
-  c10::cuda::CUDAGuard guard(device);
+  check_inputs(q, k, v, g, op);
   check_cuda_contiguous(dout, "do", device);
-  TORCH_CHECK(dout.sizes() == v.sizes() && dout.scalar_type() == v.scalar_type(),
-              "cuda_chunk_bwd: do must be like v");
-
-  BwdParams p{};
-  const auto [sm_major, sm_minor] = chunk_params(p, q, k, v, g, scale, cu_seqlens);
+  TORCH_CHECK(dout.sizes() == v.sizes() && dout.scalar_type() == v.scalar_type(), op, ": do must be like v");
+  const auto sm = chunk_params(p, q, k, v, g, scale, cu_seqlens);
   for (auto [x, name] : {std::pair{&initial_state, "initial_state"}, {&dht, "dht"}}) {
     if (!*x) continue;
     check_cuda_contiguous(**x, name, device);
     TORCH_CHECK((*x)->scalar_type() == at::kFloat, name, " must be float32");
     TORCH_CHECK((*x)->sizes() == at::IntArrayRef({p.N, p.H, p.K, p.V}), name, " must be [N, H, K, V]");
   }
-  if (initial_state) p.h0 = initial_state->data_ptr<float>();
   if (dht) p.dht = dht->data_ptr<float>();
   p.dout = dout.data_ptr();
-  if (const char* why = chunk_bwd_unsupported(p, sm_major, sm_minor))
-    TORCH_CHECK(false, "cuda_chunk_bwd: ", why);
+  return sm;
+}
 
-  auto f32 = q.options().dtype(at::kFloat);
-  const int tiles = chunk_bwd_v_tiles(p);
-  p.partials = chunk_bwd_needs_partials(p, sm_major);
-  at::Tensor dq, dk, dg, parts;
-  if (p.partials) {
-    parts = at::empty({3, tiles, p.B, p.T, p.H, p.K}, f32);  // dq, dk, dg per V tile
-    p.part_stride = int64_t(p.B) * p.T * p.H * p.K;
-    p.dq = parts[0].data_ptr();
-    p.dk = parts[1].data_ptr();
-    p.dg = parts[2].data_ptr();
-  } else {
-    dq = at::empty(q.sizes(), q.options());
-    dk = at::empty(k.sizes(), k.options());
-    dg = at::empty(g.sizes(), g.options());
-    p.dq = dq.data_ptr();
-    p.dk = dk.data_ptr();
-    p.dg = dg.data_ptr();
-  }
+// The chunked backward from a training forward's intermediates (cuda_chunk_fwd_saving's or the
+// Triton forward's, one layout): the dh walk, dv, then dq/dk/dg, every chunk in parallel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chunk_bwd_saved(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    double scale, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& dout,
+    const std::optional<at::Tensor>& dht, const at::Tensor& chunk_off, const at::Tensor& chunk_seq,
+    const at::Tensor& A, const at::Tensor& flags, const at::Tensor& qx, const at::Tensor& kd,
+    const at::Tensor& decays, const at::Tensor& states) {
+  (void)flags;  // dq/dk/dg take the exact form for every chunk
+  const auto device = q.device();
+  c10::cuda::CUDAGuard guard(device);
+  BwdParams p{};
+  const auto [sm_major, sm_minor] = bwd_params(p, q, k, v, g, scale, initial_state, cu_seqlens, dout, dht,
+                                               "cuda_chunk_bwd_saved");
+  const int64_t S = chunk_seq.numel();
+  for (auto [x, name] : {std::pair{&chunk_off, "chunk_off"}, {&chunk_seq, "chunk_seq"}, {&A, "A"}, {&qx, "qx"},
+                         {&kd, "kd"}, {&decays, "decays"}, {&states, "states"}})
+    check_cuda_contiguous(*x, name, device);
+  TORCH_CHECK(chunk_off.scalar_type() == at::kLong && chunk_off.numel() == p.N + 1 &&
+                  chunk_seq.scalar_type() == at::kLong && chunk_seq.dim() == 1,
+              "cuda_chunk_bwd_saved: chunk_off must be int64 [N + 1] and chunk_seq int64 [slots]");
+  TORCH_CHECK(A.scalar_type() == q.scalar_type() && A.sizes() == at::IntArrayRef({int64_t(p.B) * p.T, p.H, 64}),
+              "cuda_chunk_bwd_saved: A must be [B * T, H, 64] in q's dtype");
+  TORCH_CHECK(qx.sizes() == q.sizes() && kd.sizes() == q.sizes() && qx.scalar_type() == q.scalar_type() &&
+                  kd.scalar_type() == q.scalar_type(),
+              "cuda_chunk_bwd_saved: qx and kd must be like q");
+  TORCH_CHECK(decays.scalar_type() == at::kFloat && decays.sizes() == at::IntArrayRef({S, p.H, 3, p.K}),
+              "cuda_chunk_bwd_saved: decays must be float32 [slots, H, 3, K]");
+  TORCH_CHECK(states.scalar_type() == q.scalar_type() && states.sizes() == at::IntArrayRef({S, p.H, p.K, p.V}),
+              "cuda_chunk_bwd_saved: states must be [slots, H, K, V] in q's dtype");
+  p.chunk_off = chunk_off.data_ptr<int64_t>();
+  p.chunk_seq = chunk_seq.data_ptr<int64_t>();
+  p.num_slots = S;
+  p.saved_a = A.data_ptr();
+  p.saved_qx = qx.data_ptr();
+  p.saved_kd = kd.data_ptr();
+  p.saved_decay = decays.data_ptr<float>();
+  p.saved_h = states.data_ptr();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dg = at::empty(g.sizes(), g.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  at::Tensor dh0 = at::empty(initial_state ? at::IntArrayRef({p.N, p.H, p.K, p.V}) : at::IntArrayRef({0}), f32);
-  at::Tensor ws = at::empty({chunk_bwd_workspace_floats(p)}, f32);
-  if (p.partials) poison({&parts, &dv, &dh0, &ws});
-  else poison({&dq, &dk, &dg, &dv, &dh0, &ws});
+  at::Tensor dh0 = at::empty(initial_state ? at::IntArrayRef({p.N, p.H, p.K, p.V}) : at::IntArrayRef({0}),
+                             q.options().dtype(at::kFloat));
+  at::Tensor dh = at::empty({S, p.H, p.K, p.V}, q.options());
+  poison({&dq, &dk, &dg, &dv, &dh0, &dh});
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dg = dg.data_ptr();
   p.dv = dv.data_ptr();
   p.dh0 = initial_state ? dh0.data_ptr<float>() : nullptr;
-  p.ws = ws.data_ptr<float>();
-  check_launch(chunk_bwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_bwd");
-  if (p.partials) {
-    at::Tensor sums = parts.sum(1);  // over V tiles, in a fixed order
-    dq = sums[0].to(q.scalar_type());
-    dk = sums[1].to(k.scalar_type());
-    dg = sums[2].to(g.scalar_type());
-  }
+  p.dh = dh.data_ptr();
+  if (const char* why = chunk_bwd_unsupported(p, sm_major, sm_minor))
+    TORCH_CHECK(false, "cuda_chunk_bwd_saved: ", why);
+  check_launch(chunk_bwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_bwd_saved");
   return {dq, dk, dv, dg, dh0};
 }
 
@@ -353,20 +368,22 @@ std::optional<std::string> unsupported(const std::string& op, int T, int K, int 
                                        const std::string& dtype, const std::string& g_dtype,
                                        int sm_major, int sm_minor) {
   const char* why = nullptr;
+  FwdParams fp{};  // one sequence of one token and one head: only the static checks bite
+  fp.B = fp.N = fp.T = fp.H = 1;
+  fp.K = K; fp.V = V;
+  fp.dtype = dtype_from_name(dtype);
+  fp.g_dtype = dtype_from_name(g_dtype);
   if (op == "chunk_fwd") {
-    FwdParams p{};  // one sequence of one token and one head: only the static checks bite
-    p.B = p.N = p.T = p.H = 1;
-    p.K = K; p.V = V;
-    p.dtype = dtype_from_name(dtype);
-    p.g_dtype = dtype_from_name(g_dtype);
-    why = chunk_fwd_unsupported(p, sm_major, sm_minor);
+    why = chunk_fwd_unsupported(fp, sm_major, sm_minor);
   } else if (op == "chunk_bwd") {
-    BwdParams p{};  // as above: only the static checks bite
+    BwdParams p{};  // as above
     p.B = p.N = p.T = p.H = 1;
     p.K = K; p.V = V;
-    p.dtype = dtype_from_name(dtype);
-    p.g_dtype = dtype_from_name(g_dtype);
+    p.dtype = fp.dtype;
+    p.g_dtype = fp.g_dtype;
+    // without saved intermediates the compiled training forward makes them first
     why = chunk_bwd_unsupported(p, sm_major, sm_minor);
+    if (why == nullptr) why = chunk_fwd_unsupported(fp, sm_major, sm_minor);
   } else if (op == "recurrent_fwd" || op == "recurrent_pool_fwd_" || op == "recurrent_bwd") {
     why = recurrent_unsupported(op == "recurrent_bwd", T, K, V, sm_major);
   } else {
@@ -382,7 +399,7 @@ std::optional<std::string> unsupported(const std::string& op, int T, int K, int 
 TORCH_LIBRARY_IMPL(gla, CUDA, m) {
   m.impl("cuda_chunk_fwd", &gla::cuda_chunk_fwd);
   m.impl("cuda_chunk_fwd_saving", &gla::cuda_chunk_fwd_saving);
-  m.impl("cuda_chunk_bwd", &gla::cuda_chunk_bwd);
+  m.impl("cuda_chunk_bwd_saved", &gla::cuda_chunk_bwd_saved);
   m.impl("cuda_recurrent_fwd", &gla::cuda_recurrent_fwd);
   m.impl("cuda_recurrent_bwd", &gla::cuda_recurrent_bwd);
   m.impl("cuda_recurrent_pool_fwd_", &gla::cuda_recurrent_pool_fwd_);

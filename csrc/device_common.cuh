@@ -57,6 +57,19 @@ __device__ __forceinline__ void load_tile(E* s, int sstride, const E* g, int64_t
   }
 }
 
+// Copies `rows` rows of `width` 16-bit elements from shared (row stride `sstride`) to global
+// (row stride `gstride`) in 16-byte pieces, rows at or past `valid_rows` left alone.
+template <int kThreads, int kRows, int kWidth, class E>
+__device__ __forceinline__ void store_tile(E* g, int64_t gstride, const E* s, int sstride, int valid_rows, int tid) {
+  constexpr int P = 16 / int(sizeof(E));
+  constexpr int PR = kWidth / P;
+  for (int i = tid; i < kRows * PR; i += kThreads) {
+    const int r = i / PR, cc = (i % PR) * P;
+    if (r < valid_rows)
+      *reinterpret_cast<uint4*>(g + int64_t(r) * gstride + cc) = *reinterpret_cast<const uint4*>(s + r * sstride + cc);
+  }
+}
+
 // Barriers over the whole CTA (CtaSync) or over a group of its warps (GroupSync: named barrier
 // kId, which must not be 0, __syncthreads' own, and kThreads threads): sync(), and any(pred), a
 // barrier that returns whether pred held in any thread of the group.
@@ -123,6 +136,19 @@ __device__ __forceinline__ void sequence_bounds(const Params& p, int n, int64_t&
     bos = int64_t(n) * p.T;
     eos = bos + p.T;
   }
+}
+
+// Chunk slot `slot` of the Triton layout (BwdParams::chunk_off / chunk_seq): its sequence n,
+// first token t0 and number of tokens (0 for a surplus slot of a varlen batch).
+template <class Params>
+__device__ __forceinline__ int slot_rows(const Params& p, int64_t slot, int chunk, int& n, int64_t& t0) {
+  const int64_t seq = p.chunk_seq[slot];
+  n = int(seq < p.N ? seq : 0);
+  int64_t bos, eos;
+  sequence_bounds(p, n, bos, eos);
+  t0 = bos + (slot - p.chunk_off[n]) * chunk;
+  const int64_t rows = eos - t0;
+  return seq < p.N ? int(rows < chunk ? (rows > 0 ? rows : 0) : chunk) : 0;
 }
 
 }  // namespace gla

@@ -72,18 +72,16 @@ struct RecurrentParams {
   DType g_dtype;              // kFloat32 or dtype
 };
 
-// The fused chunked backward (csrc/chunk_bwd/). Shapes as in FwdParams. dq, dk, dg are written
-// in their own dtypes (q's, q's, g's), the V tiles' parts summed in a fixed order inside a
-// thread-block cluster (sm_90+); with `partials` (several V tiles before sm_90) they are
-// float32 partial sums per tile instead ([V / 64, B * T * H, K], part_stride = B * T * H * K
-// elements apart) that the caller sums in a fixed order. dv in v's dtype, dh0 float32 [N, H, K, V].
+// The chunked backward (csrc/chunk_bwd/), from a training forward's intermediates (FwdParams'
+// save_*, in the Triton layout: slot chunk_off[n] + c is chunk c of sequence n, chunk_seq[slot]
+// its sequence, N or more for the surplus slots of a varlen batch). Shapes as in FwdParams.
+// dq, dk, dg are written in their own dtypes (q's, q's, g's), dv in v's, dh0 float32 [N, H, K, V].
 struct BwdParams {
   const void* q;
   const void* k;
   const void* v;
   const void* g;
   const void* dout;           // do, like v
-  const float* h0;            // initial state or nullptr
   const float* dht;           // gradient on the final state or nullptr
   const int32_t* cu_seqlens;  // or nullptr
   void* dq;
@@ -91,15 +89,21 @@ struct BwdParams {
   void* dg;
   void* dv;
   float* dh0;                 // or nullptr
-  bool partials;              // dq, dk, dg float32 partials per V tile
-  int cluster;                // set by chunk_bwd(): V tiles summed in a cluster of this size (or 0)
-  int64_t part_stride;
-  float* ws;                  // states entering every chunk: [n_slots, H, K, V] float32
   int B, T, H, K, V, N;
   float scale;
   DType dtype;                // of q, k, v, do, dv
   DType g_dtype;              // kFloat32 or dtype
   int num_sms;
+  const int64_t* chunk_off;   // [N + 1]
+  const int64_t* chunk_seq;   // [num_slots]
+  int64_t num_slots;
+  const void* saved_a;        // [B * T, H, 64]: scale * tril(intra-chunk scores)
+  const void* saved_qx;       // like q: scale q exp(b - b_0)
+  const void* saved_kd;       // like k: k exp(Gamma - b)
+  const float* saved_decay;   // [slots, H, 3, K]: exp(Gamma), exp(Gamma - b_0), exp(b_0)
+  const void* saved_h;        // [slots, H, K, V] input dtype: the state entering every chunk
+  void* dh;                   // [slots, H, K, V] input dtype, workspace: the gradient with
+                              // respect to every chunk's final state (the dh walk's output)
 };
 
 }  // namespace gla

@@ -97,9 +97,10 @@ def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
     return getattr(backend_module(choice.backend), op)(q, k, v, g, *args)
 
 
-# The backend whose chunked backward can take the forward's intermediates, and the backends
-# whose forward can keep them for it (in its layout; gla::chunk_fwd_train).
-SAVED_BACKWARD = "triton"
+# The backends whose chunked backward can take the forward's intermediates, and those whose
+# forward can keep them (gla::chunk_fwd_train); one layout for all: the Triton backend's
+# (backends/triton/chunk.py, saved_like).
+SAVED_BACKWARDS = ("cuda", "triton")
 SAVING_FORWARDS = ("cuda", "triton")
 
 
@@ -109,7 +110,7 @@ def saving_backend(q, k, v, g, initial_state=None, cu_seqlens=None, backend=None
     else None (the forward keeps nothing, the backward recomputes). From shapes, dtypes
     and devices only, so that the fake kernel (torch.compile) and the real one agree."""
     bwd = choose("chunk_bwd", q, k, v, g, initial_state, cu_seqlens, backend, full=False).backend
-    if bwd != SAVED_BACKWARD:
+    if bwd not in SAVED_BACKWARDS:
         return None
     fwd = choose("chunk_fwd", q, k, v, g, initial_state, cu_seqlens, backend, full=False).backend
     return fwd if fwd in SAVING_FORWARDS else None

@@ -10,10 +10,10 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
         -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)
     gla::chunk_fwd_train(<chunk_fwd's arguments>) -> (Tensor o, Tensor final_state, Tensor A,
                    Tensor flags, Tensor qx, Tensor kd, Tensor decays, Tensor states)
-    gla::chunk_bwd_saved(<chunk_bwd's arguments but backend>, Tensor A, Tensor flags,
-                   Tensor qx, Tensor kd, Tensor decays, Tensor states) -> <chunk_bwd's outputs>
-        training (chunk_gla with gradients): where the backward that runs is the Triton one
-        and the forward that runs (compiled or Triton) can keep its intermediates
+    gla::chunk_bwd_saved(<chunk_bwd's arguments>, Tensor A, Tensor flags, Tensor qx,
+                   Tensor kd, Tensor decays, Tensor states) -> <chunk_bwd's outputs>
+        training (chunk_gla with gradients): where the backward that runs (compiled or
+        Triton) can take the forward's intermediates and the forward that runs can keep them
         (dispatch.saving_backend), the forward keeps them (the scores, the exact flags, the
         gated operands, the per-chunk decays and states, in the Triton layout:
         backends/triton/chunk.py, saved_like) instead of the backward recomputing them;
@@ -29,11 +29,13 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
         RMSNorm (its own section at the end of this file).
 
 Private kernel ops, implemented by the compiled extension (gla_cuda._C) for CUDA: the
-public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd, cuda_chunk_bwd,
+public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd,
 cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_); and
 cuda_chunk_fwd_saving(<cuda_chunk_fwd's arguments>, Tensor chunk_off, int num_slots), the
 training forward keeping chunk_fwd_train's intermediates (chunk_off: the Triton layout's
-first slot of every sequence, [N + 1] int64).
+first slot of every sequence, [N + 1] int64), and cuda_chunk_bwd_saved(<chunk_bwd's arguments
+but backend>, Tensor chunk_off, Tensor chunk_seq, <the intermediates>), the backward taking
+them (chunk_seq: every slot's sequence, [slots] int64).
 
 Outputs that were not asked for (final_state without output_final_state, dh0 without
 initial_state) are empty tensors of shape [0]. Autograd is registered on the forward
@@ -61,14 +63,14 @@ SCHEMAS = {
     "chunk_fwd": f"({_FWD_ARGS}, str backend) -> {_FWD_OUT}",
     "chunk_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
     "chunk_fwd_train": f"({_FWD_ARGS}, str backend) -> (Tensor o, Tensor final_state, {_SAVED})",
-    "chunk_bwd_saved": f"({_BWD_ARGS}, {_SAVED}) -> {_BWD_OUT}",
+    "chunk_bwd_saved": f"({_BWD_ARGS}, str backend, {_SAVED}) -> {_BWD_OUT}",
     "recurrent_fwd": f"({_FWD_ARGS}, str backend) -> {_FWD_OUT}",
     "recurrent_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
     "recurrent_pool_fwd_": f"({_POOL_ARGS}, str backend) -> Tensor",
     "cuda_chunk_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
     "cuda_chunk_fwd_saving": (f"({_FWD_ARGS}, Tensor chunk_off, int num_slots) "
                               f"-> (Tensor o, Tensor final_state, {_SAVED})"),
-    "cuda_chunk_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
+    "cuda_chunk_bwd_saved": f"({_BWD_ARGS}, Tensor chunk_off, Tensor chunk_seq, {_SAVED}) -> {_BWD_OUT}",
     "cuda_recurrent_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
     "cuda_recurrent_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
     "cuda_recurrent_pool_fwd_": f"({_POOL_ARGS}) -> Tensor",
@@ -116,11 +118,11 @@ def _pool_fake(q, k, v, g, scale, state_pool, state_index, state_v_first, backen
 
 
 def _saved_like(kept, q, k, v, g, cu_seqlens):
-    """chunk_fwd_train's intermediates as empty tensors: in the layout of the backward that
-    takes them (its saved_like) where they are kept, else six [0] placeholders."""
+    """chunk_fwd_train's intermediates as empty tensors: in their layout (the Triton
+    backend's saved_like) where they are kept, else six [0] placeholders."""
     if not kept:
         return tuple(q.new_empty(0) for _ in range(6))
-    return dispatch.backend_module(dispatch.SAVED_BACKWARD).saved_like(q, k, v, g, cu_seqlens)
+    return dispatch.backend_module("triton").saved_like(q, k, v, g, cu_seqlens)
 
 
 @torch.library.register_fake("gla::chunk_fwd_train")
@@ -138,13 +140,19 @@ def _cuda_fwd_saving_fake(q, k, v, g, scale, initial_state, output_final_state, 
 
 
 @torch.library.register_fake("gla::chunk_bwd_saved")
-def _bwd_saved_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, *saved):
+def _bwd_saved_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, backend, *saved):
+    return _bwd_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
+
+
+@torch.library.register_fake("gla::cuda_chunk_bwd_saved")
+def _cuda_bwd_saved_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, chunk_off, chunk_seq,
+                         *saved):
     return _bwd_fake(q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
 
 
 for _name in ("chunk_fwd", "recurrent_fwd", "cuda_chunk_fwd", "cuda_recurrent_fwd"):
     torch.library.register_fake(f"gla::{_name}")(_fwd_fake)
-for _name in ("chunk_bwd", "recurrent_bwd", "cuda_chunk_bwd", "cuda_recurrent_bwd"):
+for _name in ("chunk_bwd", "recurrent_bwd", "cuda_recurrent_bwd"):
     torch.library.register_fake(f"gla::{_name}")(_bwd_fake)
 for _name in ("recurrent_pool_fwd_", "cuda_recurrent_pool_fwd_"):
     torch.library.register_fake(f"gla::{_name}")(_pool_fake)
@@ -183,8 +191,13 @@ def _fwd_train_impl(q, k, v, g, scale, initial_state, output_final_state, cu_seq
 
 
 @torch.library.impl("gla::chunk_bwd_saved", ("cpu", "cuda"))
-def _bwd_saved_impl(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, *saved):
-    dq, dk, dv, dg, dh0 = dispatch.backend_module(dispatch.SAVED_BACKWARD).chunk_bwd(
+def _bwd_saved_impl(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, backend, *saved):
+    # the backend chunk_fwd_train kept them for (dispatch.saving_backend: the same choice)
+    bwd = dispatch.choose("chunk_bwd", q, k, v, g, initial_state, cu_seqlens, backend, full=False).backend
+    if bwd not in dispatch.SAVED_BACKWARDS:
+        raise RuntimeError(f"gla_cuda: chunk_bwd_saved: the backward chosen ({bwd}) cannot take saved "
+                           "intermediates")
+    dq, dk, dv, dg, dh0 = dispatch.backend_module(bwd).chunk_bwd(
         q, k, v, g, scale, initial_state, cu_seqlens, do, dht, saved=saved)
     return dq, dk, dv, dg, _state_or_empty(dh0 if initial_state is not None else None, q)
 
@@ -220,7 +233,7 @@ def _backward(bwd_op):
         args = (q, k, v, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
                 None if dht is None else dht.contiguous())
         if saved and saved[0].dim() > 1:  # not the [0] placeholders: intermediates were kept
-            dq, dk, dv, dg, dh0 = torch.ops.gla.chunk_bwd_saved(*args, *saved)
+            dq, dk, dv, dg, dh0 = torch.ops.gla.chunk_bwd_saved(*args, ctx.backend, *saved)
         else:
             dq, dk, dv, dg, dh0 = bwd_op(*args, ctx.backend)
         return dq, dk, dv, dg, None, dh0 if initial_state is not None else None, None, None, None

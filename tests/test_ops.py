@@ -51,7 +51,7 @@ def test_opcheck_training_ops(device, backend, varlen):
     saved = torch.ops.gla.chunk_fwd_train(*detached)[2:]
     assert all(x.dim() > 1 for x in saved) if backend == "triton" else all(x.numel() == 0 for x in saved)
     if backend == "triton":
-        bwd_args = (q, k, v, g, scale, h0, cu, torch.randn_like(v), torch.randn_like(h0)) + tuple(saved)
+        bwd_args = (q, k, v, g, scale, h0, cu, torch.randn_like(v), torch.randn_like(h0), backend) + tuple(saved)
         torch.library.opcheck(torch.ops.gla.chunk_bwd_saved, bwd_args)
 
 
@@ -142,6 +142,12 @@ def test_opcheck_cuda_kernel_op(op, varlen):
     args = (q, k, v, g, scale, h0, final, cu)
     if op.endswith("bwd"):
         args = (q, k, v, g, scale, h0, cu, torch.randn_like(v), torch.randn_like(h0))
+    if op == "chunk_bwd":  # the compiled chunked backward takes the training forward's intermediates
+        from gla_cuda.backends import cuda as cuda_backend
+        meta = cuda_backend._meta(q, cu)
+        saved = cuda_backend.chunk_fwd_saving(q, k, v, g, scale, h0, False, cu)[2]
+        args += (meta.chunk_off, meta.chunk_seq) + saved
+        op = "chunk_bwd_saved"
     torch.library.opcheck(getattr(torch.ops.gla, f"cuda_{op}"), args)
 
 

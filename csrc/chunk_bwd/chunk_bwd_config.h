@@ -1,5 +1,5 @@
-// Tile configuration of the fused chunked backward, shared by the kernels, the launch
-// template and the host-side dispatch. Plain C++ (no CuTe) so the dispatch file compiles fast.
+// Tile configuration of the chunked backward, shared by the kernels, the launch templates and
+// the host-side dispatch. Plain C++ (no CuTe) so the dispatch file compiles fast.
 #pragma once
 
 #include <cstdint>
@@ -12,73 +12,65 @@ namespace gla {
 namespace chunk_bwd_cfg {
 
 constexpr int kChunk = 64;     // tokens per chunk (C)
-constexpr int kThreads = 256;  // 8 warps per CTA
-constexpr int kBV = 64;        // V-tile width of both kernels (the K x BV float32 state in registers)
+constexpr int kThreads = 256;  // dq/dk/dg: 8 warps per (slot, head, 64 channels of K)
 
-// Workspace slot of chunk c of sequence n (first token bos): n + bos / C + c. Slots of different
-// (sequence, chunk) pairs never collide and stay below n_slots(N, total tokens), so the
-// workspace is sized from shapes alone (no host synchronisation for cu_seqlens).
-__host__ __device__ constexpr int64_t slot(int64_t n, int64_t bos, int c) { return n + bos / kChunk + c; }
-constexpr int64_t n_slots(int64_t N, int64_t total_tokens) { return N + total_tokens / kChunk; }
+// The kernels: the dh walk, dv, and dq/dk/dg (chunk_bwd_dh.cuh, chunk_bwd_dv.cuh,
+// chunk_bwd_dqkg.cuh). Rows of 64 16-bit elements are padded to 72 (ldmatrix and fragment
+// accesses free of bank conflicts).
+constexpr int kWalkThreads = 128;  // the dh walk: 4 warps per (sequence, head, 64 x 64 tile)
+constexpr int kDvThreads = 128;    // dv: 4 warps per (slot, head, 64 columns of V)
 
-// Shared memory of the state walk (chunk_bwd_states.cuh): the state entering every chunk.
-struct StatesSmem {
-  int K;
-  constexpr int ldq() const { return K + 8; }        // k: [C][K+8] (input dtype)
-  constexpr int ldb() const { return K + 8; }        // b (float) [C][K+8]; raw g staged here
-  constexpr int ldv() const { return kBV + 8; }      // v: [C][BV+8]
-  constexpr int ldkt() const { return kChunk + 8; }  // (k exp(G - b))^T: [K][C+8]
-  constexpr int tpc() const { return kThreads / K; } // threads per channel in the cumsum
-  constexpr int off_k() const { return 0; }
-  constexpr int off_b() const { return off_k() + kChunk * ldq() * 2; }
-  constexpr int off_v() const { return off_b() + kChunk * ldb() * 4; }
-  constexpr int off_kt() const { return off_v() + kChunk * ldv() * 2; }
-  constexpr int off_gam() const { return off_kt() + K * ldkt() * 2; }
-  constexpr int off_tot() const { return off_gam() + K * 4; }
-  constexpr int bytes() const { return off_tot() + tpc() * K * 4; }
+struct WalkSmem {
+  constexpr int ld() const { return 64 + 8; }
+  constexpr int off_do() const { return kChunk * ld() * 2; }        // within a stage: qx, do
+  constexpr int off_e() const { return off_do() + kChunk * ld() * 2; }  // [2][64] float decays
+  constexpr int stage_bytes() const { return off_e() + 2 * 64 * 4; }
+  constexpr int off_out() const { return 2 * stage_bytes(); }        // dS tile [64][ld]
+  constexpr int bytes() const { return off_out() + 64 * ld() * 2; }
 };
 
-// Shared memory of the reverse kernel (chunk_bwd_kernel.cuh). Rows are padded by 16 bytes
-// (32 for float rows) so ldmatrix and the fragment accesses are free of bank conflicts.
-struct Smem {
+struct DvSmem {
   int K;
-  static constexpr int C = kChunk, BV = kBV;
-  constexpr int ldq() const { return K + 8; }     // q, k, kg = k exp(G - b): [C][K+8]
-  constexpr int ldb() const { return K + 8; }     // b = log2(e) cumsum(g): [C][K+8] float
-  constexpr int ldv() const { return BV + 8; }    // v, do: [C][BV+8]
-  constexpr int ldh() const { return BV + 8; }    // h, dh (input dtype): [K][BV+8]
-  constexpr int lda() const { return C + 8; }     // A, dA (input dtype): [C][C+8]
-  constexpr int ldqt() const { return C + 8; }    // (scale q exp(b))^T: [K][C+8]
-  constexpr int ldf() const { return 64 + 8; }    // float [C][64+8] buffers, one 64-channel half
-  constexpr int tpc() const { return kThreads / K; }
-  constexpr int kg_bytes() const { return C * ldq() * 2 > K * ldqt() * 2 ? C * ldq() * 2 : K * ldqt() * 2; }
+  constexpr int ldk() const { return K + 8; }  // kd [C][K + 8]
+  constexpr int ld() const { return 64 + 8; }   // dh [K][72], A, do (then dv) [C][72]
+  constexpr int off_kd() const { return 0; }
+  constexpr int off_dh() const { return off_kd() + kChunk * ldk() * 2; }
+  constexpr int off_a() const { return off_dh() + K * ld() * 2; }
+  constexpr int off_do() const { return off_a() + kChunk * ld() * 2; }
+  constexpr int bytes() const { return off_do() + kChunk * ld() * 2; }
+};
+
+// dq/dk/dg: two CTAs per SM (<= 113 KB each).
+struct DqkgSmem {
+  constexpr int ld() const { return 64 + 8; }   // q, k [C][72]; stage do, v [C][72], h, dh [64][72]; dA
+  constexpr int ldb() const { return 64 + 8; }  // b (float) [C][72]
+  constexpr int ldf() const { return 64 + 8; }  // float [C][72] buffers: two over the stage, one more
   constexpr int off_q() const { return 0; }
-  constexpr int off_k() const { return off_q() + C * ldq() * 2; }
-  constexpr int off_b() const { return off_k() + C * ldq() * 2; }
-  constexpr int off_v() const { return off_b() + C * ldb() * 4; }
-  constexpr int off_do() const { return off_v() + C * ldv() * 2; }
-  constexpr int off_h() const { return off_do() + C * ldv() * 2; }
-  constexpr int off_dh() const { return off_h() + K * ldh() * 2; }
-  constexpr int off_a() const { return off_dh() + K * ldh() * 2; }
-  constexpr int off_da() const { return off_a() + C * lda() * 2; }
-  constexpr int off_dad() const { return off_da() + C * lda() * 2; }   // float [4][16][16]
-  constexpr int off_kg() const { return off_dad() + 4 * 16 * 16 * 4; } // kg, later qg^T
-  constexpr int off_f() const { return off_kg() + kg_bytes(); }        // 3 float [C][ldf]
-  constexpr int off_gam() const { return off_f() + 3 * C * ldf() * 4; } // exp(G) [K]
-  constexpr int off_dgh() const { return off_gam() + K * 4; }           // [2][K] float
-  constexpr int off_tot() const { return off_dgh() + 2 * K * 4; }       // [tpc][K] (cumsum)
-  constexpr int off_scan() const { return off_tot() + tpc() * K * 4; }  // [2][4][64] float
+  constexpr int off_k() const { return off_q() + kChunk * ld() * 2; }
+  constexpr int off_b() const { return off_k() + kChunk * ld() * 2; }
+  constexpr int off_stage() const { return off_b() + kChunk * ldb() * 4; }
+  constexpr int off_f2() const { return off_stage() + 4 * kChunk * ld() * 2; }
+  constexpr int off_da() const { return off_f2() + kChunk * ldf() * 4; }
+  constexpr int off_dad() const { return off_da() + kChunk * ld() * 2; }  // float [4][16][16]
+  constexpr int off_gam() const { return off_dad() + 4 * 16 * 16 * 4; }   // exp(G) [64]
+  constexpr int off_dgh() const { return off_gam() + 64 * 4; }            // [64] float
+  constexpr int off_tot() const { return off_dgh() + 64 * 4; }            // [4][64] (cumsum)
+  constexpr int off_scan() const { return off_tot() + 4 * 64 * 4; }       // [2][4][64] float
   constexpr int bytes() const { return off_scan() + 2 * 4 * 64 * 4; }
 };
-
-constexpr int states_smem_bytes(int K) { return StatesSmem{K}.bytes(); }
-constexpr int smem_bytes(int K) { return Smem{K}.bytes(); }
+static_assert(2 * kChunk * DqkgSmem{}.ldf() * 4 <= 4 * kChunk * DqkgSmem{}.ld() * 2,
+              "two float buffers must fit over the stage");
+static_assert(DqkgSmem{}.bytes() <= 113 * 1024, "dq/dk/dg: two CTAs per SM");
 
 }  // namespace chunk_bwd_cfg
 
-// One instantiation per (input dtype, gate dtype, K): the state walk then the reverse kernel.
-// Defined in chunk_bwd_launch.cuh, instantiated in chunk_bwd_<dtype>_k<K>.cu.
-template <class T, class GT, int K>
-cudaError_t run_chunk_bwd(const BwdParams& p, cudaStream_t stream);
+// The three launches: the dh walk, dv (K in {64, 128, 256}) and dq/dk/dg. Defined in
+// chunk_bwd_launch.cuh, instantiated in chunk_bwd_bf16*.cu.
+template <class T>
+cudaError_t run_chunk_bwd_dh(const BwdParams& p, cudaStream_t stream);
+template <class T, int K>
+cudaError_t run_chunk_bwd_dv(const BwdParams& p, cudaStream_t stream);
+template <class T, class GT>
+cudaError_t run_chunk_bwd_dqkg(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace gla

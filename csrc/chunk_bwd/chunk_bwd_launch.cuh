@@ -1,51 +1,45 @@
-// Launch template of the chunked backward: the state walk, then the reverse kernel.
+// Launch templates of the chunked backward: the dh walk, dv, dq/dk/dg.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "chunk_bwd_config.h"
-#include "chunk_bwd_kernel.cuh"
-#include "chunk_bwd_states.cuh"
+#include "chunk_bwd_dh.cuh"
+#include "chunk_bwd_dqkg.cuh"
+#include "chunk_bwd_dv.cuh"
 
 namespace gla {
 
-template <class T, class GT, int K>
-cudaError_t run_chunk_bwd(const BwdParams& p, cudaStream_t stream) {
-  using Kern = chunk_bwd_detail::Kernel<T, GT, K>;
-  using States = chunk_bwd_detail::States<T, GT, K>;
-  static_assert(Kern::kSmem == chunk_bwd_cfg::smem_bytes(K), "smem layout mismatch");
-  static_assert(States::kSmem == chunk_bwd_cfg::states_smem_bytes(K), "smem layout mismatch");
-  // One CTA per (sequence, head) in x, per V tile in y.
-  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.V / chunk_bwd_cfg::kBV));
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  auto states = &chunk_bwd_detail::chunk_bwd_states_kernel<T, GT, K>;
-  auto kernel = &chunk_bwd_detail::chunk_bwd_kernel<T, GT, K>;
-  cudaError_t err = cudaFuncSetAttribute(states, cudaFuncAttributeMaxDynamicSharedMemorySize, States::kSmem);
+namespace chunk_bwd_detail {
+template <class Kernel>
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem, const BwdParams& p, cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kern::kSmem);
-  if (err != cudaSuccess) return err;
-  states<<<grid, chunk_bwd_cfg::kThreads, States::kSmem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if (p.cluster > 1) {  // the V tiles of one (sequence, head) sum dq, dk, dg in a cluster
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(chunk_bwd_cfg::kThreads);
-    cfg.dynamicSmemBytes = Kern::kSmem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = unsigned(p.cluster);
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    err = cudaLaunchKernelEx(&cfg, kernel, p);
-    if (err != cudaSuccess) return err;
-    return cudaGetLastError();
-  }
-  kernel<<<grid, chunk_bwd_cfg::kThreads, Kern::kSmem, stream>>>(p);
+  kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+}  // namespace chunk_bwd_detail
+
+template <class T>
+cudaError_t run_chunk_bwd_dh(const BwdParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.N) * unsigned(p.H), unsigned(p.K / 64), unsigned(p.V / 64));
+  return chunk_bwd_detail::launch(&chunk_bwd_detail::chunk_bwd_dh_kernel<T>, grid, chunk_bwd_cfg::kWalkThreads,
+                                  chunk_bwd_cfg::WalkSmem{}.bytes(), p, stream);
+}
+
+template <class T, int K>
+cudaError_t run_chunk_bwd_dv(const BwdParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.num_slots), unsigned(p.H), unsigned(p.V / 64));
+  return chunk_bwd_detail::launch(&chunk_bwd_detail::chunk_bwd_dv_kernel<T, K>, grid, chunk_bwd_cfg::kDvThreads,
+                                  chunk_bwd_cfg::DvSmem{K}.bytes(), p, stream);
+}
+
+template <class T, class GT>
+cudaError_t run_chunk_bwd_dqkg(const BwdParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.num_slots), unsigned(p.H), unsigned(p.K / 64));
+  return chunk_bwd_detail::launch(&chunk_bwd_detail::chunk_bwd_dqkg_kernel<T, GT>, grid, chunk_bwd_cfg::kThreads,
+                                  chunk_bwd_cfg::DqkgSmem{}.bytes(), p, stream);
 }
 
 }  // namespace gla

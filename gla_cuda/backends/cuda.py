@@ -62,38 +62,12 @@ def _device_index(device):
 # sequence (0.196 vs 0.197 ms at B 64, H 16), 1.16x slower at 2048 (4.83 vs 4.17 ms at B 8).
 RECURRENT_FWD_AUTO_MAX_T = 16
 
-# The chunked backward runs one CTA per (sequence, head, V tile of 64) down the whole sequence,
-# one CTA per SM, with no segment splitting yet: with few CTAs the GPU idles. Measured on the
-# H100 (bf16, K = V = 128, 16K tokens): 128 CTAs 2.96 ms vs Triton 3.35; 64 CTAs 4.53 vs 3.19.
-CHUNK_BWD_AUTO_MIN_CTAS_PER_SM = 0.75
-# Largest head dim K at which auto takes the compiled chunked backward (H100, bf16, side by
-# side): above it the Triton one is faster, 1.763 vs 2.563 ms at (8, 2048, 16, 128, 128); at
-# K = 64 the compiled one is 1.6x faster (2.037 vs 3.254 ms at (32, 2048, 16, 64, 64)). The
-# compiled forward is taken at every K it covers: at K = 256 its two-stage form is the faster
-# one, 0.224 vs 0.446 ms (Triton) at (8, 2048, 4, 256, 512) (gla-bench, 2026-11-23).
-CHUNK_BWD_AUTO_MAX_K = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
 
 def auto_skip_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
     sequences = q.shape[0] if cu_seqlens is None else max(cu_seqlens.shape[0] - 1, 1)
     if op == "recurrent_fwd" and q.shape[0] * q.shape[1] > RECURRENT_FWD_AUTO_MAX_T * sequences:
         return (f"sequences average more than {RECURRENT_FWD_AUTO_MAX_T} tokens: the Triton "
                 "recurrent kernel is as fast or faster there (forcing cuda runs it)")
-    if op == "chunk_bwd":
-        K = q.shape[-1]
-        if K > CHUNK_BWD_AUTO_MAX_K:
-            return (f"K={K}: the Triton chunked backward is faster above K={CHUNK_BWD_AUTO_MAX_K} "
-                    "(forcing cuda runs it)")
-        ctas = sequences * q.shape[2] * -(-v.shape[-1] // 64)
-        sms = _num_sms(_device_index(q.device))
-        if ctas < CHUNK_BWD_AUTO_MIN_CTAS_PER_SM * sms:
-            return (f"{ctas} (sequence, head, V tile) CTAs for {sms} SMs: the compiled backward does not "
-                    "split long sequences yet, the Triton one is faster here (forcing cuda runs it)")
     return None
 
 
@@ -112,19 +86,30 @@ chunk_fwd = _fwd(torch.ops.gla.cuda_chunk_fwd)
 recurrent_fwd = _fwd(torch.ops.gla.cuda_recurrent_fwd)
 
 
-def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    """The forward, keeping the Triton backward's intermediates (training; in its layout:
-    the slot bookkeeping comes from there)."""
+def _meta(q, cu_seqlens):
+    """The chunk slots of the saved intermediates' layout (the Triton backend's bookkeeping)."""
     from gla_cuda.backends.triton import chunk as triton_chunk
-    meta = triton_chunk._Meta(q, cu_seqlens)
+    return triton_chunk._Meta(q, cu_seqlens)
+
+
+def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """The forward, keeping the backward's intermediates (training; the Triton layout)."""
+    meta = _meta(q, cu_seqlens)
     o, ht, *saved = torch.ops.gla.cuda_chunk_fwd_saving(
         q, k, v, g, scale, initial_state, output_final_state, _int32(cu_seqlens), meta.chunk_off, meta.NC)
     return o, (ht if output_final_state else None), tuple(saved)
 
 
-def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
-    dq, dk, dv, dg, dh0 = torch.ops.gla.cuda_chunk_bwd(q, k, v, g, scale, initial_state,
-                                                       _int32(cu_seqlens), do, dht)
+def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, saved=None):
+    """The backward from the training forward's intermediates (saved); a backward called on
+    its own runs the compiled training forward for them first."""
+    meta = _meta(q, cu_seqlens)
+    cu = _int32(cu_seqlens)
+    if saved is None:
+        _, _, *saved = torch.ops.gla.cuda_chunk_fwd_saving(q, k, v, g, scale, initial_state, False, cu,
+                                                           meta.chunk_off, meta.NC)
+    dq, dk, dv, dg, dh0 = torch.ops.gla.cuda_chunk_bwd_saved(q, k, v, g, scale, initial_state, cu, do, dht,
+                                                             meta.chunk_off, meta.chunk_seq, *saved)
     return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
 
 

@@ -1,0 +1,118 @@
+// The backward's state-gradient walk, from the training forward's intermediates.
+//
+// One CTA (4 warps) per (sequence, head, 64-channel tile of K, 64-column tile of V) walks the
+// chunks last to first with dS, the gradient with respect to the state at the end of the
+// current chunk (64 x 64 float32, MMA accumulators), seeded with the final-state gradient.
+// Per chunk: dS goes to the workspace dh[slot] (input dtype: the dq/dk/dg and dv kernels read
+// it), then
+//   dS = (dS exp(Gamma - b_0) + qx^T do) exp(b_0),   qx = scale q exp(b - b_0)   (saved)
+// exp(b_0) is applied in float32 after the product, so no factor below the input dtype's range
+// is rounded to it. After the first chunk dS is d(initial state). The next chunk's qx, do and
+// decays come in by cp.async (two stages) while this one's product runs.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "cute_gemm.cuh"
+#include "device_common.cuh"
+#include "chunk_bwd_config.h"
+
+namespace gla {
+namespace chunk_bwd_detail {
+
+using namespace cute;
+
+template <class T>
+struct DhWalk {
+  static constexpr int C = chunk_bwd_cfg::kChunk, NT = chunk_bwd_cfg::kWalkThreads, BK = 64, BV = 64;
+  static constexpr chunk_bwd_cfg::WalkSmem L{};
+  static constexpr int LD = L.ld();
+  using Atom = MMA_Atom<typename MmaAtomFor<T>::type>;
+  // the 64 x 64 tile: warp w owns rows (channels) 16 w ..
+  using Mma = decltype(make_tiled_mma(Atom{}, Layout<Shape<_4, _1, _1>>{}, Tile<_64, _16, _16>{}));
+
+  static __device__ void run(const BwdParams& p, unsigned char* smem) {
+    const int tid = threadIdx.x;
+    const int n = blockIdx.x / p.H, hh = blockIdx.x % p.H, kt = blockIdx.y, vt = blockIdx.z;
+    int64_t bos, eos;
+    sequence_bounds(p, n, bos, eos);
+    const int64_t len = eos > bos ? eos - bos : 0;
+    const int nchunks = int((len + C - 1) / C);
+    const int64_t slot0 = p.chunk_off[n];
+    const int64_t HK = int64_t(p.H) * p.K, HV = int64_t(p.H) * p.V;
+    const T* qxb = static_cast<const T*>(p.saved_qx) + bos * HK + int64_t(hh) * p.K + kt * BK;
+    const T* dob = static_cast<const T*>(p.dout) + bos * HV + int64_t(hh) * p.V + vt * BV;
+    T* sOut = reinterpret_cast<T*>(smem + L.off_out());
+    constexpr int kStage = L.stage_bytes(), kDo = L.off_do(), kE = L.off_e();
+    auto sQx = [&](int s) { return reinterpret_cast<T*>(smem + s * kStage); };
+    auto sDo = [&](int s) { return reinterpret_cast<T*>(smem + s * kStage + kDo); };
+    auto sE = [&](int s) { return reinterpret_cast<float*>(smem + s * kStage + kE); };
+    auto load = [&](int c) {
+      const int s = c & 1;
+      const int rows = int(len - int64_t(c) * C < C ? len - int64_t(c) * C : C);
+      load_tile<NT, C, BK>(sQx(s), LD, qxb + int64_t(c) * C * HK, HK, rows, tid);
+      load_tile<NT, C, BV>(sDo(s), LD, dob + int64_t(c) * C * HV, HV, rows, tid);
+      // decays [3][K] of the slot: rows 1 (exp(Gamma - b_0)) and 2 (exp(b_0)) of this tile
+      const float* dec = p.saved_decay + ((slot0 + c) * p.H + hh) * 3 * p.K + p.K + kt * BK;
+      load_tile<NT, 2, BK>(sE(s), BK, dec, p.K, 2, tid);
+      cp_async_commit();
+    };
+
+    Mma mma;
+    auto thr = mma.get_thread_slice(tid);
+    Tensor acc = partition_fragment_C(mma, Shape<Int<BK>, Int<BV>>{});
+    Tensor tc = thr.partition_C(make_identity_tensor(Shape<Int<BK>, Int<BV>>{}));
+    const int64_t soff = ((int64_t(n) * p.H + hh) * p.K + kt * BK) * p.V + vt * BV;  // [N, H, K, V]
+    if (p.dht != nullptr) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); i += 2) {
+        const float2 x = *reinterpret_cast<const float2*>(p.dht + soff + int64_t(get<0>(tc(i))) * p.V + get<1>(tc(i)));
+        acc(i) = x.x;
+        acc(i + 1) = x.y;
+      }
+    } else {
+      clear(acc);
+    }
+    // A = qx^T (channel, token) and B = do^T (column, token): both token-major in smem
+    auto lT = make_layout(Shape<_64, Int<C>>{}, make_stride(_1{}, Int<LD>{}));
+    if (nchunks > 0) load(nchunks - 1);
+    for (int c = nchunks - 1; c >= 0; --c) {
+      const int s = c & 1;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); i += 2)
+        *reinterpret_cast<uint32_t*>(sOut + get<0>(tc(i)) * LD + get<1>(tc(i))) = pack2<T>(acc(i), acc(i + 1));
+      if (c > 0) {
+        load(c - 1);  // into the other stage, free since the previous iteration's last barrier
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // this chunk's stage has landed; sOut is written
+      T* dh = static_cast<T*>(p.dh) + (((slot0 + c) * p.H + hh) * p.K + kt * BK) * p.V + vt * BV;
+      store_tile<NT, BK, BV>(dh, p.V, sOut, LD, BK, tid);
+      const float* e = sE(s);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); ++i) acc(i) *= e[get<0>(tc(i))];
+      gemm_smem<SM75_U16x8_LDSM_T, SM75_U16x8_LDSM_T, T>(mma, make_tensor(make_smem_ptr(sQx(s)), lT),
+                                                         make_tensor(make_smem_ptr(sDo(s)), lT), acc, tid);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); ++i) acc(i) *= e[BK + get<0>(tc(i))];
+      __syncthreads();  // the stage and sOut are free
+    }
+    if (p.dh0 != nullptr) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); i += 2)
+        *reinterpret_cast<float2*>(p.dh0 + soff + int64_t(get<0>(tc(i))) * p.V + get<1>(tc(i))) =
+            make_float2(acc(i), acc(i + 1));
+    }
+  }
+};
+
+template <class T>
+__global__ void __launch_bounds__(chunk_bwd_cfg::kWalkThreads) chunk_bwd_dh_kernel(const BwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  DhWalk<T>::run(p, smem);
+}
+
+}  // namespace chunk_bwd_detail
+}  // namespace gla

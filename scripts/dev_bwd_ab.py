@@ -1,0 +1,51 @@
+"""The chunked backward from the training forward's intermediates, compiled against Triton, side
+by side in one process: the backward alone on the same kept tensors (each launch of the compiled
+one too), the gradients' distance between the two, and fwd+bwd with each backward.
+    python scripts/dev_bwd_ab.py [B,T,H,K,V ...]"""
+import sys
+
+import torch
+from triton.testing import do_bench
+
+import gla_cuda
+from gla_cuda import bench
+from gla_cuda.backends import cuda as cuda_backend
+from gla_cuda.backends.triton import chunk as triton_chunk
+
+NAMES = ("dq", "dk", "dv", "dg")
+shapes = [tuple(map(int, s.split(","))) for s in (sys.argv[1:] or ["8,2048,16,128,128", "2,8192,16,128,128"])]
+for shape in shapes:
+    B, T, H, K, V = shape
+    q, k, v, g = bench.make_inputs(B, T, H, K, V, "cuda")
+    do = torch.randn_like(v)
+    scale = K ** -0.5
+    _, _, saved = cuda_backend.chunk_fwd_saving(q, k, v, g, scale, None, False, None)
+    meta = triton_chunk._Meta(q, None)
+
+    def ours():
+        return torch.ops.gla.cuda_chunk_bwd_saved(q, k, v, g, scale, None, None, do, None, meta.chunk_off,
+                                                  meta.chunk_seq, *saved)
+
+    def triton():
+        return triton_chunk.chunk_bwd(q, k, v, g, scale, None, None, do, None, saved=saved)
+
+    a, b = ours(), triton()
+    dist = {n: ((x.float() - y.float()).norm() / y.float().norm()).item() for n, x, y in zip(NAMES, a, b)}
+    t_ours, t_triton = do_bench(ours, warmup=50, rep=300), do_bench(triton, warmup=50, rep=300)
+    print(f"{shape} backward alone: compiled {t_ours:.3f} ms, Triton {t_triton:.3f} ms "
+          f"({t_triton / t_ours:.2f}x); compiled vs Triton rel {dist}", flush=True)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            ours()
+        torch.cuda.synchronize()
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and "chunk_bwd" in e.key:
+            print(f"    {e.key[:70]:70s} {e.device_time / 1e3:.3f} ms", flush=True)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
+    for backend in ("cuda", "triton", "auto"):
+        def fb():
+            o = gla_cuda.chunk_gla(*leaves, backend=backend)[0]
+            torch.autograd.grad(o, leaves, do)
+        fb()
+        print(f"  fwd+bwd {backend:6s} {do_bench(fb, warmup=50, rep=300):.3f} ms", flush=True)
