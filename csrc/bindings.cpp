@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
     const std::optional<at::Tensor>& dht, const at::Tensor& chunk_off, const at::Tensor& chunk_seq,
     const at::Tensor& A, const at::Tensor& flags, const at::Tensor& qx, const at::Tensor& kd,
     const at::Tensor& decays, const at::Tensor& states) {
-  (void)flags;  // dq/dk/dg take the exact form for every chunk
+  (void)flags;  // dq/dk/dg take the exact form for every chunk (one reference row measured slower)
   const auto device = q.device();
   c10::cuda::CUDAGuard guard(device);
   BwdParams p{};

@@ -49,3 +49,10 @@ for shape in shapes:
             torch.autograd.grad(o, leaves, do)
         fb()
         print(f"  fwd+bwd {backend:6s} {do_bench(fb, warmup=50, rep=300):.3f} ms", flush=True)
+    for backend in ("cuda", "auto"):
+        res, peak, host = bench.time_candidate(lambda q, k, v, g: gla_cuda.chunk_gla(q, k, v, g, backend=backend),
+                                               shape, "cuda", ("fwd", "fwdbwd", "bwd"))
+        args = (q, k, v, g, scale, None, False, None, backend)
+        t_train = do_bench(lambda: torch.ops.gla.chunk_fwd_train(*args), warmup=50, rep=300)
+        print(f"  {backend}: ms {res} host {host} peak MiB {({m: b / 2**20 for m, b in peak.items()})} "
+              f"training fwd {t_train:.3f} ms", flush=True)

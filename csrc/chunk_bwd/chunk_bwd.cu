@@ -28,7 +28,9 @@ const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor
   if (p.H <= 0 || p.H > 65535 || p.N < 0 || p.T < 0) return "chunk_bwd: bad sizes (at most 65535 heads)";
   if (p.cu_seqlens != nullptr && p.B != 1) return "chunk_bwd: cu_seqlens needs B == 1";
   if (p.cu_seqlens == nullptr && p.N != p.B) return "chunk_bwd: N must equal B without cu_seqlens";
-  if (int64_t(p.N) * p.H > 0x7fffffffLL) return "chunk_bwd: too many (sequence, head) pairs";
+  if (int64_t(p.N) * p.H * (p.K / 64) * (p.V / 64) > 0x7fffffffLL ||
+      (int64_t(p.B) * p.T / 64 + p.N) * (p.K / 64 > p.V / 64 ? p.K / 64 : p.V / 64) > 0x7fffffffLL)
+    return "chunk_bwd: too many tiles for one grid";
   const void* ptrs[] = {p.q, p.k, p.v, p.g, p.dout, p.dq, p.dk, p.dg, p.dv, p.dht, p.dh0,
                         p.saved_a, p.saved_qx, p.saved_kd, p.saved_decay, p.saved_h, p.dh};
   for (const void* x : ptrs)

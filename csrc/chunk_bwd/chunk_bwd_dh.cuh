@@ -33,7 +33,10 @@ struct DhWalk {
 
   static __device__ void run(const BwdParams& p, unsigned char* smem) {
     const int tid = threadIdx.x;
-    const int n = blockIdx.x / p.H, hh = blockIdx.x % p.H, kt = blockIdx.y, vt = blockIdx.z;
+    // the tiles of one (sequence, head) are neighbours in the grid: they share qx and do through L2
+    const int tiles = (p.K / BK) * (p.V / BV), tile = int(blockIdx.x % tiles);
+    const int64_t nh = blockIdx.x / tiles;
+    const int n = int(nh / p.H), hh = int(nh % p.H), kt = tile / (p.V / BV), vt = tile % (p.V / BV);
     int64_t bos, eos;
     sequence_bounds(p, n, bos, eos);
     const int64_t len = eos > bos ? eos - bos : 0;
@@ -109,7 +112,8 @@ struct DhWalk {
 };
 
 template <class T>
-__global__ void __launch_bounds__(chunk_bwd_cfg::kWalkThreads) chunk_bwd_dh_kernel(const BwdParams p) {
+// four CTAs per SM (<= 128 registers): at (8, 2048, 16, 128, 128) the 512 walks fit one wave
+__global__ void __launch_bounds__(chunk_bwd_cfg::kWalkThreads, 4) chunk_bwd_dh_kernel(const BwdParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   DhWalk<T>::run(p, smem);
 }

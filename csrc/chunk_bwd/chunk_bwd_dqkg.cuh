@@ -66,8 +66,9 @@ struct Dqkg {
     float* sScan = reinterpret_cast<float*>(smem + L.off_scan());
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wi = warp % 4;
-    const int64_t slot = blockIdx.x;
-    const int hh = blockIdx.y, kt = blockIdx.z;
+    // the K tiles of one slot are neighbours in the grid: they share do and v through L2
+    const int64_t slot = blockIdx.x / (p.K / BK);
+    const int hh = blockIdx.y, kt = int(blockIdx.x % (p.K / BK));
     int n;
     int64_t t0;
     const int rows = slot_rows(p, slot, C, n, t0);
@@ -93,6 +94,12 @@ struct Dqkg {
     load_tile<NT, C, BK>(sK, LD, static_cast<const T*>(p.k) + kout, HK, rows, tid);
     load_tile<NT, C, BK>(sG, BK, static_cast<const GT*>(p.g) + kout, HK, rows, tid);
     load_v_tile(0);
+    for (int j = 1; j < nvt; ++j) {  // the later V tiles come through L2
+      prefetch_rows<NT>(dob + j * BV, rows, BV * int(sizeof(T)), HV * int(sizeof(T)), tid);
+      prefetch_rows<NT>(vb + j * BV, rows, BV * int(sizeof(T)), HV * int(sizeof(T)), tid);
+      prefetch_rows<NT>(hb + j * BV, BK, BV * int(sizeof(T)), p.V * int(sizeof(T)), tid);
+      prefetch_rows<NT>(dhb + j * BV, BK, BV * int(sizeof(T)), p.V * int(sizeof(T)), tid);
+    }
     cp_async_wait<0>();
     __syncthreads();
 

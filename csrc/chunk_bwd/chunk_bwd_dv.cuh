@@ -25,8 +25,9 @@ struct Dv {
 
   static __device__ void run(const BwdParams& p, unsigned char* smem) {
     const int tid = threadIdx.x, warp = tid / 32;
-    const int64_t slot = blockIdx.x;
-    const int hh = blockIdx.y, vt = blockIdx.z;
+    // the V tiles of one slot are neighbours in the grid: they share kd and A through L2
+    const int64_t slot = blockIdx.x / (p.V / BV);
+    const int hh = blockIdx.y, vt = int(blockIdx.x % (p.V / BV));
     int n;
     int64_t t0;
     const int rows = slot_rows(p, slot, C, n, t0);
