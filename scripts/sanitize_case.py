@@ -1,6 +1,6 @@
 """Small varlen cases for compute-sanitizer: the GPU backends named on the command line
-(default: cuda, triton and auto, whose training runs the CUDA forward that keeps the Triton
-backward's intermediates), forward and backward, chunked and recurrent, plus a short
+(default: cuda, triton and auto; training runs the compiled forward that keeps the backward's
+intermediates and, in bf16, the compiled backward that takes them), forward and backward, chunked and recurrent, plus a short
 recurrent case (the CUDA recurrent backward takes T <= 16) and the pooled decode op."""
 import os
 import sys
@@ -27,7 +27,7 @@ def run(fn, q, k, v, g, h0, cu, backend, backward):
 
 cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"), inputs(263, 2, 64, 64, 5)),
          (torch.tensor([0, 0, 1, 7, 12], dtype=torch.int32, device="cuda"), inputs(12, 2, 100, 72, 4)),
-         # two V tiles: the compiled backward sums them in a thread-block cluster on sm_90
+         # two K and two V tiles of the compiled backward's kernels
          (torch.tensor([0, 63, 64, 199], dtype=torch.int32, device="cuda"), inputs(199, 2, 128, 128, 3)),
          # three (sequence, head) pairs and long sequences: the compiled forward's segment split
          (torch.tensor([0, 600, 601, 1400], dtype=torch.int32, device="cuda"), inputs(1400, 1, 128, 128, 3)),
