@@ -38,7 +38,7 @@ def test_opcheck(device, mode, with_h0, varlen):
 @pytest.mark.parametrize("varlen", [True, False])
 def test_opcheck_training_ops(device, backend, varlen):
     """chunk_fwd_train keeps the forward's intermediates where the backward that runs can
-    take them (Triton), else returns [0] placeholders; chunk_bwd_saved takes them."""
+    take them (here Triton), else returns [0] placeholders; chunk_bwd_saved takes them."""
     cu = torch.tensor([0, 3, 70], dtype=torch.int32, device=device) if varlen else None
     ins = make_inputs(1 if varlen else 2, 70, 2, 16, 8, device=device, h0=True, N=2)
     skip_unless_runs("chunk_bwd", backend, ins, cu)
