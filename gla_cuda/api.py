@@ -107,7 +107,7 @@ def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
     backend = dispatch.requested_backend(backend)
     if op is torch.ops.gla.chunk_fwd and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, g, initial_state)):
-        op = torch.ops.gla.chunk_fwd_train  # may keep intermediates for the backward
+        op = ops.chunk_fwd_train  # may keep intermediates for the backward
     o, final_state = op(q, k, v, g, scale, initial_state, bool(output_final_state), cu_seqlens, backend)[:2]
     return o, (final_state if output_final_state else None)
 

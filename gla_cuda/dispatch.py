@@ -14,14 +14,20 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from gla_cuda.backends import OPS
 
 BACKENDS = ("cuda", "triton", "reference")
 
 
+_MODULES: dict = {}
+
+
 def backend_module(name: str):
-    return importlib.import_module(f"gla_cuda.backends.{name}")
+    if name not in _MODULES:  # import_module per call costs host time
+        _MODULES[name] = importlib.import_module(f"gla_cuda.backends.{name}")
+    return _MODULES[name]
 
 
 def requested_backend(backend: Optional[str]) -> str:
@@ -61,13 +67,45 @@ def _reason(name, op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
     return module.unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens)
 
 
+def _inputs_key(q, k, v, g, initial_state, cu_seqlens):
+    """All that the backends' answers depend on besides op and backend: sizes, dtypes, device,
+    16-byte alignment, which optional inputs are given (and the Triton interpreter switch);
+    None where it cannot be read (symbolic sizes, fake tensors under torch.compile)."""
+    sizes = (*q.shape, v.shape[-1])
+    if not all(type(s) is int for s in sizes) or is_fake(q):
+        return None
+    aligned = tuple(x is None or x.data_ptr() % 16 == 0 for x in (q, k, v, g, initial_state))
+    cu = None if cu_seqlens is None else cu_seqlens.shape[0]
+    return (sizes, q.device, q.dtype, g.dtype, initial_state is None, cu, aligned,
+            os.environ.get("TRITON_INTERPRET"))
+
+
+_CHOICES: dict = {}
+
+
 def choose(op, q, k, v, g, initial_state=None, cu_seqlens=None, backend=None, full=True) -> Choice:
     """Picks the backend for ``op`` on these inputs (shapes, dtypes and device only).
     ``full=False`` (every op call) stops at the backend that runs: the later ones' reasons
-    are not evaluated (host time per call), and the report says so."""
+    are not evaluated, and the report says so; its answers are memoized per inputs' key
+    (host time per call)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     requested = requested_backend(backend)
+    if full:
+        return _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full)
+    key = _inputs_key(q, k, v, g, initial_state, cu_seqlens)
+    if key is None:
+        return _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full)
+    key = (op, requested) + key
+    choice = _CHOICES.get(key)
+    if choice is None:
+        if len(_CHOICES) > 4096:
+            _CHOICES.clear()
+        choice = _CHOICES[key] = _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full)
+    return choice
+
+
+def _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full) -> Choice:
     order = BACKENDS if q.device.type == "cuda" else ("reference",)
     reasons, chosen = {}, None
     for name in BACKENDS:

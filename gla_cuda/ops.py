@@ -220,8 +220,12 @@ for _op in ("chunk", "recurrent"):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend = inputs
-    # output[2:]: chunk_fwd_train's intermediates (none for the other forwards)
+    # output[2:]: chunk_fwd_train's intermediates (none for the other forwards): no gradient
+    # flows into them, and gradients nobody passed stay None instead of being materialised
+    # as zeros (for the intermediates that was ~300 MB of memset per training step)
     ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, *output[2:])
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
     ctx.scale, ctx.backend = scale, backend
 
 
@@ -230,7 +234,8 @@ def _backward(bwd_op):
         q, k, v, g, initial_state, cu_seqlens, *saved = ctx.saved_tensors
         if dht is not None and dht.numel() == 0:
             dht = None  # the final state was not asked for
-        args = (q, k, v, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
+        do = torch.zeros_like(v) if do is None else do.contiguous()  # None: only the final state is used
+        args = (q, k, v, g, ctx.scale, initial_state, cu_seqlens, do,
                 None if dht is None else dht.contiguous())
         if saved and saved[0].dim() > 1:  # not the [0] placeholders: intermediates were kept
             dq, dk, dv, dg, dh0 = torch.ops.gla.chunk_bwd_saved(*args, ctx.backend, *saved)
@@ -244,6 +249,31 @@ for _fwd, _bwd in (("chunk_fwd", "chunk_bwd"), ("chunk_fwd_train", "chunk_bwd"),
                    ("recurrent_fwd", "recurrent_bwd")):
     torch.library.register_autograd(f"gla::{_fwd}", _backward(getattr(torch.ops.gla, _bwd)),
                                     setup_context=_setup_context)
+
+
+class _ChunkTrain(torch.autograd.Function):
+    """gla::chunk_fwd_train with the autograd registered above, for eager calls
+    (chunk_fwd_train below): torch.library's autograd wrapper re-binds every call's arguments
+    to the schema before setup_context (utils.fill_defaults, ~60 us of host time on the path
+    from the forward's launches to the backward's), which the GPU waits for in a training step."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():  # the op's kernels, below its autograd
+            output = torch.ops.gla.chunk_fwd_train.default(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward(torch.ops.gla.chunk_bwd))
+
+
+def chunk_fwd_train(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+    """gla::chunk_fwd_train with gradients: the op itself under torch.compile (traced like any
+    op), the same kernels and backward through _ChunkTrain in eager mode."""
+    args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)
+    if torch.compiler.is_compiling():
+        return torch.ops.gla.chunk_fwd_train(*args)
+    return _ChunkTrain.apply(*args)
 
 
 # ============================================================================

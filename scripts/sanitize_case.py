@@ -52,13 +52,13 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
         torch.cuda.synchronize()
         del os.environ["GLA_CUDA_NO_WGMMA"]
         print("cuda chunk K=256, mma.sync walk: ran")
-    if backend == "auto":  # the opt-in warp-specialised training forward (sm_90, K = 128)
-        os.environ["GLA_CUDA_FUSED_SM90_TRAIN"] = "1"
+    if backend == "auto":  # sm_90, K = 128: the training forward in the warp-specialised kernel
+        os.environ["GLA_CUDA_K128_FORWARD"] = "fused"
         for cu, (q, k, v, g, h0) in cases[2:4]:
             run(gla_cuda.chunk_gla, q, k, v, g, h0, cu, "auto", backward=True)
             torch.cuda.synchronize()
-        del os.environ["GLA_CUDA_FUSED_SM90_TRAIN"]
-        print("auto chunk K=128, GLA_CUDA_FUSED_SM90_TRAIN=1: ran")
+        del os.environ["GLA_CUDA_K128_FORWARD"]
+        print("auto chunk K=128, GLA_CUDA_K128_FORWARD=fused: ran")
     q, k, v, g = (x.view(4, 3, *x.shape[2:]) for x in inputs(12, 2, 100, 72, 1)[:4])
     pool = torch.randn(6, 2, 72, 100, device="cuda")  # [P, H, V, K]: state_v_first
     if dispatch.choose("recurrent_pool_fwd_", q, k, v, g, pool, None, backend).backend is not None:

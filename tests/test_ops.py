@@ -79,22 +79,23 @@ def test_training_forward_saves_what_the_backward_recomputes(device, gate):
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 192), (128, 256)])
 @pytest.mark.parametrize("gate", ["normal", "mixed", "strong"])
 @pytest.mark.parametrize("layout", ["batch", "varlen", "split"])
-@pytest.mark.parametrize("kernel", ["mma_sync", "fused_sm90"])
+@pytest.mark.parametrize("kernel", ["mma_sync", "fused_sm90", "two_stage"])
 def test_cuda_training_forward_keeps_what_triton_keeps(monkeypatch, K, V, gate, layout, kernel):
-    """The CUDA forward's kept intermediates (training under auto: CUDA forward, Triton
-    backward) match the Triton forward's in layout and value, its o is the plain forward's
-    of the same kernel (bitwise), and the gradients through them match the float64 oracle.
-    The kernel: mma.sync (GLA_CUDA_NO_WGMMA=1: inference too; training's default), or on sm_90
-    at K = 128, V a multiple of 128, the warp-specialised one (GLA_CUDA_FUSED_SM90_TRAIN=1:
-    training too; inference's default). "split": one long sequence, walked in segments."""
+    """The CUDA forward's kept intermediates match the Triton forward's in layout and value,
+    its o is the plain forward's of the same kernel (bitwise) and the oracle's, and the
+    gradients through them match the float64 oracle. The kernel: mma.sync (GLA_CUDA_NO_WGMMA=1;
+    the default off Hopper), or on sm_90 at K = 128, V a multiple of 128, forced for training
+    and inference alike (GLA_CUDA_K128_FORWARD): the warp-specialised one (inference's default)
+    or the two stages, prep then the wgmma walk (training's default). "split": one long
+    sequence, walked in segments."""
     from gla_cuda.backends import cuda, triton
     from gla_cuda.backends.triton.chunk import _Meta
     if kernel == "mma_sync":
         monkeypatch.setenv("GLA_CUDA_NO_WGMMA", "1")
     elif K != 128 or V % 128 or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the warp-specialised kernel runs on sm_90 at K = 128, V a multiple of 128")
+        pytest.skip("the Hopper kernels of K = 128 run on sm_90, V a multiple of 128")
     else:
-        monkeypatch.setenv("GLA_CUDA_FUSED_SM90_TRAIN", "1")
+        monkeypatch.setenv("GLA_CUDA_K128_FORWARD", "fused" if kernel == "fused_sm90" else "two_stage")
     B, T, N, cu = {"batch": (2, 300, 2, None), "varlen": (1, 300, 3, [0, 5, 130, 300]),
                    "split": (1, 1100, 1, None)}[layout]
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
@@ -127,6 +128,7 @@ def test_cuda_training_forward_keeps_what_triton_keeps(monkeypatch, K, V, gate, 
     ref_o, ref_ht, ref_grads = oracle(ins, 0.2, cu, do, dht)
     assert torch.equal(o, o_p)
     errors = {f"d{n}": rel_err(leaves[n].grad, r) for n, r in zip(names, ref_grads)}
+    errors.update(o=rel_err(o, ref_o), ht=rel_err(ht, ref_ht))
     assert all(e <= TOL[torch.bfloat16] for e in errors.values()), errors
 
 

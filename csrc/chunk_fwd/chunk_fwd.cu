@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include <cute/numeric/numeric_types.hpp>
 
@@ -34,16 +35,23 @@ bool hopper_wgmma(const FwdParams& p) {
 #endif
 }
 
-// The warp-specialised Hopper kernel at K = 128 (chunk_fwd_fused_sm90.cu). Training (which keeps
-// the backward's intermediates, save_*) runs it only with GLA_CUDA_FUSED_SM90_TRAIN=1: its kSave
-// form passes the tests but is slower than the mma.sync kernel's (0.54 against 0.45 ms at
-// (8, 2048, 16, 128, 128); NOTES.md, run 12).
-bool hopper_fused(const FwdParams& p) {
+// Which forward runs at K = 128 on Hopper (sm_90a builds, V a multiple of 128): inference runs
+// the warp-specialised fused kernel (chunk_fwd_fused_sm90.cu); training, which keeps the
+// backward's intermediates (save_*), runs the two stages (prep, then the wgmma walk), which
+// write them from kernels that do nothing else (NOTES.md, run 13; the fused kernel's kSave form
+// and the mma.sync kernel were slower there). GLA_CUDA_K128_FORWARD=fused or two_stage runs one
+// of them for both (comparisons, tests); elsewhere K = 128 runs the mma.sync kernel.
+bool k128_two_stage(const FwdParams& p) {
   if (p.K != 128 || !hopper_wgmma(p)) return false;
-  if (p.save_a == nullptr) return true;
-  const char* on = std::getenv("GLA_CUDA_FUSED_SM90_TRAIN");
-  return on != nullptr && on[0] == '1';
+  const char* force = std::getenv("GLA_CUDA_K128_FORWARD");
+  if (force != nullptr && std::strcmp(force, "two_stage") == 0) return true;
+  if (force != nullptr && std::strcmp(force, "fused") == 0) return false;
+  return p.save_a != nullptr;
 }
+
+bool two_stage(const FwdParams& p) { return chunk_fwd_cfg::two_stage(p.K) || k128_two_stage(p); }
+
+bool hopper_fused(const FwdParams& p) { return p.K == 128 && hopper_wgmma(p) && !k128_two_stage(p); }
 
 template <class T, int K, int BV>
 cudaError_t dispatch_g(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
@@ -103,7 +111,7 @@ const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor
   if ((p.h0 != nullptr && !aligned16(p.h0)) || (p.ht != nullptr && !aligned16(p.ht)))
     return "chunk_fwd needs 16-byte aligned states";
   const int bv = chunk_fwd_cfg::block_v(p.K, p.V);  // the larger tile
-  const int smem = chunk_fwd_cfg::two_stage(p.K)
+  const int smem = two_stage(p)
       ? std::max({chunk_fwd_cfg::prep_smem_bytes(p.K), chunk_fwd_cfg::walk_smem_bytes(p.K, bv),
                   hopper_wgmma(p) ? chunk_fwd_cfg::walk_sm90_smem_bytes(p.K, chunk_fwd_cfg::kWalkSm90BV) : 0})
       : std::max(chunk_fwd_cfg::smem_bytes(p.K, bv),
@@ -137,7 +145,7 @@ WorkspacePlan plan_workspace(const FwdParams& p) {
   const size_t seg_states = w.sp.seg_len > 0 ? size_t(p.N) * p.H * w.sp.nseg * p.K : 0;
   w.at_state = take(seg_states * p.V * sizeof(float));
   w.at_decay = take(seg_states * sizeof(float));
-  w.own = chunk_fwd_cfg::two_stage(p.K) && p.save_a == nullptr;
+  w.own = two_stage(p) && p.save_a == nullptr;
   if (w.own) {
     const size_t rows = size_t(p.B) * p.T * p.H;  // 16-bit elements below
     w.at_a = take(rows * chunk_fwd_cfg::kChunk * 2);
@@ -169,9 +177,8 @@ cudaError_t chunk_fwd(const FwdParams& p_in, void* workspace, cudaStream_t strea
     p.save_kd = ws + w.at_kd;
     p.save_decay = reinterpret_cast<float*>(ws + w.at_dec);
   }
-  const bool two_stage = chunk_fwd_cfg::two_stage(p.K);
   cudaError_t err = sp.seg_len > 0 ? run_segment_states(p, sp, stream) : cudaSuccess;
-  if (two_stage) {
+  if (two_stage(p)) {
     if (err == cudaSuccess) err = run_chunk_prep(p, stream);
     if (err == cudaSuccess) err = hopper_wgmma(p) ? run_chunk_walk_sm90(p, sp, stream) : run_chunk_walk(p, sp, stream);
   } else if (err == cudaSuccess) {

@@ -59,7 +59,8 @@ constexpr int smem_bytes(int K, int BV) { return Smem{K, BV}.bytes(); }
 // K = 256 runs the two-stage forward: the fused kernel would redo the scores and the gated
 // operands for each of the V / 64 tiles of a head (and spill). Stage 1 (prep) computes them
 // once per (chunk, head), in parallel over chunks; stage 2 (walk) streams them down the
-// sequence with the state in registers and does little but MMAs.
+// sequence with the state in registers and does little but MMAs. On Hopper the training forward
+// at K = 128 runs the two stages too (chunk_fwd.cu, k128_two_stage).
 constexpr bool two_stage(int K) { return K == 256; }
 // q, k [C][K+8] (16-bit), b [C][K+8] float, A [C][C+8], the cumsum's partial sums (kThreads floats)
 constexpr int prep_smem_bytes(int K) { return kChunk * (K + 8) * (2 + 2 + 4) + kChunk * (kChunk + 8) * 2 + kThreads * 4; }

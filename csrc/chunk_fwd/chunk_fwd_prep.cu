@@ -186,9 +186,8 @@ __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1) chunk_prep_kernel(
   Prep<T, GT, K>::run(p, smem);
 }
 
-template <class T, class GT>
+template <class T, class GT, int K>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
-  constexpr int K = 256;
   constexpr int smem = Prep<T, GT, K>::kSmem;
   const dim3 grid(unsigned(chunk_fwd_cfg::num_slots(p)), unsigned(p.H));
   if (grid.x == 0 || grid.y == 0 || p.N == 0) return cudaSuccess;
@@ -199,18 +198,24 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T>
+template <class T, int K>
 cudaError_t dispatch_g(const FwdParams& p, cudaStream_t stream) {
-  return p.g_dtype == DType::kFloat32 ? launch<T, float>(p, stream) : launch<T, T>(p, stream);
+  return p.g_dtype == DType::kFloat32 ? launch<T, float, K>(p, stream) : launch<T, T, K>(p, stream);
+}
+
+template <class T>
+cudaError_t dispatch_k(const FwdParams& p, cudaStream_t stream) {
+  if (p.K == 256) return dispatch_g<T, 256>(p, stream);
+  if (p.K == 128) return dispatch_g<T, 128>(p, stream);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace chunk_prep_detail
 
 cudaError_t run_chunk_prep(const FwdParams& p, cudaStream_t stream) {
   using namespace chunk_prep_detail;
-  if (p.K != 256) return cudaErrorInvalidValue;
-  if (p.dtype == DType::kBFloat16) return dispatch_g<cute::bfloat16_t>(p, stream);
-  if (p.dtype == DType::kFloat16) return dispatch_g<cute::half_t>(p, stream);
+  if (p.dtype == DType::kBFloat16) return dispatch_k<cute::bfloat16_t>(p, stream);
+  if (p.dtype == DType::kFloat16) return dispatch_k<cute::half_t>(p, stream);
   return cudaErrorInvalidValue;
 }
 

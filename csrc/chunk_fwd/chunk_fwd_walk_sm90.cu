@@ -1,8 +1,8 @@
 // Stage 2 of the two-stage forward on Hopper (sm_90a): the walk of chunk_fwd_walk.cu with
 // warpgroup MMAs (wgmma), TMA loads and the state kept transposed, S^T (BV x K, float32), so
-// that it feeds the output MMA straight from registers. A CTA takes a V tile of 128; its two
-// warpgroups own 64 columns of V each (64 rows of S^T: 128 floats per thread), so neither
-// needs the other's results:
+// that it feeds the output MMA straight from registers (K = 256, and K = 128 in training). A CTA
+// takes a V tile of 128; its two warpgroups own 64 columns of V each (64 rows of S^T: K / 2
+// floats per thread), so neither needs the other's results:
 //   o^T (64 x C)  = (exp2(b_0) S)^T qx^T + v^T A^T   (the first product in parts of K, the
 //                                                    register operand built per part)
 //   S^T (64 x K)  = S^T exp2(G) + v^T kd
@@ -233,18 +233,25 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-template <class T>
+template <class T, int K>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  return p.save_h != nullptr ? launch<T, 256, 128, true>(p, sp, stream) : launch<T, 256, 128, false>(p, sp, stream);
+  return p.save_h != nullptr ? launch<T, K, 128, true>(p, sp, stream) : launch<T, K, 128, false>(p, sp, stream);
+}
+
+template <class T>
+cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
+  if (p.K == 256) return dispatch_save<T, 256>(p, sp, stream);
+  if (p.K == 128) return dispatch_save<T, 128>(p, sp, stream);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace chunk_walk_sm90_detail
 
 cudaError_t run_chunk_walk_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   using namespace chunk_walk_sm90_detail;
-  if (p.K != 256 || p.V % chunk_fwd_cfg::kWalkSm90BV != 0) return cudaErrorInvalidValue;
-  if (p.dtype == DType::kBFloat16) return dispatch_save<cute::bfloat16_t>(p, sp, stream);
-  if (p.dtype == DType::kFloat16) return dispatch_save<cute::half_t>(p, sp, stream);
+  if (p.V % chunk_fwd_cfg::kWalkSm90BV != 0) return cudaErrorInvalidValue;
+  if (p.dtype == DType::kBFloat16) return dispatch_k<cute::bfloat16_t>(p, sp, stream);
+  if (p.dtype == DType::kFloat16) return dispatch_k<cute::half_t>(p, sp, stream);
   return cudaErrorInvalidValue;
 }
 
