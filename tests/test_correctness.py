@@ -101,17 +101,19 @@ def test_segment_split(backend, K, V, dtype, g_dtype, gate, varlen):
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("walk", ["default", "mma.sync"])
 @pytest.mark.parametrize("gate", ["normal", "mixed"])
-def test_two_stage_k256(monkeypatch, walk, gate):
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_two_stage_k256(monkeypatch, walk, gate, backend):
     """K = 256 runs the compiled two-stage forward: the scores and gated operands of every
     chunk in parallel, then the walk down the sequence (wgmma on sm_90; GLA_CUDA_NO_WGMMA=1
     forces the mma.sync walk of other GPUs). Varlen with an empty and a one-token sequence,
-    eight V tiles, strong gates in one head (mixed: the exact scores)."""
+    eight V tiles, strong gates in one head (mixed: the exact scores). auto: the Triton
+    backward takes the compiled forward's intermediates (bf16 at K 256)."""
     if walk == "mma.sync":
         monkeypatch.setenv("GLA_CUDA_NO_WGMMA", "1")
     cu = torch.tensor([0, 0, 1, 70, 200, 330], dtype=torch.int32, device="cuda")
     ins = make_inputs(1, 330, 2, 256, 512, dtype=torch.bfloat16, g_dtype=torch.float32, device="cuda",
                       h0=True, N=5, gate=gate)
-    check("chunk", "cuda", ins, cu_seqlens=cu)
+    check("chunk", backend, ins, cu_seqlens=cu)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
