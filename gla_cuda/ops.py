@@ -39,7 +39,8 @@ them (chunk_seq: every slot's sequence, [slots] int64).
 
 Outputs that were not asked for (final_state without output_final_state, dh0 without
 initial_state) are empty tensors of shape [0]. Autograd is registered on the forward
-ops; the backward ops are not differentiable again.
+ops; the backward ops are not differentiable again. chunk_gla's eager training calls take
+chunk_fwd_train below: the same op and backward through an autograd.Function (host time).
 """
 from __future__ import annotations
 

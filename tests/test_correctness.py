@@ -125,8 +125,7 @@ def test_two_stage_k256(monkeypatch, walk, gate, backend):
 ])
 def test_fused_sm90_k128(dtype, g_dtype, gate, V, varlen):
     """The warp-specialised Hopper forward at K = 128 (csrc/chunk_fwd/chunk_fwd_fused_sm90.cu),
-    which runs only with GLA_CUDA_FUSED_SM90=1 until it is verified (set it for the whole run:
-    on other GPUs it changes nothing): varlen with an empty and a one-token sequence, sequences
+    the inference forward there (other GPUs run the mma.sync kernel): varlen with an empty and a one-token sequence, sequences
     long enough to be split into segments, every gate regime, several V tiles."""
     from gla_cuda.backends import cuda as cuda_backend
     cu = torch.tensor([0, 0, 1, 70, 1300], dtype=torch.int32, device="cuda") if varlen else None

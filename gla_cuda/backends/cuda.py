@@ -63,10 +63,10 @@ def _device_index(device):
 RECURRENT_FWD_AUTO_MAX_T = 16
 
 
-# The chunked backward at K = 256: measured on the H100 (bf16, (8, 2048, 4, 256, 512), one
-# gla-bench run): 1.01 ms against Triton's 0.91 on the same kept intermediates (at K = 64 and 128
-# it is 1.75x and 1.43x faster than Triton's). Its dq/dk/dg kernel takes 64-channel tiles of K
-# with every V tile: at K = 256, V = 512 that is 4 x 8 tiles per chunk.
+# The chunked backward at K = 256: measured on the H100 (bf16, (8, 2048, 4, 256, 512), backward
+# alone in one gla-bench run): 1.01 ms against Triton's 0.91 (at K = 64 and 128 it is 1.75x and
+# 1.43x faster than Triton's). Its dq/dk/dg kernel takes 64-channel tiles of K with every V
+# tile: at K = 256, V = 512 that is 4 x 8 tiles per chunk.
 CHUNK_BWD_AUTO_MAX_K = 128
 
 
