@@ -75,6 +75,33 @@ def test_training_forward_saves_what_the_backward_recomputes(device, gate):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_training_call_matches_the_op(device):
+    """chunk_gla's eager training calls (ops.chunk_fwd_train: an autograd.Function around
+    gla::chunk_fwd_train, without torch.library's per-call wrapper) give the op's outputs and
+    gradients bitwise; the kept intermediates take no gradient, and a loss on the final state
+    alone (no gradient reaches o: None, not materialised zeros) gives what zeros for o give."""
+    from gla_cuda import ops
+    cu = torch.tensor([0, 5, 130, 200], dtype=torch.int32, device=device)
+    ins = make_inputs(1, 200, 2, 32, 24, dtype=torch.bfloat16, device=device, h0=True, N=3)
+    skip_unless_runs("chunk_bwd", "triton", ins, cu)
+    dht = torch.randn_like(ins["initial_state"])
+    for do in (torch.randn_like(ins["v"]), None):
+        results = []
+        for call in (ops.chunk_fwd_train, torch.ops.gla.chunk_fwd_train):
+            leaves = [ins[n].clone().requires_grad_() for n in ("q", "k", "v", "g", "initial_state")]
+            out = call(*leaves[:4], 0.2, leaves[4], True, cu, "triton")
+            assert out[2].dim() > 1 and not any(x.requires_grad for x in out[2:])  # kept, no gradient
+            o, ht = out[:2]
+            if do is None and call is ops.chunk_fwd_train:
+                ht.backward(dht)
+            else:
+                torch.autograd.backward([o, ht], [torch.zeros_like(o) if do is None else do, dht])
+            results.append([o, ht] + [x.grad for x in leaves])
+        for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dh0"), *results):
+            assert torch.equal(a, b), (name, do is None)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 192), (128, 256)])
 @pytest.mark.parametrize("gate", ["normal", "mixed", "strong"])
