@@ -9,6 +9,9 @@ namespace gla {
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 
+// The kernels' 16-byte vector loads and stores need 16-byte aligned tensors (host-side checks).
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
 // All tensors are contiguous. q, k, g: [B, T, H, K]; v, o: [B, T, H, V];
 // states: float32 [N, H, K, V]. With cu_seqlens (int32, [N + 1], on the device)
 // B == 1 and sequence n spans tokens [cu_seqlens[n], cu_seqlens[n + 1]).

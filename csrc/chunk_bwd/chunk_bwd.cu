@@ -10,12 +10,6 @@
 
 namespace gla {
 
-namespace {
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
-}  // namespace
-
 const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor) {
   (void)sm_minor;
   if (sm_major < 8) return "chunk_bwd needs sm_80 or newer";

@@ -15,8 +15,6 @@ namespace gla {
 
 namespace {
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
 // The wgmma kernels (the two-stage forward's walk at K = 256, the fused kernel at K = 128): in
 // sm_90a builds on sm_90 devices, for V a multiple of their V tile (128), unless
 // GLA_CUDA_NO_WGMMA=1 asks for the mma.sync kernels (the sm_80 path, tested on Hopper too).
