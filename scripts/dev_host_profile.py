@@ -4,7 +4,9 @@
 
 Prints the host microseconds of every layer of a forward+backward (the public call, the
 autograd op, the backend choice, the compiled op alone, ...), each the best of a few rounds
-of calls queued without syncing, then a cProfile of the forward's Python.
+of calls queued without syncing; then the host latencies inside one step, the GPU's timeline of
+a step after a do_bench-like cache flush (gaps are the GPU waiting for the host) and a cProfile
+of the forward's Python.
 """
 import cProfile
 import pstats
