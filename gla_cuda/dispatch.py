@@ -91,18 +91,15 @@ def choose(op, q, k, v, g, initial_state=None, cu_seqlens=None, backend=None, fu
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     requested = requested_backend(backend)
-    if full:
-        return _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full)
-    key = _inputs_key(q, k, v, g, initial_state, cu_seqlens)
+    key = None if full else _inputs_key(q, k, v, g, initial_state, cu_seqlens)
     if key is None:
         return _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full)
     key = (op, requested) + key
-    choice = _CHOICES.get(key)
-    if choice is None:
+    if key not in _CHOICES:
         if len(_CHOICES) > 4096:
             _CHOICES.clear()
-        choice = _CHOICES[key] = _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full)
-    return choice
+        _CHOICES[key] = _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full)
+    return _CHOICES[key]
 
 
 def _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full) -> Choice:
