@@ -246,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
   p.dh = dh.data_ptr();
   if (const char* why = chunk_bwd_unsupported(p, sm_major, sm_minor))
     TORCH_CHECK(false, "cuda_chunk_bwd_saved: ", why);
-  check_launch(chunk_bwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_bwd_saved");
+  const at::Tensor ws = at::empty({int64_t(chunk_bwd_workspace_bytes(p))}, q.options().dtype(at::kByte));
+  check_launch(chunk_bwd(p, ws.numel() > 0 ? ws.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream()), "cuda_chunk_bwd_saved");
   return {dq, dk, dv, dg, dh0};
 }
 

@@ -138,6 +138,19 @@ __device__ __forceinline__ void sequence_bounds(const Params& p, int n, int64_t&
   }
 }
 
+// A walk over segment `seg` of a split sequence (gla_params.h, SegmentSplit): moves bos and len
+// to the segment and returns the sequence's last segment (0 without a split), or -1 if seg lies
+// past its end.
+__device__ __forceinline__ int clip_to_segment(const SegmentSplit& sp, int seg, int64_t& bos, int64_t& len) {
+  if (sp.seg_len <= 0) return 0;
+  const int last = len > 0 ? int((len - 1) / sp.seg_len) : 0;
+  if (seg > last) return -1;
+  const int64_t s0 = int64_t(seg) * sp.seg_len;
+  bos += s0;
+  len = len - s0 < sp.seg_len ? len - s0 : sp.seg_len;
+  return last;
+}
+
 // Chunk slot `slot` of the Triton layout (BwdParams::chunk_off / chunk_seq): its sequence n,
 // first token t0 and number of tokens (0 for a surplus slot of a varlen batch).
 template <class Params>

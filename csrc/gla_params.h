@@ -12,6 +12,37 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 // The kernels' 16-byte vector loads and stores need 16-byte aligned tensors (host-side checks).
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// Segment splitting, for when the walks down the sequences (one CTA per sequence, head and
+// tile) are too few for the GPU: each sequence is cut into segments of seg_len tokens (a
+// multiple of the 64-token chunk). A first pass walks every segment from zero and stores what it
+// adds to the carried state (forward: its end state; backward: the state gradient at its start)
+// with its total decay exp(sum g) per channel; the second walks every segment from the carried
+// value composed with those of the segments it depends on.
+struct SegmentSplit {
+  int seg_len = 0;            // 0: no splitting (one segment per sequence)
+  int nseg = 1;               // segments per sequence (of the longest possible sequence, T)
+  float* ws_state = nullptr;  // [N * H, nseg, K, V] float32
+  float* ws_decay = nullptr;  // [N * H, nseg, K] float32
+};
+
+// The split for `walks` CTAs (of `per_sm` to an SM) and sequences of up to T tokens: enough
+// segments to fill the GPU, each at least 256 tokens long, and none unless there are at
+// least min_nseg of them.
+inline SegmentSplit plan_segments(long long walks, int num_sms, int per_sm, int min_nseg, int T) {
+  SegmentSplit sp;
+  if (walks <= 0 || num_sms <= 0) return sp;
+  long long nseg = (long long)num_sms * per_sm / walks;
+  if (nseg > T / 256) nseg = T / 256;
+  if (nseg < min_nseg) return sp;
+  const long long per = (T + nseg - 1) / nseg;
+  const long long seg_len = (per + 63) / 64 * 64;
+  nseg = (T + seg_len - 1) / seg_len;
+  if (nseg < min_nseg) return sp;
+  sp.seg_len = int(seg_len);
+  sp.nseg = int(nseg);
+  return sp;
+}
+
 // All tensors are contiguous. q, k, g: [B, T, H, K]; v, o: [B, T, H, V];
 // states: float32 [N, H, K, V]. With cu_seqlens (int32, [N + 1], on the device)
 // B == 1 and sequence n spans tokens [cu_seqlens[n], cu_seqlens[n + 1]).

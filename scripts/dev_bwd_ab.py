@@ -1,7 +1,9 @@
 """The chunked backward from the training forward's intermediates, compiled against Triton, side
 by side in one process: the backward alone on the same kept tensors (each launch of the compiled
-one too), the gradients' distance between the two, and fwd+bwd with each backward.
+one too; where its state-gradient walk splits the sequences, also with GLA_CUDA_DH_SPLIT=0), the
+gradients' distance between the two, and fwd+bwd with each backward.
     python scripts/dev_bwd_ab.py [B,T,H,K,V ...]"""
+import os
 import sys
 
 import torch
@@ -34,6 +36,13 @@ for shape in shapes:
     t_ours, t_triton = do_bench(ours, warmup=50, rep=300), do_bench(triton, warmup=50, rep=300)
     print(f"{shape} backward alone: compiled {t_ours:.3f} ms, Triton {t_triton:.3f} ms "
           f"({t_triton / t_ours:.2f}x); compiled vs Triton rel {dist}", flush=True)
+    os.environ["GLA_CUDA_DH_SPLIT"] = "0"
+    unsplit = ours()
+    t_unsplit = do_bench(ours, warmup=50, rep=300)
+    del os.environ["GLA_CUDA_DH_SPLIT"]
+    gap = max(((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a, unsplit))
+    print(f"  without the dh walk's split: {t_unsplit:.3f} ms (largest rel distance to split: {gap:.1e})",
+          flush=True)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):

@@ -1,7 +1,7 @@
-"""Gradient errors with gates of -20 per step (fla, ours) and fwd+bwd / bwd at the issue's other
-two shapes, auto against fla, in one process.
-    python scripts/dev_bwd_extra.py"""
-import torch
+"""Gradient errors with gates of -20 per step (fla, ours), then fwd+bwd / bwd of auto against fla
+at the shapes given, in one process.
+    python scripts/dev_bwd_extra.py [B,T,H,K,V ...]"""
+import sys
 
 from gla_cuda import bench
 
@@ -11,7 +11,7 @@ for name in ("fla", "auto", "triton"):
     for gate in ("normal", "strong"):
         errs = bench.accuracy(fn, "cuda", (8, 272, 16, 128, 128), gate=gate, grads=True)
         print(f"{name:7s} {gate:6s} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()), flush=True)
-for shape in ((32, 2048, 16, 64, 64), (8, 2048, 4, 256, 512)):
+for shape in (tuple(map(int, a.split(","))) for a in sys.argv[1:]):
     res = {}
     for name in ("fla", "auto"):
         res[name] = bench.time_candidate(cands[name][0], shape, "cuda", ("fwdbwd", "bwd"))

@@ -30,6 +30,7 @@ cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"
          # two K and two V tiles of the compiled backward's kernels
          (torch.tensor([0, 63, 64, 199], dtype=torch.int32, device="cuda"), inputs(199, 2, 128, 128, 3)),
          # three (sequence, head) pairs and long sequences: the compiled forward's segment split
+         # and the backward's split state-gradient walk
          (torch.tensor([0, 600, 601, 1400], dtype=torch.int32, device="cuda"), inputs(1400, 1, 128, 128, 3)),
          # K = 256: the compiled two-stage forward (prep, then the wgmma walk on sm_90)
          (torch.tensor([0, 0, 1, 70, 200], dtype=torch.int32, device="cuda"), inputs(200, 2, 256, 128, 4))]

@@ -91,7 +91,8 @@ def test_varlen(device, backend, mode, dtype, h0):
 def test_segment_split(backend, K, V, dtype, g_dtype, gate, varlen):
     """Few (sequence, head) tiles and long sequences: the compiled forward cuts every sequence
     into segments of 320 tokens whose end states a first pass computes (on any GPU with 8 SMs
-    or more); outputs and gradients still match the oracle."""
+    or more), and the compiled backward's state-gradient walk into segments of its own whose
+    start gradients a first pass computes; outputs and gradients still match the oracle."""
     cu = torch.tensor([0, 700, 701, 1500, 2100], dtype=torch.int32, device="cuda") if varlen else None
     ins = make_inputs(1, 2100 if varlen else 1300, 1, K, V, dtype=dtype, g_dtype=g_dtype, device="cuda",
                       h0=True, N=4 if varlen else 1, gate=gate)
@@ -191,13 +192,18 @@ def test_short_recurrent_varlen(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("varlen", [False, True])
-def test_chunk_backward_deterministic(device, backend, varlen):
+@pytest.mark.parametrize("layout", ["batch", "varlen", "split"])
+def test_chunk_backward_deterministic(device, backend, layout):
     """Two backward passes on the same inputs give bitwise-identical gradients (several V
-    tiles, so that partial sums over tiles are involved; no float atomics)."""
-    cu = torch.tensor([0, 70, 200, 333], dtype=torch.int32, device=device) if varlen else None
-    ins = make_inputs(1 if varlen else 2, 333, 2, 128, 192, dtype=torch.bfloat16, device=device,
-                      h0=True, N=3 if varlen else 2)
+    tiles, so that partial sums over tiles are involved; no float atomics). split: one head of
+    one long sequence, whose compiled state-gradient walk runs in segments (4 walks: 3 to 5
+    segments on a GPU with 6 SMs or more)."""
+    if layout == "split" and device == "cpu":
+        pytest.skip("long sequences: the GPU run covers them")
+    cu = torch.tensor([0, 70, 200, 333], dtype=torch.int32, device=device) if layout == "varlen" else None
+    B, T, H, N = {"batch": (2, 333, 2, 2), "varlen": (1, 333, 2, 3)}.get(layout, (1, 1300, 1, 1))
+    ins = make_inputs(B, T, H, 128, 128 if layout == "split" else 192, dtype=torch.bfloat16, device=device,
+                      h0=True, N=N)
     if device == "cpu" and backend == "triton":
         pytest.skip("slow under the Triton interpreter; the GPU run covers Triton")
     skip_unless_runs("chunk_bwd", backend, ins, cu)

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <cute/numeric/numeric_types.hpp>
 
@@ -13,8 +15,8 @@ namespace gla {
 const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor) {
   (void)sm_minor;
   if (sm_major < 8) return "chunk_bwd needs sm_80 or newer";
-  // the saved states and dh are kept in the input dtype: float16 would flush them with strong gates
-  if (p.dtype != DType::kBFloat16) return "chunk_bwd needs bfloat16 q/k/v (the states and dh are kept in it)";
+  // float16 would flush dh, and the gated operands of dg, with strong gates (NOTES.md, Coverage)
+  if (p.dtype != DType::kBFloat16) return "chunk_bwd needs bfloat16 q/k/v (float16's range is too narrow)";
   if (p.g_dtype != DType::kFloat32 && p.g_dtype != p.dtype)
     return "chunk_bwd needs g in float32 or in the dtype of q/k/v";
   if (p.K != 64 && p.K != 128 && p.K != 256) return "chunk_bwd needs K in {64, 128, 256}";
@@ -39,10 +41,44 @@ const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor
   return nullptr;
 }
 
-cudaError_t chunk_bwd(const BwdParams& p, cudaStream_t stream) {
+namespace {
+// The dh walk's segment split and where its pieces go in the workspace (states, then decays).
+struct WorkspacePlan {
+  SegmentSplit sp;
+  size_t at_decay = 0, bytes = 0;
+};
+
+// GLA_CUDA_DH_SPLIT=0 turns the dh walk's segment split off (A/B measurements).
+bool dh_split_allowed() {
+  const char* v = std::getenv("GLA_CUDA_DH_SPLIT");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+WorkspacePlan plan_workspace(const BwdParams& p) {
+  WorkspacePlan w;
+  if (dh_split_allowed()) w.sp = plan_dh_split(p);
+  if (w.sp.seg_len > 0) {
+    const size_t n = size_t(p.N) * p.H * w.sp.nseg * p.K;
+    w.at_decay = (n * p.V * sizeof(float) + 255) / 256 * 256;
+    w.bytes = w.at_decay + n * sizeof(float);
+  }
+  return w;
+}
+}  // namespace
+
+size_t chunk_bwd_workspace_bytes(const BwdParams& p) { return plan_workspace(p).bytes; }
+
+cudaError_t chunk_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   using T = cute::bfloat16_t;
   if (p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
-  cudaError_t err = run_chunk_bwd_dh<T>(p, stream);
+  const WorkspacePlan w = plan_workspace(p);
+  SegmentSplit sp = w.sp;
+  if (sp.seg_len > 0) {
+    if (workspace == nullptr) return cudaErrorInvalidValue;
+    sp.ws_state = static_cast<float*>(workspace);
+    sp.ws_decay = reinterpret_cast<float*>(static_cast<char*>(workspace) + w.at_decay);
+  }
+  cudaError_t err = run_chunk_bwd_dh<T>(p, sp, stream);
   if (err != cudaSuccess) return err;
   switch (p.K) {
     case 64: err = run_chunk_bwd_dv<T, 64>(p, stream); break;

@@ -2,6 +2,8 @@
 // walk, dv, then dq/dk/dg (NOTES.md).
 #pragma once
 
+#include <cstddef>
+
 #include <cuda_runtime.h>
 
 #include "gla_params.h"
@@ -9,6 +11,8 @@
 namespace gla {
 // Returns nullptr if these kernels cover the inputs, else a short static reason string.
 const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor);
+// Bytes of device workspace chunk_bwd needs (the dh walk's segment split; 0 without one).
+size_t chunk_bwd_workspace_bytes(const BwdParams& p);
 // Launches on `stream`; returns the launch error (cudaGetLastError after the launches).
-cudaError_t chunk_bwd(const BwdParams& p, cudaStream_t stream);
+cudaError_t chunk_bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 }  // namespace gla

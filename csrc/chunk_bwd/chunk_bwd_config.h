@@ -64,10 +64,17 @@ static_assert(DqkgSmem{}.bytes() <= 113 * 1024, "dq/dk/dg: two CTAs per SM");
 
 }  // namespace chunk_bwd_cfg
 
-// The three launches: the dh walk, dv (K in {64, 128, 256}) and dq/dk/dg. Defined in
+// The dh walk's segment split: only where the walks would leave most of the GPU idle (enough
+// segments for two walks per SM, and at least three: the first pass costs about as much as the
+// second).
+inline SegmentSplit plan_dh_split(const BwdParams& p) {
+  return plan_segments((long long)p.N * p.H * (p.K / 64) * (p.V / 64), p.num_sms, 2, 3, p.T);
+}
+
+// The three launches: the dh walk (two with a split), dv (K in {64, 128, 256}) and dq/dk/dg. Defined in
 // chunk_bwd_launch.cuh, instantiated in chunk_bwd_bf16*.cu.
 template <class T>
-cudaError_t run_chunk_bwd_dh(const BwdParams& p, cudaStream_t stream);
+cudaError_t run_chunk_bwd_dh(const BwdParams& p, const SegmentSplit& sp, cudaStream_t stream);
 template <class T, int K>
 cudaError_t run_chunk_bwd_dv(const BwdParams& p, cudaStream_t stream);
 template <class T, class GT>

@@ -70,22 +70,10 @@ cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaS
 }
 
 // Segment plan: split only when the (sequence, head, V-tile) CTAs fill at most half the GPU
-// and segments stay at least 256 tokens long; never more CTAs than SMs.
+// (one walk per SM) and segments stay at least 256 tokens long; never more CTAs than SMs.
 chunk_fwd_cfg::Split plan_split(const FwdParams& p) {
-  chunk_fwd_cfg::Split sp;
   const long long ctas = (long long)p.N * p.H * (p.V / chunk_fwd_cfg::block_v(p.K, p.V));
-  if (ctas <= 0 || p.num_sms <= 0 || 2 * ctas > p.num_sms) return sp;
-  long long nseg = p.num_sms / ctas;
-  if (nseg > p.T / 256) nseg = p.T / 256;
-  if (nseg < 2) return sp;
-  const int C = chunk_fwd_cfg::kChunk;
-  const long long per = (p.T + nseg - 1) / nseg;
-  const long long seg_len = (per + C - 1) / C * C;
-  nseg = (p.T + seg_len - 1) / seg_len;
-  if (nseg < 2) return sp;
-  sp.seg_len = int(seg_len);
-  sp.nseg = int(nseg);
-  return sp;
+  return plan_segments(ctas, p.num_sms, 1, 2, p.T);
 }
 
 }  // namespace

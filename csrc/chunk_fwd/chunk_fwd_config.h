@@ -16,17 +16,9 @@ constexpr int kThreads = 256;  // 8 warps per CTA
 // K = 128 uses BV = 128 when it can: the intra-chunk scores are then computed once per head.
 constexpr int block_v(int K, int V) { return K == 128 && V % 128 == 0 ? 128 : 64; }
 
-// Segment splitting, for when (sequence, head, V-tile) CTAs are too few for the GPU: each
-// sequence is cut into segments of seg_len tokens (a multiple of the chunk). Pass 1
-// (run_segment_states) runs every segment but the last from a zero state and stores its end
-// state and its total decay exp(sum g) in the workspace; pass 2 (the fused kernel) runs every
-// segment, starting from h0 (or zero) composed with the stored states of the segments before it.
-struct Split {
-  int seg_len = 0;          // 0: no splitting (one segment per sequence)
-  int nseg = 1;             // segments per sequence (of the longest possible sequence, T)
-  float* ws_state = nullptr;  // [N * H, nseg, K, V] float32
-  float* ws_decay = nullptr;  // [N * H, nseg, K] float32
-};
+// The forward's segment split (gla_params.h): pass 1 (run_segment_states) stores the end state
+// of every segment but the last; pass 2 (the walk) starts from h0 composed with those before it.
+using Split = SegmentSplit;
 
 // Shared-memory layout (bytes). Rows are padded by 16 bytes so ldmatrix and the
 // per-thread fragment loads are free of bank conflicts.

@@ -19,18 +19,6 @@ namespace gla {
 template <class T> struct KeptState { using type = T; };
 template <> struct KeptState<cute::half_t> { using type = float; };
 
-// Pass 2 of a split (blockIdx.z = seg): moves bos and len to this CTA's segment of the sequence
-// and returns the sequence's last segment (0 without a split), or -1 if seg lies past its end.
-__device__ __forceinline__ int clip_to_segment(const chunk_fwd_cfg::Split& sp, int seg, int64_t& bos, int64_t& len) {
-  if (sp.seg_len <= 0) return 0;
-  const int last = len > 0 ? int((len - 1) / sp.seg_len) : 0;
-  if (seg > last) return -1;
-  const int64_t s0 = int64_t(seg) * sp.seg_len;
-  bos += s0;
-  len = len - s0 < sp.seg_len ? len - s0 : sp.seg_len;
-  return last;
-}
-
 // Offset of element i of rS in a [K, V] row-major state (row stride V).
 template <bool kT, class Coord>
 __device__ __forceinline__ int64_t state_offset(const Coord& tUc, int i, int V) {
