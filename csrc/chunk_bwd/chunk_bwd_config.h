@@ -71,8 +71,8 @@ inline SegmentSplit plan_dh_split(const BwdParams& p) {
   return plan_segments((long long)p.N * p.H * (p.K / 64) * (p.V / 64), p.num_sms, 2, 3, p.T);
 }
 
-// The three launches: the dh walk (two with a split), dv (K in {64, 128, 256}) and dq/dk/dg. Defined in
-// chunk_bwd_launch.cuh, instantiated in chunk_bwd_bf16*.cu.
+// The three launches: the dh walk (two with a split), dv (K in {64, 128, 256}) and dq/dk/dg.
+// Defined in chunk_bwd_launch.cuh, instantiated in chunk_bwd_bf16*.cu.
 template <class T>
 cudaError_t run_chunk_bwd_dh(const BwdParams& p, const SegmentSplit& sp, cudaStream_t stream);
 template <class T, int K>
