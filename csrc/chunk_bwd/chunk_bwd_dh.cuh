@@ -21,6 +21,7 @@
 
 #include "cute_gemm.cuh"
 #include "device_common.cuh"
+#include "state_tile.cuh"
 #include "chunk_bwd_config.h"
 
 namespace gla {
@@ -116,10 +117,10 @@ struct DhWalk {
       __syncthreads();  // the stage and sOut are free
     }
     if (kLocal) {
-      store_tile_f32(ws_state(seg), p.V, acc, tc);
+      store_state<T>(ws_state(seg), p.V, acc, tc);
       if (vt == 0 && tid < BK) ws_decay(seg)[tid] = decay;
     } else if (p.dh0 != nullptr && seg == 0) {
-      store_tile_f32(p.dh0 + soff, p.V, acc, tc);
+      store_state<T>(p.dh0 + soff, p.V, acc, tc);
     }
   }
 
@@ -134,13 +135,6 @@ struct DhWalk {
       acc(i) = f * acc(i) + v.x;
       acc(i + 1) = f * acc(i + 1) + v.y;
     }
-  }
-
-  template <class Acc, class Coord>
-  static __device__ void store_tile_f32(float* x, int64_t ld, const Acc& acc, const Coord& tc) {
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc); i += 2)
-      *reinterpret_cast<float2*>(x + int64_t(get<0>(tc(i))) * ld + get<1>(tc(i))) = make_float2(acc(i), acc(i + 1));
   }
 };
 

@@ -1,9 +1,6 @@
 // Shared by the chunked forward's sequence walks (the fused kernel and the two-stage walks): the
-// segment a CTA walks, the register-resident state's initial value and final store, the output
-// store, the launch. rS is a float32 MMA accumulator
-// fragment of the K x BV tile, tUc the matching (row, column) coordinates; the pairs (i, i + 1)
-// are adjacent columns. With kT (the Hopper walk, which keeps S^T) rS holds the BV x K tile,
-// tUc gives (column, row) and the pairs are adjacent rows.
+// register-resident state's initial value (rS, tUc and kT as in state_tile.cuh, which has its
+// stores), the output store, the launch.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -11,6 +8,7 @@
 #include "chunk_fwd_config.h"
 #include "device_common.cuh"
 #include "gla_params.h"
+#include "state_tile.cuh"
 
 namespace gla {
 
@@ -18,13 +16,6 @@ namespace gla {
 // range a state can exceed), as the Triton backward that reads them keeps them.
 template <class T> struct KeptState { using type = T; };
 template <> struct KeptState<cute::half_t> { using type = float; };
-
-// Offset of element i of rS in a [K, V] row-major state (row stride V).
-template <bool kT, class Coord>
-__device__ __forceinline__ int64_t state_offset(const Coord& tUc, int i, int V) {
-  const int kk = cute::get<kT ? 1 : 0>(tUc(i)), vv = cute::get<kT ? 0 : 1>(tUc(i));
-  return int64_t(kk) * V + vv;
-}
 
 // h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
 // composed in order: S = exp(sum g over segment j) S + S_j.
@@ -67,19 +58,6 @@ __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chu
   }
 }
 
-// The state into dst ([K, V] row-major, this V tile's columns), float32 or 16-bit (pairs packed
-// where they are adjacent columns).
-template <class T, bool kT = false, class D, class Frag, class Coord>
-__device__ __forceinline__ void store_state(D* dst, int V, const Frag& rS, const Coord& tUc) {
-  using namespace cute;
-  CUTE_UNROLL
-  for (int i = 0; i < size(rS); i += kT ? 1 : 2) {
-    D* ptr = dst + state_offset<kT>(tUc, i, V);
-    if constexpr (kT) *ptr = D(rS(i));
-    else if constexpr (cute::is_same_v<D, float>) *reinterpret_cast<float2*>(ptr) = make_float2(rS(i), rS(i + 1));
-    else *reinterpret_cast<uint32_t*>(ptr) = pack2<T>(rS(i), rS(i + 1));
-  }
-}
 
 // One chunk's output tile (C x BV rows of o, row stride ld; acc the float32 accumulator of the
 // MMA thread slice thr): the rows below `rows`, two columns per 32-bit store.
