@@ -220,8 +220,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
               "cuda_chunk_bwd_saved: qx and kd must be like q");
   TORCH_CHECK(decays.scalar_type() == at::kFloat && decays.sizes() == at::IntArrayRef({S, p.H, 3, p.K}),
               "cuda_chunk_bwd_saved: decays must be float32 [slots, H, 3, K]");
-  TORCH_CHECK(states.scalar_type() == q.scalar_type() && states.sizes() == at::IntArrayRef({S, p.H, p.K, p.V}),
-              "cuda_chunk_bwd_saved: states must be [slots, H, K, V] in q's dtype");
+  // the kept states, and dh below: float32 for float16 inputs (KeptState in state_tile.cuh)
+  const auto state_dtype = q.scalar_type() == at::kHalf ? at::kFloat : q.scalar_type();
+  TORCH_CHECK(states.scalar_type() == state_dtype && states.sizes() == at::IntArrayRef({S, p.H, p.K, p.V}),
+              "cuda_chunk_bwd_saved: states must be [slots, H, K, V] in q's dtype (float32 for float16 q)");
   p.chunk_off = chunk_off.data_ptr<int64_t>();
   p.chunk_seq = chunk_seq.data_ptr<int64_t>();
   p.num_slots = S;
@@ -236,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor dh0 = at::empty(initial_state ? at::IntArrayRef({p.N, p.H, p.K, p.V}) : at::IntArrayRef({0}),
                              q.options().dtype(at::kFloat));
-  at::Tensor dh = at::empty({S, p.H, p.K, p.V}, q.options());
+  at::Tensor dh = at::empty({S, p.H, p.K, p.V}, q.options().dtype(state_dtype));
   poison({&dq, &dk, &dg, &dv, &dh0, &dh});
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "gla_params.h"
 
@@ -99,6 +100,29 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   uint32_t r;
   memcpy(&r, x, 4);
   return r;
+}
+
+// load_tile into a 16-bit tile from a source of its own type (cp.async), or from float32 rounded
+// on the way (plain loads, 8 floats per 16-byte store: visible after the caller's barrier).
+template <int kThreads, int kRows, int kWidth, class E, class S>
+__device__ __forceinline__ void load_tile_from(E* s, int sstride, const S* g, int64_t gstride, int valid_rows, int tid) {
+  if constexpr (std::is_same_v<E, S>) {
+    load_tile<kThreads, kRows, kWidth>(s, sstride, g, gstride, valid_rows, tid);
+  } else {
+    static_assert(std::is_same_v<S, float> && sizeof(E) == 2, "float32 into a 16-bit tile");
+    constexpr int PR = kWidth / 8;
+#pragma unroll 1  // one piece in flight per thread: callers hold MMA accumulators across this
+    for (int i = tid; i < kRows * PR; i += kThreads) {
+      const int r = i / PR, cc = (i % PR) * 8;
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (r < valid_rows) {
+        const float4 a = *reinterpret_cast<const float4*>(g + int64_t(r) * gstride + cc);
+        const float4 b = *reinterpret_cast<const float4*>(g + int64_t(r) * gstride + cc + 4);
+        x = make_uint4(pack2<E>(a.x, a.y), pack2<E>(a.z, a.w), pack2<E>(b.x, b.y), pack2<E>(b.z, b.w));
+      }
+      *reinterpret_cast<uint4*>(s + r * sstride + cc) = x;
+    }
+  }
 }
 
 // In-chunk cumulative sum of g for channel ch, the chunk's rows cut into parts of RPT rows, one

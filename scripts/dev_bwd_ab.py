@@ -2,7 +2,7 @@
 by side in one process: the backward alone on the same kept tensors (each launch of the compiled
 one too; where its state-gradient walk splits the sequences, also with GLA_CUDA_DH_SPLIT=0), the
 gradients' distance between the two, and fwd+bwd with each backward.
-    python scripts/dev_bwd_ab.py [B,T,H,K,V ...]"""
+    python scripts/dev_bwd_ab.py [--fp16] [B,T,H,K,V ...]"""
 import os
 import sys
 
@@ -15,10 +15,12 @@ from gla_cuda.backends import cuda as cuda_backend
 from gla_cuda.backends.triton import chunk as triton_chunk
 
 NAMES = ("dq", "dk", "dv", "dg")
-shapes = [tuple(map(int, s.split(","))) for s in (sys.argv[1:] or ["8,2048,16,128,128", "2,8192,16,128,128"])]
+args = [a for a in sys.argv[1:] if a != "--fp16"]
+dtype = torch.float16 if "--fp16" in sys.argv else torch.bfloat16
+shapes = [tuple(map(int, s.split(","))) for s in (args or ["8,2048,16,128,128", "2,8192,16,128,128"])]
 for shape in shapes:
     B, T, H, K, V = shape
-    q, k, v, g = bench.make_inputs(B, T, H, K, V, "cuda")
+    q, k, v, g = bench.make_inputs(B, T, H, K, V, "cuda", dtype=dtype)
     do = torch.randn_like(v)
     scale = K ** -0.5
     _, _, saved = cuda_backend.chunk_fwd_saving(q, k, v, g, scale, None, False, None)
@@ -34,7 +36,7 @@ for shape in shapes:
     a, b = ours(), triton()
     dist = {n: ((x.float() - y.float()).norm() / y.float().norm()).item() for n, x, y in zip(NAMES, a, b)}
     t_ours, t_triton = do_bench(ours, warmup=50, rep=300), do_bench(triton, warmup=50, rep=300)
-    print(f"{shape} backward alone: compiled {t_ours:.3f} ms, Triton {t_triton:.3f} ms "
+    print(f"{shape} {dtype} backward alone: compiled {t_ours:.3f} ms, Triton {t_triton:.3f} ms "
           f"({t_triton / t_ours:.2f}x); compiled vs Triton rel {dist}", flush=True)
     os.environ["GLA_CUDA_DH_SPLIT"] = "0"
     unsplit = ours()
@@ -60,7 +62,7 @@ for shape in shapes:
         print(f"  fwd+bwd {backend:6s} {do_bench(fb, warmup=50, rep=300):.3f} ms", flush=True)
     for backend in ("cuda", "auto"):
         res, peak, host = bench.time_candidate(lambda q, k, v, g: gla_cuda.chunk_gla(q, k, v, g, backend=backend),
-                                               shape, "cuda", ("fwd", "fwdbwd", "bwd"))
+                                               shape, "cuda", ("fwd", "fwdbwd", "bwd"), dtype=dtype)
         args = (q, k, v, g, scale, None, False, None, backend)
         t_train = do_bench(lambda: torch.ops.gla.chunk_fwd_train(*args), warmup=50, rep=300)
         print(f"  {backend}: ms {res} host {host} peak MiB {({m: b / 2**20 for m, b in peak.items()})} "

@@ -11,9 +11,9 @@ import gla_cuda
 from gla_cuda import dispatch
 
 
-def inputs(T, H, K, V, N):
-    q, k, v = (torch.randn(1, T, H, d, device="cuda", dtype=torch.bfloat16) for d in (K, K, V))
-    g = (torch.nn.functional.logsigmoid(torch.randn(1, T, H, K, device="cuda")) / 16).bfloat16()
+def inputs(T, H, K, V, N, dtype=torch.bfloat16):
+    q, k, v = (torch.randn(1, T, H, d, device="cuda", dtype=dtype) for d in (K, K, V))
+    g = (torch.nn.functional.logsigmoid(torch.randn(1, T, H, K, device="cuda")) / 16).to(dtype)
     return q, k, v, g, torch.randn(N, H, K, V, device="cuda")
 
 
@@ -30,8 +30,10 @@ cases = [(torch.tensor([0, 0, 1, 70, 200, 263], dtype=torch.int32, device="cuda"
          # two K and two V tiles of the compiled backward's kernels
          (torch.tensor([0, 63, 64, 199], dtype=torch.int32, device="cuda"), inputs(199, 2, 128, 128, 3)),
          # three (sequence, head) pairs and long sequences: the compiled forward's segment split
-         # and the backward's split state-gradient walk
+         # and the backward's split state-gradient walk, in bf16 and float16
          (torch.tensor([0, 600, 601, 1400], dtype=torch.int32, device="cuda"), inputs(1400, 1, 128, 128, 3)),
+         (torch.tensor([0, 600, 601, 1400], dtype=torch.int32, device="cuda"),
+          inputs(1400, 1, 128, 128, 3, torch.float16)),
          # K = 256: the compiled two-stage forward (prep, then the wgmma walk on sm_90)
          (torch.tensor([0, 0, 1, 70, 200], dtype=torch.int32, device="cuda"), inputs(200, 2, 256, 128, 4))]
 for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
@@ -45,7 +47,7 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
                 with torch.no_grad():
                     fn(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend=backend)
             torch.cuda.synchronize()
-            print(f"{backend} {form} T={q.shape[1]}: ran")
+            print(f"{backend} {form} T={q.shape[1]} {q.dtype}: ran")
     if backend == "cuda":  # the mma.sync walk of the two-stage forward (other GPUs than sm_90)
         cu, (q, k, v, g, h0) = cases[-1]
         os.environ["GLA_CUDA_NO_WGMMA"] = "1"

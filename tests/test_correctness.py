@@ -192,18 +192,18 @@ def test_short_recurrent_varlen(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["batch", "varlen", "split"])
+@pytest.mark.parametrize("layout", ["batch", "varlen", "split", "split_fp16"])
 def test_chunk_backward_deterministic(device, backend, layout):
     """Two backward passes on the same inputs give bitwise-identical gradients (several V
     tiles, so that partial sums over tiles are involved; no float atomics). split: one head of
     one long sequence, whose compiled state-gradient walk runs in segments (4 walks: 3 to 5
-    segments on a GPU with 6 SMs or more)."""
-    if layout == "split" and device == "cpu":
+    segments on a GPU with 6 SMs or more), in bf16 and float16."""
+    if layout.startswith("split") and device == "cpu":
         pytest.skip("long sequences: the GPU run covers them")
     cu = torch.tensor([0, 70, 200, 333], dtype=torch.int32, device=device) if layout == "varlen" else None
     B, T, H, N = {"batch": (2, 333, 2, 2), "varlen": (1, 333, 2, 3)}.get(layout, (1, 1300, 1, 1))
-    ins = make_inputs(B, T, H, 128, 128 if layout == "split" else 192, dtype=torch.bfloat16, device=device,
-                      h0=True, N=N)
+    ins = make_inputs(B, T, H, 128, 128 if layout.startswith("split") else 192, device=device, h0=True, N=N,
+                      dtype=torch.float16 if layout == "split_fp16" else torch.bfloat16)
     if device == "cpu" and backend == "triton":
         pytest.skip("slow under the Triton interpreter; the GPU run covers Triton")
     skip_unless_runs("chunk_bwd", backend, ins, cu)

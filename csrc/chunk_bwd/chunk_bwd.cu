@@ -15,8 +15,7 @@ namespace gla {
 const char* chunk_bwd_unsupported(const BwdParams& p, int sm_major, int sm_minor) {
   (void)sm_minor;
   if (sm_major < 8) return "chunk_bwd needs sm_80 or newer";
-  // float16 would flush dh, and the gated operands of dg, with strong gates (NOTES.md, Coverage)
-  if (p.dtype != DType::kBFloat16) return "chunk_bwd needs bfloat16 q/k/v (float16's range is too narrow)";
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return "chunk_bwd needs bfloat16 or float16 q/k/v";
   if (p.g_dtype != DType::kFloat32 && p.g_dtype != p.dtype)
     return "chunk_bwd needs g in float32 or in the dtype of q/k/v";
   if (p.K != 64 && p.K != 128 && p.K != 256) return "chunk_bwd needs K in {64, 128, 256}";
@@ -64,20 +63,10 @@ WorkspacePlan plan_workspace(const BwdParams& p) {
   }
   return w;
 }
-}  // namespace
 
-size_t chunk_bwd_workspace_bytes(const BwdParams& p) { return plan_workspace(p).bytes; }
-
-cudaError_t chunk_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
-  using T = cute::bfloat16_t;
-  if (p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
-  const WorkspacePlan w = plan_workspace(p);
-  SegmentSplit sp = w.sp;
-  if (sp.seg_len > 0) {
-    if (workspace == nullptr) return cudaErrorInvalidValue;
-    sp.ws_state = static_cast<float*>(workspace);
-    sp.ws_decay = reinterpret_cast<float*>(static_cast<char*>(workspace) + w.at_decay);
-  }
+// The three launches: the dh walk (two with a split), dv, dq/dk/dg.
+template <class T>
+cudaError_t run_all(const BwdParams& p, const SegmentSplit& sp, cudaStream_t stream) {
   cudaError_t err = run_chunk_bwd_dh<T>(p, sp, stream);
   if (err != cudaSuccess) return err;
   switch (p.K) {
@@ -88,6 +77,24 @@ cudaError_t chunk_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) 
   }
   if (err != cudaSuccess) return err;
   return p.g_dtype == DType::kFloat32 ? run_chunk_bwd_dqkg<T, float>(p, stream) : run_chunk_bwd_dqkg<T, T>(p, stream);
+}
+}  // namespace
+
+size_t chunk_bwd_workspace_bytes(const BwdParams& p) { return plan_workspace(p).bytes; }
+
+cudaError_t chunk_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  const WorkspacePlan w = plan_workspace(p);
+  SegmentSplit sp = w.sp;
+  if (sp.seg_len > 0) {
+    if (workspace == nullptr) return cudaErrorInvalidValue;
+    sp.ws_state = static_cast<float*>(workspace);
+    sp.ws_decay = reinterpret_cast<float*>(static_cast<char*>(workspace) + w.at_decay);
+  }
+  switch (p.dtype) {
+    case DType::kBFloat16: return run_all<cute::bfloat16_t>(p, sp, stream);
+    case DType::kFloat16: return run_all<cute::half_t>(p, sp, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace gla

@@ -3,8 +3,8 @@
 // One CTA (4 warps) per (sequence, head, 64-channel tile of K, 64-column tile of V) walks the
 // chunks last to first with dS, the gradient with respect to the state at the end of the
 // current chunk (64 x 64 float32, MMA accumulators), seeded with the final-state gradient.
-// Per chunk: dS goes to the workspace dh[slot] (input dtype: the dq/dk/dg and dv kernels read
-// it), then
+// Per chunk: dS goes to the workspace dh[slot] (in the kept states' type, KeptState: the
+// dq/dk/dg and dv kernels read it), then
 //   dS = (dS exp(Gamma - b_0) + qx^T do) exp(b_0),   qx = scale q exp(b - b_0)   (saved)
 // exp(b_0) is applied in float32 after the product, so no factor below the input dtype's range
 // is rounded to it. After the first chunk dS is d(initial state). The next chunk's qx, do and
@@ -34,6 +34,8 @@ struct DhWalk {
   static constexpr int C = chunk_bwd_cfg::kChunk, NT = chunk_bwd_cfg::kWalkThreads, BK = 64, BV = 64;
   static constexpr chunk_bwd_cfg::WalkSmem L{};
   static constexpr int LD = L.ld();
+  using HT = typename KeptState<T>::type;  // dh: float32 for float16 inputs
+  static constexpr bool kFloatDh = cute::is_same_v<HT, float>;
   using Atom = MMA_Atom<typename MmaAtomFor<T>::type>;
   // the 64 x 64 tile: warp w owns rows (channels) 16 w ..
   using Mma = decltype(make_tiled_mma(Atom{}, Layout<Shape<_4, _1, _1>>{}, Tile<_64, _16, _16>{}));
@@ -89,7 +91,7 @@ struct DhWalk {
     if (nchunks > 0) load(nchunks - 1);
     for (int c = nchunks - 1; c >= 0; --c) {
       const int s = c & 1;
-      if (!kLocal) {  // staged for 16-byte stores
+      if (!kLocal && !kFloatDh) {  // staged for 16-byte stores
         CUTE_UNROLL
         for (int i = 0; i < size(acc); i += 2)
           *reinterpret_cast<uint32_t*>(sOut + get<0>(tc(i)) * LD + get<1>(tc(i))) = pack2<T>(acc(i), acc(i + 1));
@@ -103,8 +105,9 @@ struct DhWalk {
       __syncthreads();  // this chunk's stage has landed; sOut is written
       const float* e = sE(s);
       if (!kLocal) {
-        T* dh = static_cast<T*>(p.dh) + (((slot0 + c) * p.H + hh) * p.K + kt * BK) * p.V + vt * BV;
-        store_tile<NT, BK, BV>(dh, p.V, sOut, LD, BK, tid);
+        HT* dh = static_cast<HT*>(p.dh) + (((slot0 + c) * p.H + hh) * p.K + kt * BK) * p.V + vt * BV;
+        if constexpr (kFloatDh) store_state<T>(dh, p.V, acc, tc);
+        else store_tile<NT, BK, BV>(dh, p.V, sOut, LD, BK, tid);
       } else if (tid < BK) {
         decay *= e[tid] * e[BK + tid];
       }

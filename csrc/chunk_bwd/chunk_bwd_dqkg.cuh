@@ -7,7 +7,8 @@
 //   V loop   per 64-column tile of V (cp.async): dA += do v^T, dq~ += do h^T, dk~ += v dh^T
 //            (MMA accumulators across the tiles) and rowsum(h * dh) per channel.
 //   dq       dq = exp2(b_t - b_r) [scale exp2(b_r) dq~ + dA k~],  k~_s = k_s exp2(b_r - b_s),
-//            r = first row of t's 16-row block (key blocks below the diagonal);
+//            r = the row before t's 16-row block (key blocks below the diagonal): the nearest
+//            key's k~ is k itself, never flushed by float16 with strong gates;
 //   dk       dk_intra = exp2(b_R - b_s) [dA^T q~],  q~_t = q_t exp2(b_t - b_R), R = first row
 //            of the block after s's block;  dk_inter = exp2(G - b_s) dk~;
 //   diagonal the 16 x 16 diagonal blocks element-wise in float32 (weights exp2(b_t - b_s) as
@@ -24,6 +25,7 @@
 
 #include "cute_gemm.cuh"
 #include "device_common.cuh"
+#include "state_tile.cuh"
 #include "chunk_bwd_config.h"
 
 namespace gla {
@@ -78,16 +80,17 @@ struct Dqkg {
     const T* dob = static_cast<const T*>(p.dout) + t0 * HV + int64_t(hh) * p.V;
     const T* vb = static_cast<const T*>(p.v) + t0 * HV + int64_t(hh) * p.V;
     const int64_t soff = ((slot * p.H + hh) * p.K + kt * BK) * p.V;  // the tile's rows of h, dh
-    const T* hb = static_cast<const T*>(p.saved_h) + soff;
-    const T* dhb = static_cast<const T*>(p.dh) + soff;
+    using HT = typename KeptState<T>::type;  // h and dh: float32 for float16 inputs, rounded here
+    const HT* hb = static_cast<const HT*>(p.saved_h) + soff;
+    const HT* dhb = static_cast<const HT*>(p.dh) + soff;
     const float scale = p.scale;
     const int nvt = p.V / BV;
 
     auto load_v_tile = [&](int j) {
       load_tile<NT, C, BV>(sDO, LD, dob + j * BV, HV, rows, tid);
       load_tile<NT, C, BV>(sV, LD, vb + j * BV, HV, rows, tid);
-      load_tile<NT, BK, BV>(sH, LD, hb + j * BV, p.V, BK, tid);
-      load_tile<NT, BK, BV>(sDH, LD, dhb + j * BV, p.V, BK, tid);
+      load_tile_from<NT, BK, BV>(sH, LD, hb + j * BV, p.V, BK, tid);
+      load_tile_from<NT, BK, BV>(sDH, LD, dhb + j * BV, p.V, BK, tid);
       cp_async_commit();
     };
     load_tile<NT, C, BK>(sQ, LD, static_cast<const T*>(p.q) + kout, HK, rows, tid);
@@ -97,8 +100,8 @@ struct Dqkg {
     for (int j = 1; j < nvt; ++j) {  // the later V tiles come through L2
       prefetch_rows<NT>(dob + j * BV, rows, BV * int(sizeof(T)), HV * int(sizeof(T)), tid);
       prefetch_rows<NT>(vb + j * BV, rows, BV * int(sizeof(T)), HV * int(sizeof(T)), tid);
-      prefetch_rows<NT>(hb + j * BV, BK, BV * int(sizeof(T)), p.V * int(sizeof(T)), tid);
-      prefetch_rows<NT>(dhb + j * BV, BK, BV * int(sizeof(T)), p.V * int(sizeof(T)), tid);
+      prefetch_rows<NT>(hb + j * BV, BK, BV * int(sizeof(HT)), p.V * int(sizeof(HT)), tid);
+      prefetch_rows<NT>(dhb + j * BV, BK, BV * int(sizeof(HT)), p.V * int(sizeof(HT)), tid);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -189,8 +192,8 @@ struct Dqkg {
             rB(i, nn, kk) = T(float(rB(i, nn, kk)) * ex2(x(i, nn, kk) - y(i, nn, kk)));
       };
     };
-    {  // dq = exp2(b_t - b_r) [scale exp2(b_r) (do h^T) + dA k~], r = 16 wi
-      const int r = 16 * wi;
+    {  // dq = exp2(b_t - b_r) [scale exp2(b_r) (do h^T) + dA k~], r = 16 wi - 1 (0 for no key blocks)
+      const int r = wi > 0 ? 16 * wi - 1 : 0;
       Tensor tCr = thr.partition_C(view(sB + r * LDB, lbR));
       Tensor tBr = thr.partition_B(view(sB + r * LDB, lbBR));
       CUTE_UNROLL

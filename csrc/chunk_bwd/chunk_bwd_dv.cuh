@@ -8,6 +8,7 @@
 
 #include "cute_gemm.cuh"
 #include "device_common.cuh"
+#include "state_tile.cuh"
 #include "chunk_bwd_config.h"
 
 namespace gla {
@@ -38,7 +39,8 @@ struct Dv {
     T* sDo = reinterpret_cast<T*>(smem + L.off_do());
     const int64_t HK = int64_t(p.H) * K, HV = int64_t(p.H) * p.V;
     load_tile<NT, C, K>(sKd, LDK, static_cast<const T*>(p.saved_kd) + t0 * HK + int64_t(hh) * K, HK, rows, tid);
-    load_tile<NT, K, BV>(sDh, LD, static_cast<const T*>(p.dh) + (slot * p.H + hh) * K * p.V + vt * BV, p.V, K, tid);
+    load_tile_from<NT, K, BV>(sDh, LD, static_cast<const typename KeptState<T>::type*>(p.dh) + (slot * p.H + hh) * K * p.V + vt * BV,
+                              p.V, K, tid);
     load_tile<NT, C, C>(sA, LD, static_cast<const T*>(p.saved_a) + (t0 * p.H + hh) * C, int64_t(p.H) * C, rows, tid);
     T* dob = static_cast<T*>(p.dv) + t0 * HV + int64_t(hh) * p.V + vt * BV;
     load_tile<NT, C, BV>(sDo, LD, static_cast<const T*>(p.dout) + t0 * HV + int64_t(hh) * p.V + vt * BV, HV, rows, tid);

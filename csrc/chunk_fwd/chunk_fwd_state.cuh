@@ -12,11 +12,6 @@
 
 namespace gla {
 
-// Storage of the kept states (training): bf16 for bf16 inputs, float32 for float16 (whose
-// range a state can exceed), as the Triton backward that reads them keeps them.
-template <class T> struct KeptState { using type = T; };
-template <> struct KeptState<cute::half_t> { using type = float; };
-
 // h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
 // composed in order: S = exp(sum g over segment j) S + S_j.
 template <int K, int BV, bool kT = false, class Frag, class Coord>
