@@ -154,12 +154,13 @@ def decode_candidates(device):
 # Inputs, memory floor, timing
 # ----------------------------------------------------------------------------
 
-def make_inputs(B, T, H, K, V, device, dtype=torch.bfloat16, gate="normal", requires_grad=False, seed=0):
+def make_inputs(B, T, H, K, V, device, dtype=torch.bfloat16, gate="normal", requires_grad=False, seed=0,
+                g_dtype=None):
     gen = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, device=device, dtype=torch.float32, generator=gen)
     q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
     g = torch.nn.functional.logsigmoid(r(B, T, H, K)) / 16 if gate == "normal" else -20 - r(B, T, H, K).abs()
-    return [x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v, g)]
+    return [x.to(dt).requires_grad_(requires_grad) for x, dt in zip((q, k, v, g), (dtype,) * 3 + (g_dtype or dtype,))]
 
 
 def floor_bytes(B, T, H, K, V, mode, itemsize=2):
@@ -394,10 +395,11 @@ def head_dim_groups(shapes):
 
 
 def accuracy(fn, device, shape=(2, 300, 2, 64, 64), gate="normal", grads=True, seed=1,
-             dtype=torch.bfloat16):
-    """Relative errors of o, the final state and (optionally) every gradient vs float64."""
+             dtype=torch.bfloat16, g_dtype=None):
+    """Relative errors of o, the final state and (optionally) every gradient vs float64 (g in
+    g_dtype, default dtype)."""
     B, T, H, K, V = shape
-    q, k, v, g = make_inputs(B, T, H, K, V, device, dtype=dtype, gate=gate, seed=seed)
+    q, k, v, g = make_inputs(B, T, H, K, V, device, dtype=dtype, gate=gate, seed=seed, g_dtype=g_dtype)
     h0 = torch.randn(B, H, K, V, device=device)
     leaves = [x.detach().clone().requires_grad_(grads) for x in (q, k, v, g, h0)]
     o, ht = fn(*leaves[:4], h0=leaves[4], final=True)
