@@ -1,8 +1,9 @@
 """The chunked backward from the training forward's intermediates, compiled against Triton, side
 by side in one process: the backward alone on the same kept tensors (each launch of the compiled
-one too; where its state-gradient walk splits the sequences, also with GLA_CUDA_DH_SPLIT=0), the
-gradients' distance between the two, and fwd+bwd with each backward.
-    python scripts/dev_bwd_ab.py [--fp16] [B,T,H,K,V ...]"""
+one too; where its state-gradient walk splits the sequences, also with GLA_CUDA_DH_SPLIT=0),
+the gradients' distance between the two, and fwd+bwd with each backward. --compiled: the
+compiled backward's timings only (no Triton compiles).
+    python scripts/dev_bwd_ab.py [--fp16] [--compiled] [B,T,H,K,V ...]"""
 import os
 import sys
 
@@ -15,8 +16,9 @@ from gla_cuda.backends import cuda as cuda_backend
 from gla_cuda.backends.triton import chunk as triton_chunk
 
 NAMES = ("dq", "dk", "dv", "dg")
-args = [a for a in sys.argv[1:] if a != "--fp16"]
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
 dtype = torch.float16 if "--fp16" in sys.argv else torch.bfloat16
+compiled_only = "--compiled" in sys.argv
 shapes = [tuple(map(int, s.split(","))) for s in (args or ["8,2048,16,128,128", "2,8192,16,128,128"])]
 for shape in shapes:
     B, T, H, K, V = shape
@@ -33,11 +35,16 @@ for shape in shapes:
     def triton():
         return triton_chunk.chunk_bwd(q, k, v, g, scale, None, None, do, None, saved=saved)
 
-    a, b = ours(), triton()
-    dist = {n: ((x.float() - y.float()).norm() / y.float().norm()).item() for n, x, y in zip(NAMES, a, b)}
-    t_ours, t_triton = do_bench(ours, warmup=50, rep=300), do_bench(triton, warmup=50, rep=300)
-    print(f"{shape} {dtype} backward alone: compiled {t_ours:.3f} ms, Triton {t_triton:.3f} ms "
-          f"({t_triton / t_ours:.2f}x); compiled vs Triton rel {dist}", flush=True)
+    a = ours()
+    t_ours = do_bench(ours, warmup=50, rep=300)
+    if compiled_only:
+        print(f"{shape} {dtype} backward alone: compiled {t_ours:.3f} ms", flush=True)
+    else:
+        b = triton()
+        dist = {n: ((x.float() - y.float()).norm() / y.float().norm()).item() for n, x, y in zip(NAMES, a, b)}
+        t_triton = do_bench(triton, warmup=50, rep=300)
+        print(f"{shape} {dtype} backward alone: compiled {t_ours:.3f} ms, Triton {t_triton:.3f} ms "
+              f"({t_triton / t_ours:.2f}x); compiled vs Triton rel {dist}", flush=True)
     os.environ["GLA_CUDA_DH_SPLIT"] = "0"
     unsplit = ours()
     t_unsplit = do_bench(ours, warmup=50, rep=300)
@@ -53,6 +60,8 @@ for shape in shapes:
     for e in prof.key_averages():
         if e.device_type == torch.autograd.DeviceType.CUDA and "chunk_bwd" in e.key:
             print(f"    {e.key[:70]:70s} {e.device_time / 1e3:.3f} ms", flush=True)
+    if compiled_only:
+        continue
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
     for backend in ("cuda", "triton", "auto"):
         def fb():

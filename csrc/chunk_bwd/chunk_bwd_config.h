@@ -17,7 +17,7 @@ constexpr int kThreads = 256;  // dq/dk/dg: 8 warps per (slot, head, 64 channels
 // The kernels: the dh walk, dv, and dq/dk/dg (chunk_bwd_dh.cuh, chunk_bwd_dv.cuh,
 // chunk_bwd_dqkg.cuh). Rows of 64 16-bit elements are padded to 72 (ldmatrix and fragment
 // accesses free of bank conflicts).
-constexpr int kWalkThreads = 128;  // the dh walk: 4 warps per (sequence, head, 64 x 64 tile)
+constexpr int kWalkThreads = 256;  // the dh walk: 8 warps per (sequence, head, 64 x 64 tile)
 constexpr int kDvThreads = 128;    // dv: 4 warps per (slot, head, 64 columns of V)
 
 struct WalkSmem {
