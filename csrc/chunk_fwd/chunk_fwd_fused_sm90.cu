@@ -280,7 +280,8 @@ struct FusedGmma {
           rS(i + 1) *= e.y;
         }
       }
-      // this warp is done with the stage
+      // this warp is done with the stage (every lane's reads of it before lane 0's arrival)
+      __syncwarp();
       if (c + 2 < x.nchunks && (wtid & 31) == 0) Barrier::arrive(&x.empty[s]);
       Cons::sync();  // the tile is written
       T* oc = ob + int64_t(c) * C * HV;

@@ -171,7 +171,9 @@ struct WalkGmma {
       Tensor tUrD = thrU.partition_fragment_B(make_tensor(make_smem_ptr(at(c, kOffD)), LD{}));  // kd (channel, t)
       walk_chunk_mmas<kParts, C>(mmaO, mmaV, rS, rS, tUc, tOrS, tOrX, tVrV, tVrA, acc, sB0, sGam,
                                  [&] { gemm(mmaU, tUrV, tUrD, rS); });  // S^T += v^T kd
-      // this warp is done with the stage: tell every CTA that will load into it again
+      // this warp is done with the stage: tell every CTA that will load into it again (after
+      // __syncwarp, so that every lane's reads of the stage come before lane 0's arrival)
+      __syncwarp();
       if (c + 2 < nchunks && (tid & 31) == 0)
         for (int r = 0; r < ncta; ++r) Barrier::arrive(&empty[s], uint32_t(r), 1u);
 
