@@ -32,6 +32,12 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
+// The dtype of the training forward's kept states and of the backward's dh (KeptState in
+// state_tile.cuh): bf16 for bf16 inputs, float32 otherwise (float16's range is too narrow).
+at::ScalarType kept_state_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
 DType dtype_from_name(const std::string& name) {
   if (name == "float16") return DType::kFloat16;
   if (name == "bfloat16") return DType::kBFloat16;
@@ -128,12 +134,11 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd_call(
                 "cuda_chunk_fwd_saving: chunk_off must be int64 [N + 1]");
     TORCH_CHECK(num_slots >= 0, "cuda_chunk_fwd_saving: num_slots must be >= 0");
     const auto f32 = q.options().dtype(at::kFloat);
-    const auto state = q.scalar_type() == at::kBFloat16 ? q.options() : f32;
     *kept = {at::empty({int64_t(p.B) * p.T, p.H, 64}, q.options()),
              at::empty({num_slots, p.H}, q.options().dtype(at::kChar)),
              at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()),
              at::empty({num_slots, p.H, 3, p.K}, f32),
-             at::empty({num_slots, p.H, p.K, p.V}, state)};
+             at::empty({num_slots, p.H, p.K, p.V}, q.options().dtype(kept_state_dtype(q)))};
     for (at::Tensor& x : *kept) poison({&x});
     p.chunk_off = chunk_off->data_ptr<int64_t>();
     p.save_a = (*kept)[0].data_ptr();
@@ -220,8 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
               "cuda_chunk_bwd_saved: qx and kd must be like q");
   TORCH_CHECK(decays.scalar_type() == at::kFloat && decays.sizes() == at::IntArrayRef({S, p.H, 3, p.K}),
               "cuda_chunk_bwd_saved: decays must be float32 [slots, H, 3, K]");
-  // the kept states, and dh below: float32 for float16 inputs (KeptState in state_tile.cuh)
-  const auto state_dtype = q.scalar_type() == at::kHalf ? at::kFloat : q.scalar_type();
+  const auto state_dtype = kept_state_dtype(q);  // of the kept states, and of dh below
   TORCH_CHECK(states.scalar_type() == state_dtype && states.sizes() == at::IntArrayRef({S, p.H, p.K, p.V}),
               "cuda_chunk_bwd_saved: states must be [slots, H, K, V] in q's dtype (float32 for float16 q)");
   p.chunk_off = chunk_off.data_ptr<int64_t>();

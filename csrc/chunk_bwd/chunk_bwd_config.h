@@ -72,7 +72,7 @@ inline SegmentSplit plan_dh_split(const BwdParams& p) {
 }
 
 // The three launches: the dh walk (two with a split), dv (K in {64, 128, 256}) and dq/dk/dg.
-// Defined in chunk_bwd_launch.cuh, instantiated in chunk_bwd_bf16*.cu.
+// Defined in chunk_bwd_launch.cuh, instantiated in chunk_bwd_{bf16,fp16}*.cu.
 template <class T>
 cudaError_t run_chunk_bwd_dh(const BwdParams& p, const SegmentSplit& sp, cudaStream_t stream);
 template <class T, int K>

@@ -53,7 +53,6 @@ __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chu
   }
 }
 
-
 // One chunk's output tile (C x BV rows of o, row stride ld; acc the float32 accumulator of the
 // MMA thread slice thr): the rows below `rows`, two columns per 32-bit store.
 template <class T, int C, int BV, class ThrMma, class Acc>
