@@ -133,8 +133,7 @@ def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
 
 
 # The backends whose chunked backward can take the forward's intermediates, and those whose
-# forward can keep them (gla::chunk_fwd_train); one layout for all: the Triton backend's
-# (backends/triton/chunk.py, saved_like).
+# forward can keep them (gla::chunk_fwd_train); one layout for all: gla_cuda/intermediates.py.
 SAVED_BACKWARDS = ("cuda", "triton")
 SAVING_FORWARDS = ("cuda", "triton")
 
