@@ -7,6 +7,7 @@ a kernel covers the inputs and calls the op.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Optional
 
 import torch
@@ -20,7 +21,10 @@ try:
     IMPORT_ERROR = None
 except ImportError as e:
     _C = None
-    IMPORT_ERROR = f"the compiled extension gla_cuda._C is not available ({e})"
+    # not built at all (a source checkout, or a wheel without it), or built but not loadable
+    IMPORT_ERROR = ("the compiled extension gla_cuda._C is not built (README: Build)"
+                    if importlib.util.find_spec("gla_cuda._C") is None
+                    else f"the compiled extension gla_cuda._C does not load ({e})")
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
