@@ -12,7 +12,7 @@ from gla_cuda.bench.cases import DTYPES, floor_bytes
 def first_line(e):
     """One line saying why a call failed, for the table."""
     text = str(e).strip()
-    if text.startswith("gla_cuda: cannot run"):  # the dispatcher's table: keep the reason itself
+    if text.startswith("gla_cuda: no backend can run"):  # the dispatcher's table: keep the reasons
         reasons = [l.strip() for l in text.splitlines()[2:] if l.strip() and "available" not in l]
         text = text.splitlines()[0] + (" (" + "; ".join(reasons) + ")" if reasons else "")
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
