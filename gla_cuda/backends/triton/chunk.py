@@ -68,10 +68,9 @@ forms per (chunk, head):
 
 The flagged launches cost one early-exiting pass over the grid when nothing is flagged.
 With gates of -20 per step every chunk is flagged: the kernels then run the exact
-hierarchy (the '+ gate kernel, A by sub-blocks' times in scripts/dev_triton_chunk_bench.py)
-plus the first scores launch, whose result is discarded.
+hierarchy plus the first scores launch, whose result is discarded.
 
-Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
+Speed (H100, bf16, triton 3.6; do_bench per launch), ms per kernel at
 (8, 2048, 16, 128, 128): A with the gated operands 0.25 (forward; 0.33 in the backward, which
 also stores exp(Gamma - b_0), exp(b_0); both launches), h 0.09, o 0.13, dh 0.10, dv 0.13, dA
 0.07, dq/dk/dg 0.77 (both launches; 1.50 with the exact hierarchy for every chunk).
@@ -633,7 +632,7 @@ def _cfg(K, V):
     """Tile sizes and launch options, chosen from the shape (no autotuning: the first
     call costs one compilation per kernel).
 
-    Picked kernel by kernel from H100 sweeps (scripts/dev_triton_chunk_bench.py, bf16, the
+    Picked kernel by kernel from H100 sweeps (TUNE overrides timed with do_bench, bf16, the
     four shapes of docs/design.md, 'How fast it can be'; each value was the best or tied of its sweep, measured with the
     other kernels at their previous settings): the scores A (and the gated operands) in
     their own kernel (one reference row: K tiles of 64, 4 warps; forward+backward 0.02-0.07
