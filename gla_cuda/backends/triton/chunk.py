@@ -633,8 +633,8 @@ def _cfg(K, V):
     call costs one compilation per kernel).
 
     Picked kernel by kernel from H100 sweeps (TUNE overrides timed with do_bench, bf16, the
-    four shapes of docs/design.md, 'How fast it can be'; each value was the best or tied of its sweep, measured with the
-    other kernels at their previous settings): the scores A (and the gated operands) in
+    four shapes of docs/design.md, 'How fast it can be'; each value was the best or tied of
+    its sweep, measured with the other kernels at their previous settings): the scores A (and the gated operands) in
     their own kernel (one reference row: K tiles of 64, 4 warps; forward+backward 0.02-0.07
     ms slower with K tiles of 32, 0.07-0.23 with 8 warps; the exact launch: K tiles of 16,
     2 warps, REF 2); o and dv as light products reading A (computing A inside them, in
@@ -644,8 +644,9 @@ def _cfg(K, V):
     exact launch, K tiles of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower;
     REF 2 or 1 there: 0.3-2 ms slower); the state walks (reading gated operands) with
     64 x 64 tiles and 4 warps (K tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4
-    keeps the levels inside 16-token sub-blocks in tf32 (docs/design.md, 'The chunked form and its numerics': float32 on the diagonal
-    sub-blocks); the one-reference products are tf32 throughout."""
+    keeps the levels inside 16-token sub-blocks in tf32 (docs/design.md, 'The chunked form
+    and its numerics': float32 on the diagonal sub-blocks); the one-reference products are
+    tf32 throughout."""
     interp = _interpreting()
     kp, vp = _np2(K), _np2(V)
     c = {
