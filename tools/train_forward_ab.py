@@ -3,7 +3,7 @@ the two stages (prep, then the wgmma walk; training's default), the warp-special
 kSave form (GLA_CUDA_K128_FORWARD=fused) and the mma.sync kernel (GLA_CUDA_NO_WGMMA=1): the
 training forward alone, fwd+bwd under auto, the inference forward, and how far the kept
 tensors are from the default's.
-    python scripts/dev_train_ab.py [B,T,H,K,V ...]"""
+    python tools/train_forward_ab.py [B,T,H,K,V ...]"""
 import os
 import sys
 
@@ -11,14 +11,16 @@ import torch
 from triton.testing import do_bench
 
 import gla_cuda
-from gla_cuda import bench
+from gla_cuda.intermediates import NAMES as KEPT
+from gla_cuda.testing import make_inputs
 
-NAMES = ("o", "ht", "A", "flags", "qx", "kd", "decays", "states")
+NAMES = ("o", "ht") + KEPT
 MODES = {"two_stage": {}, "fused": {"GLA_CUDA_K128_FORWARD": "fused"}, "mma.sync": {"GLA_CUDA_NO_WGMMA": "1"}}
 shapes = [tuple(map(int, s.split(","))) for s in (sys.argv[1:] or ["8,2048,16,128,128", "2,8192,16,128,128"])]
 for shape in shapes:
     B, T, H, K, V = shape
-    q, k, v, g = bench.make_inputs(B, T, H, K, V, "cuda", requires_grad=True)
+    q, k, v, g = (make_inputs(B, T, H, K, V, dtype=torch.bfloat16, device="cuda", seed=0, requires_grad=True)[n]
+                  for n in "qkvg")
     do = torch.randn_like(v)
     args = (q.detach(), k.detach(), v.detach(), g.detach(), K ** -0.5, None, False, None, "auto")
     kept = {}

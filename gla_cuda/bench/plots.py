@@ -12,6 +12,8 @@ import os
 from collections import defaultdict
 from typing import Dict, List
 
+from gla_cuda.bench.cases import DTYPES, floor_bytes
+
 PLOT_MODES = ("fwd", "fwdbwd")
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward"}
 # one colour per backend in every figure: ours warm, baselines cool
@@ -48,12 +50,10 @@ def plot(results: dict, out_dir: str) -> List[str]:
     try:
         import matplotlib
     except ImportError as e:
-        raise ImportError("gla_cuda.plots needs matplotlib: pip install matplotlib") from e
+        raise ImportError("gla_cuda.bench.plots needs matplotlib: pip install matplotlib") from e
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-
-    from gla_cuda.bench import DTYPES, floor_bytes
 
     os.makedirs(out_dir, exist_ok=True)
     title = f"{results.get('device', '?')}, {results.get('date', '')}"

@@ -3,7 +3,7 @@ by side in one process: the backward alone on the same kept tensors (each launch
 one too; where its state-gradient walk splits the sequences, also with GLA_CUDA_DH_SPLIT=0),
 the gradients' distance between the two, and fwd+bwd with each backward. --compiled: the
 compiled backward's timings only (no Triton compiles).
-    python scripts/dev_bwd_ab.py [--fp16] [--compiled] [B,T,H,K,V ...]"""
+    python tools/bwd_ab.py [--fp16] [--compiled] [B,T,H,K,V ...]"""
 import os
 import sys
 
@@ -11,9 +11,11 @@ import torch
 from triton.testing import do_bench
 
 import gla_cuda
-from gla_cuda import bench
 from gla_cuda.backends import cuda as cuda_backend
 from gla_cuda.backends.triton import chunk as triton_chunk
+from gla_cuda.bench import time_candidate
+from gla_cuda.intermediates import ChunkSlots
+from gla_cuda.testing import make_inputs
 
 NAMES = ("dq", "dk", "dv", "dg")
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -22,11 +24,11 @@ compiled_only = "--compiled" in sys.argv
 shapes = [tuple(map(int, s.split(","))) for s in (args or ["8,2048,16,128,128", "2,8192,16,128,128"])]
 for shape in shapes:
     B, T, H, K, V = shape
-    q, k, v, g = bench.make_inputs(B, T, H, K, V, "cuda", dtype=dtype)
+    q, k, v, g = (make_inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=0)[n] for n in "qkvg")
     do = torch.randn_like(v)
     scale = K ** -0.5
     _, _, saved = cuda_backend.chunk_fwd_saving(q, k, v, g, scale, None, False, None)
-    meta = triton_chunk._Meta(q, None)
+    meta = ChunkSlots(q, None)
 
     def ours():
         return torch.ops.gla.cuda_chunk_bwd_saved(q, k, v, g, scale, None, None, do, None, meta.chunk_off,
@@ -70,7 +72,7 @@ for shape in shapes:
         fb()
         print(f"  fwd+bwd {backend:6s} {do_bench(fb, warmup=50, rep=300):.3f} ms", flush=True)
     for backend in ("cuda", "auto"):
-        res, peak, host = bench.time_candidate(lambda q, k, v, g: gla_cuda.chunk_gla(q, k, v, g, backend=backend),
+        res, peak, host = time_candidate(lambda q, k, v, g: gla_cuda.chunk_gla(q, k, v, g, backend=backend),
                                                shape, "cuda", ("fwd", "fwdbwd", "bwd"), dtype=dtype)
         args = (q, k, v, g, scale, None, False, None, backend)
         t_train = do_bench(lambda: torch.ops.gla.chunk_fwd_train(*args), warmup=50, rep=300)

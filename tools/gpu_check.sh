@@ -2,7 +2,7 @@
 # One call on the GPU machine: build with every core, run the GPU tests, the main job
 # and the benchmark; logs go to $OUT (or ./gpu_logs). Wheels in .whl/ (nvidia-cutlass,
 # fla-core) are installed first, for machines without network (README: Layout).
-#   bash scripts/gpu_check.sh [build|warm|test|main|example|sanitize|wait|bench ...]
+#   bash tools/gpu_check.sh [build|warm|test|main|example|sanitize|wait|bench ...]
 #   (default: build warm test main bench). warm compiles the benchmark's kernels in the
 #   background while the steps after it run; bench (or wait) waits for it. Triton's cache
 #   is build/triton_cache, so a later call on the same (still warm) machine reuses it. Every step fits in
@@ -55,7 +55,7 @@ for step in $steps; do
       timeout $(left) python3 -m gla_cuda.bench --out "$OUT" --shapes $SHAPES ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
-        timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_case.py ${SANITIZE_BACKENDS:-} \
+        timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitize_case.py ${SANITIZE_BACKENDS:-} \
           > "$OUT/sanitize_$tool.log" 2>&1; echo "$tool exit $?"; tail -3 "$OUT/sanitize_$tool.log"
       done ;;
     *) echo "unknown step $step"; status=1 ;;

@@ -1,6 +1,6 @@
 """Where the host time of one training step goes (GPU dev tool, not a test).
 
-    python3 scripts/dev_host_profile.py [B,T,H,K,V]
+    python3 tools/host_profile.py [B,T,H,K,V]
 
 Prints the host microseconds of every layer of a forward+backward (the public call, the
 autograd op, the backend choice, the compiled op alone, ...), each the best of a few rounds
@@ -16,8 +16,11 @@ import time
 import torch
 
 import gla_cuda
-from gla_cuda import bench, dispatch
+from gla_cuda import dispatch
 from gla_cuda.backends import cuda as cb
+from gla_cuda.bench import cases
+from gla_cuda.intermediates import ChunkSlots
+from gla_cuda.testing import make_inputs
 
 
 def host_us(fn, calls=10, rounds=7):
@@ -35,7 +38,8 @@ def host_us(fn, calls=10, rounds=7):
 def main():
     shape = tuple(map(int, (sys.argv[1] if len(sys.argv) > 1 else "8,2048,16,128,128").split(",")))
     B, T, H, K, V = shape
-    q, k, v, g = bench.make_inputs(B, T, H, K, V, "cuda", requires_grad=True)
+    ins = make_inputs(B, T, H, K, V, dtype=torch.bfloat16, device="cuda", seed=0, requires_grad=True)
+    q, k, v, g = (ins[n] for n in "qkvg")
     leaves = (q, k, v, g)
     do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     scale = K ** -0.5
@@ -50,7 +54,7 @@ def main():
     o_keep, _ = gla_cuda.chunk_gla(q, k, v, g)
     out = torch.ops.gla.chunk_fwd_train(qd, kd_, vd, gd, scale, None, False, None, "auto")
     saved = out[2:]
-    meta = cb._meta(qd, None)
+    meta = ChunkSlots(qd, None)
     rows = {
         "fwd+bwd (chunk_gla, o.backward)": step,
         "fwd with grad (chunk_gla)": lambda: gla_cuda.chunk_gla(q, k, v, g),
@@ -63,7 +67,7 @@ def main():
         "dispatch.saving_backend": lambda: dispatch.saving_backend(qd, kd_, vd, gd, None, None, "auto"),
         "dispatch.choose(chunk_bwd)": lambda: dispatch.choose("chunk_bwd", qd, kd_, vd, gd, None, None, "auto",
                                                               full=False),
-        "cuda._meta": lambda: cb._meta(qd, None),
+        "intermediates.ChunkSlots": lambda: ChunkSlots(qd, None),
         "gla::chunk_bwd_saved": lambda: torch.ops.gla.chunk_bwd_saved(qd, kd_, vd, gd, scale, None, None, do,
                                                                      None, "auto", *saved),
         "cuda.chunk_bwd(saved)": lambda: cb.chunk_bwd(qd, kd_, vd, gd, scale, None, None, do, None,
@@ -72,7 +76,7 @@ def main():
             qd, kd_, vd, gd, scale, None, None, do, None, meta.chunk_off, meta.chunk_seq, *saved),
         "torch.empty_like(q) (baseline)": lambda: torch.empty_like(qd),
     }
-    fla = bench._fla()[0]
+    fla = cases._fla()[0]
     if fla is not None:
         def fla_step():
             for x in leaves:
