@@ -115,7 +115,7 @@ def test_pooled_decode_candidate():
 
 
 def test_floor_and_sweep():
-    # docs/design.md, 'How fast it can be': a decode step at B 64, H 16, 128x128 moves ~134 MB: 0.044 ms at 3.0 TB/s
+    # docs/design.md, 'The roofline': a decode step at B 64, H 16, 128x128 moves ~134 MB: 0.044 ms at 3.0 TB/s
     assert abs(bench.floor_bytes(64, 1, 16, 128, 128, "decode") / 3.0e12 * 1e3 - 0.0447) < 1e-3
     assert abs(bench.floor_bytes(8, 2048, 16, 128, 128, "fwd") / 3.0e12 * 1e3 - 0.111) < 2e-3
     shapes = bench.sweep_shapes(["128"])

@@ -2,7 +2,7 @@
 
 Two implementations of the same contract (see ``gla_cuda/backends/__init__.py``):
 
-* ``naive_*``: the recurrence (docs/design.md, 'What is computed') step by step. Run on float64
+* ``naive_*``: the recurrence (docs/design.md, 'Semantics') step by step. Run on float64
   inputs it is the test oracle; it is also the CPU kernel of the recurrent ops.
 * ``chunk_*``: the chunked form (docs/design.md, 'The chunked form and its numerics';
   chunks of ``CHUNK`` tokens), the CPU kernel of the chunked ops. Intra-chunk scores are
@@ -81,7 +81,7 @@ def naive_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
 
 def _naive_seq_bwd(q, k, v, g, scale, h0, do, dht):
     """One sequence, [H, T, D] inputs. Returns dq, dk, dv, dg, dh0 (the formulas of
-    docs/design.md, 'What is computed')."""
+    docs/design.md, 'Semantics')."""
     H, T, K = q.shape
     V = v.shape[-1]
     # forward sweep: dq_t = scale * S_t do_t, keeping S_{t-1} for dg

@@ -1,4 +1,4 @@
-"""Chunked GLA in Triton: forward and backward (docs/design.md, 'What is computed' and
+"""Chunked GLA in Triton: forward and backward (docs/design.md, 'Semantics' and
 'The chunked form and its numerics').
 
 Layout: every tensor is viewed as packed tokens ``[B*T, H, D]``; a batch without
@@ -633,7 +633,7 @@ def _cfg(K, V):
     call costs one compilation per kernel).
 
     Picked kernel by kernel from H100 sweeps (TUNE overrides timed with do_bench, bf16, the
-    four shapes of docs/design.md, 'How fast it can be'; each value was the best or tied of
+    four shapes of docs/design.md, 'The roofline'; each value was the best or tied of
     its sweep, measured with the other kernels at their previous settings): the scores A (and the gated operands) in
     their own kernel (one reference row: K tiles of 64, 4 warps; forward+backward 0.02-0.07
     ms slower with K tiles of 32, 0.07-0.23 with 8 warps; the exact launch: K tiles of 16,
