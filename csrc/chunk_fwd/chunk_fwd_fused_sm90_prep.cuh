@@ -8,7 +8,7 @@
 // Where the chunk takes the one-reference scores, the prep gives q~ = q exp2(b - b_r) and
 // k~ = k exp2(b_r - b) only: A = scale tril(q~ k~^T), qx = scale exp2(b_r - b_0) q~ and
 // kd = exp2(G - b_r) k~, the consumer applying those per-channel factors to the state instead.
-// The two-stage forward's prep kernel (chunk_fwd_prep.cu) does the same steps but keeps qx, kd
+// The two-stage forward's prep kernel (chunk_fwd_twostage_prep.cu) does the same steps but keeps qx, kd
 // and A in memory for its walk and the backward.
 #pragma once
 

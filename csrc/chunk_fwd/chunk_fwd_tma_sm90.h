@@ -1,4 +1,4 @@
-// Host side of the Hopper kernels' TMA loads (chunk_fwd_walk_sm90.cu, chunk_fwd_fused_sm90.cu):
+// Host side of the Hopper kernels' TMA loads (chunk_fwd_twostage_walk_sm90.cu, chunk_fwd_fused_sm90.cu):
 // tensor maps over [rows, H, width] 16-bit tensors, encoded with the driver's encoder looked up
 // at run time (no link against libcuda).
 #pragma once

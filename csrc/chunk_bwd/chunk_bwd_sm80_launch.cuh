@@ -4,9 +4,9 @@
 #include <cuda_runtime.h>
 
 #include "chunk_bwd_config.h"
-#include "chunk_bwd_dh.cuh"
-#include "chunk_bwd_dqkg.cuh"
-#include "chunk_bwd_dv.cuh"
+#include "chunk_bwd_dh_sm80.cuh"
+#include "chunk_bwd_dqkg_sm80.cuh"
+#include "chunk_bwd_dv_sm80.cuh"
 
 namespace gla {
 

@@ -1,4 +1,4 @@
-// The per-chunk MMAs of the Hopper walks (chunk_fwd_walk_sm90.cu, chunk_fwd_fused_sm90.cu) for one
+// The per-chunk MMAs of the Hopper walks (chunk_fwd_twostage_walk_sm90.cu, chunk_fwd_fused_sm90.cu) for one
 // warpgroup and 64 rows of V, with the state kept as S^T in the accumulator of the update's wgmma:
 //   acc = (exp2(b_0) S)^T qx^T + v^T A^T     (acc: o^T of those rows, cleared first)
 //   S^T = S^T exp2(G)                         (then update(), S^T += v^T kd, issued with the last part)

@@ -1,5 +1,5 @@
 // Stage 1 of the two-stage forward (chunk_fwd_config.h, two_stage): one CTA per (chunk slot,
-// head), in parallel over every chunk of the batch, computes what the walk (chunk_fwd_walk.cu)
+// head), in parallel over every chunk of the batch, computes what the walk (chunk_fwd_twostage_walk_sm80.cu)
 // and the Triton backward read (FwdParams::save_*). With b = log2(e) * the in-chunk cumulative
 // sum of g, b_0 its first row and G its last:
 //   save_qx     scale q exp2(b - b_0)

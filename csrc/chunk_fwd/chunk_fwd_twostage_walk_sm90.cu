@@ -1,4 +1,4 @@
-// Stage 2 of the two-stage forward on Hopper (sm_90a): the walk of chunk_fwd_walk.cu with
+// Stage 2 of the two-stage forward on Hopper (sm_90a): the walk of chunk_fwd_twostage_walk_sm80.cu with
 // warpgroup MMAs (wgmma), TMA loads and the state kept transposed, S^T (BV x K, float32), so
 // that it feeds the output MMA straight from registers (K = 256, and K = 128 in training). A CTA
 // takes a V tile of 128; its two warpgroups own 64 columns of V each (64 rows of S^T: K / 2
@@ -18,7 +18,7 @@
 // when every warp of the cluster is done with it (remote arrivals), before a CTA issues its
 // loads of the chunk after next into it. The output goes through smem (double-buffered, one
 // warpgroup barrier per chunk) to row-wise 16-byte stores.
-#include "chunk_fwd_tma.h"  // first: cudaTypedefs.h before the CUTLASS headers
+#include "chunk_fwd_tma_sm90.h"  // first: cudaTypedefs.h before the CUTLASS headers
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -29,7 +29,7 @@
 
 #include "chunk_fwd_config.h"
 #include "chunk_fwd_state.cuh"
-#include "chunk_fwd_walk_gmma.cuh"
+#include "chunk_fwd_walk_gmma_sm90.cuh"
 #include "device_common.cuh"
 
 namespace gla {
@@ -139,7 +139,7 @@ struct WalkGmma {
     MmaV mmaV;
     auto thrO = mmaO.get_thread_slice(wtid);
     auto thrV = mmaV.get_thread_slice(wtid);
-    // a part (K / kParts channels) of the state as the A operand (chunk_fwd_walk_gmma.cuh)
+    // a part (K / kParts channels) of the state as the A operand (chunk_fwd_walk_gmma_sm90.cuh)
     Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<VW>, Int<KH>>{}));
     Tensor acc = partition_fragment_C(mmaO, Shape<Int<VW>, Int<C>>{});                 // o^T
     Tensor tOc = thrO.partition_C(make_identity_tensor(Shape<Int<VW>, Int<C>>{}));     // (v, t)

@@ -4,13 +4,13 @@
 #include <cuda_runtime.h>
 
 #include "chunk_fwd_config.h"
-#include "chunk_fwd_kernel.cuh"
+#include "chunk_fwd_fused_sm80.cuh"
 
 namespace gla {
 
-// kSave: the kernel that also keeps the Triton backward's intermediates (training; its own
+// kSave: the kernel that also keeps the backward's intermediates (training, intermediates.h; its own
 // instantiation, so that the plain forward carries none of that code). K = 256 runs the
-// two-stage forward instead (chunk_fwd.cu), whose kernels keep the same intermediates.
+// two-stage forward instead (chunk_fwd_dispatch.cu), whose kernels keep the same intermediates.
 template <class T, class GT, int K, int BV, bool kSave>
 cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
   constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem;

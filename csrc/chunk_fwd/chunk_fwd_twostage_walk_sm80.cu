@@ -1,12 +1,12 @@
 // Stage 2 of the two-stage forward (chunk_fwd_config.h, two_stage): one CTA (8 warps) per
 // (sequence, head, V tile of BV, segment) walks the chunks with the K x BV state in float32
-// registers, reading what the prep kernel (chunk_fwd_prep.cu) wrote: the scores A, qx = scale q
+// registers, reading what the prep kernel (chunk_fwd_twostage_prep.cu) wrote: the scores A, qx = scale q
 // exp2(b - b_0), kd = k exp2(G - b) and the decays. Per chunk there is no exp and no cumsum,
 // only MMAs:
 //   o = qx (exp2(b_0) S) + A v      (S scaled per row and rounded to the input dtype in smem)
 //   S = exp2(G) S + kd^T v
 // The next chunk's qx, kd, v, A and decays load (cp.async, double-buffered) during the current one.
-// Segment splitting as in the fused kernel (blockIdx.z; pass 1 is chunk_fwd_segment_states.cu).
+// Segment splitting as in the fused kernel (blockIdx.z; pass 1 is chunk_fwd_segment_pass.cu).
 #include <cute/tensor.hpp>
 
 #include "chunk_fwd_config.h"

@@ -36,8 +36,8 @@ bool hopper_wgmma(const FwdParams& p) {
 // Which forward runs at K = 128 on Hopper (sm_90a builds, V a multiple of 128): inference runs
 // the warp-specialised fused kernel (chunk_fwd_fused_sm90.cu); training, which keeps the
 // backward's intermediates (save_*), runs the two stages (prep, then the wgmma walk), which
-// write them from kernels that do nothing else (NOTES.md, run 13; the fused kernel's kSave form
-// and the mma.sync kernel were slower there). GLA_CUDA_K128_FORWARD=fused or two_stage runs one
+// write them from kernels that do nothing else (docs/kernels/chunk_fwd.md; the fused kernel's kSave
+// form and the mma.sync kernel are slower there). GLA_CUDA_K128_FORWARD=fused or two_stage runs one
 // of them for both (comparisons, tests); elsewhere K = 128 runs the mma.sync kernel.
 bool k128_two_stage(const FwdParams& p) {
   if (p.K != 128 || !hopper_wgmma(p)) return false;

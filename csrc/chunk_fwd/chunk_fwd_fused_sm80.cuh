@@ -1,6 +1,6 @@
 // Fused chunked GLA forward: main loop.
 //
-// K <= 128 (K = 256 runs the two-stage forward, chunk_fwd_prep.cu and chunk_fwd_walk*.cu).
+// K <= 128 (K = 256 runs the two-stage forward, chunk_fwd_twostage_prep.cu and chunk_fwd_twostage_walk_sm{80,90}.cu).
 // One CTA (8 warps) per (sequence, head, V-tile of BV columns). The CTA walks the
 // sequence in chunks of C = 64 tokens and keeps the K x BV state S in float32
 // registers (MMA accumulator layout) the whole time; nothing but o and the final
@@ -22,7 +22,7 @@
 //           then S is written to smem (input dtype) for the next chunk's output MMA.
 //
 // Segment splitting (chunk_fwd_config.h, Split): blockIdx.z is the segment, whose initial
-// state composes the end states that pass 1 (chunk_fwd_segment_states.cu) stored.
+// state composes the end states that pass 1 (chunk_fwd_segment_pass.cu) stored.
 //
 // MMAs: SM80_16x8x16_F32{BF16,F16}{BF16,F16}F32_TN; smem->register copies with
 // ldmatrix (SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T for v); global->smem with cp.async
@@ -106,7 +106,7 @@ struct Kernel {
     const T* vb = static_cast<const T*>(p.v) + bos * HV + int64_t(h) * p.V + vt * BV;
     T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + vt * BV;
     const float scale = p.scale;
-    // training: the Triton backward's intermediates (FwdParams::save_*); V tile 0 writes
+    // training: the backward's intermediates (FwdParams::save_*, intermediates.h); V tile 0 writes
     // the per-token ones, the decays and the flags, every V tile its columns of the states
     const bool save_tok = kSave && vt == 0;
     const int64_t slot0 = kSave ? p.chunk_off[n] + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0) : 0;
