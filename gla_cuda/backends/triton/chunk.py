@@ -363,8 +363,10 @@ def _gated_store(bq, bk, b, g0, rows, qx, qxb, kd, p, m, kk, vrow, nrow, scale, 
 
 @triton.jit
 def _gate(x):
-    """A gate tile as loaded, clamped to GATE_MIN in its own dtype (NaN stays NaN)."""
-    return tl.where(x < GATE_MIN, GATE_MIN, x).to(x.dtype)
+    """A gate tile as loaded, clamped to GATE_MIN, back in its own dtype (GATE_MIN is exact
+    in every gate dtype; NaN stays NaN)."""
+    xf = x.to(tl.float32)
+    return tl.where(xf < GATE_MIN, GATE_MIN, xf).to(x.dtype)
 
 
 @triton.jit
