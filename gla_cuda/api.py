@@ -31,8 +31,10 @@ def _is_tracing() -> bool:
 _CHECK_ENV = "GLA_CHECK_CU_SEQLENS"
 
 
-def _check_flag(name: str, x) -> bool:
-    if not isinstance(x, (bool, int)) or isinstance(x, Tensor):
+def _check_flag(name: str, x, none_is_false: bool = False) -> bool:
+    if x is None and none_is_false:
+        return False
+    if not isinstance(x, (bool, int)):  # a Tensor here would be read on the host
         raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
     return bool(x)
 
@@ -155,7 +157,7 @@ def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
           cu_seqlens_cpu=None):
     q, k, v, g, scale, initial_state, cu_seqlens = _prepare(q, k, v, g, scale, initial_state, cu_seqlens,
                                                             cu_seqlens_cpu)
-    output_final_state = _check_flag("output_final_state", output_final_state)
+    output_final_state = _check_flag("output_final_state", output_final_state, none_is_false=True)
     backend = dispatch.requested_backend(backend)
     if op is torch.ops.gla.chunk_fwd and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, g, initial_state)):

@@ -19,7 +19,9 @@ What the caller (gla_cuda.ops) guarantees:
     reference); g is float32 or that dtype. scale is a finite Python float.
   * initial_state: None or float32 contiguous [N, H, K, V]; dht likewise.
   * cu_seqlens: None, or a contiguous int32/int64 [N + 1] tensor on q's device,
-    starting at 0, non-decreasing, ending at T, with B == 1. N = B otherwise.
+    starting at 0, non-decreasing, ending at T, with B == 1. N = B otherwise. The values
+    are checked on the host where that costs no synchronisation (CPU offsets, or the
+    caller's host copy cu_seqlens_cpu); GPU offsets without one are the caller's word.
   * do: [B, T, H, V] in v's dtype, contiguous.
   * recurrent_pool_fwd_: no cu_seqlens; state_pool float32 contiguous [P, H, K, V]
     ([P, H, V, K] with state_v_first), passed as initial_state to unsupported_reason;
