@@ -251,12 +251,12 @@ def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state
         P = state_pool.shape[0]
         bad = [(b, i) for b, i in enumerate(index) if not -1 <= i < P]
         if bad:
-            raise ValueError(f"state_index values must be in [-1, P) = [-1, {P}), got "
-                             f"state_index[{bad[0][0]}] = {bad[0][1]}")
+            raise ValueError(f"state_index values must be in [-1, P) = [-1, {P}), got {bad[0][1]} "
+                             f"(state_index[{bad[0][0]}])")
         seen = {}
         for b, i in enumerate(index):
             if i >= 0 and i in seen:
-                raise ValueError(f"state_index uses pool slot {i} twice (rows {seen[i]} and {b})")
+                raise ValueError(f"state_index uses a pool slot twice: slot {i} (rows {seen[i]} and {b})")
             seen.setdefault(i, b)
     return torch.ops.gla.recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index.contiguous(),
                                              state_v_first, backend)
