@@ -44,7 +44,7 @@ def test_runs_on_the_current_stream(backend, mode, varlen):
     the op and its backward; only that stream is waited for. A kernel launched on another
     stream would read the old values (the sleep holds the writes back) and fail the oracle."""
     T = 16 if mode == "recurrent" else 130
-    cu = torch.tensor([0, 5, 60, 2 * T], dtype=torch.int32, device="cuda") if varlen else None
+    cu = torch.tensor([0, 5, T + 3, 2 * T], dtype=torch.int32, device="cuda") if varlen else None
     B = 1 if varlen else 2
     stale = make_inputs(B, 2 * T if varlen else T, 2, 64, 64, dtype=torch.bfloat16, g_dtype=torch.float32,
                         device="cuda", h0=True, N=3 if varlen else None, seed=1)
@@ -105,7 +105,7 @@ def test_no_host_synchronisation(backend, mode, varlen):
     """Forward and backward, cu_seqlens on the GPU included: nothing waits for the GPU
     (torch's sync debug mode raises on any synchronising call)."""
     T = 16 if mode == "recurrent" else 130
-    cu = torch.tensor([0, 5, 60, 2 * T], dtype=torch.int32, device="cuda") if varlen else None
+    cu = torch.tensor([0, 5, T + 3, 2 * T], dtype=torch.int32, device="cuda") if varlen else None
     ins = make_inputs(1 if varlen else 2, 2 * T if varlen else T, 2, 64, 64, dtype=torch.bfloat16, device="cuda",
                       h0=True, N=3 if varlen else None)
     _needs(backend, f"{mode}_bwd", ins, cu)
