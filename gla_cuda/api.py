@@ -6,6 +6,7 @@ drop-in replacements for ``fla.ops.gla.chunk_gla`` and ``fused_recurrent_gla``.
 from __future__ import annotations
 
 import math
+import os
 from numbers import Real
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
+from gla_cuda.backends import OPS
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -24,7 +26,33 @@ def _is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
+# GLA_CHECK_CU_SEQLENS=1 reads the offsets of GPU tensors on the host too (a synchronisation
+# per call): for debugging a caller whose offsets may be wrong.
+_CHECK_ENV = "GLA_CHECK_CU_SEQLENS"
+
+
+def _check_flag(name: str, x, none_is_false: bool = False) -> bool:
+    if x is None and none_is_false:
+        return False
+    if not isinstance(x, (bool, int)):  # a Tensor here would be read on the host
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return bool(x)
+
+
+def _check_offsets(bounds: list, T: int, name: str) -> None:
+    if bounds[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if b < a:
+            raise ValueError(f"{name} must be non-decreasing, got {name}[{i}] = {a} > "
+                             f"{name}[{i + 1}] = {b}")
+    if bounds[-1] != T:
+        raise ValueError(f"{name} must end at the packed length T={T}, got {bounds[-1]}")
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, cu_seqlens_cpu=None) -> None:
+    """Types, shapes and devices always; the values where reading them costs no
+    synchronisation (CPU tensors, or the caller's host copy cu_seqlens_cpu)."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -34,20 +62,27 @@ def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
         raise ValueError("cu_seqlens must hold at least one offset (0)")
     if B != 1:
         raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed sequences), got B={B}")
+    if cu_seqlens_cpu is not None:
+        if not isinstance(cu_seqlens_cpu, Tensor):
+            raise TypeError(f"cu_seqlens_cpu must be a Tensor, got {type(cu_seqlens_cpu).__name__}")
+        if cu_seqlens_cpu.device.type != "cpu":
+            raise ValueError(f"cu_seqlens_cpu must be on the CPU (the host copy of cu_seqlens), "
+                             f"got {cu_seqlens_cpu.device}")
+        if cu_seqlens_cpu.dim() != 1 or cu_seqlens_cpu.dtype not in (torch.int32, torch.int64) \
+                or cu_seqlens_cpu.shape != cu_seqlens.shape:
+            raise ValueError(f"cu_seqlens_cpu must be a 1-D int32 or int64 tensor of cu_seqlens' shape "
+                             f"{tuple(cu_seqlens.shape)}, got {cu_seqlens_cpu.dim()}-D "
+                             f"{cu_seqlens_cpu.dtype} {tuple(cu_seqlens_cpu.shape)}")
+        _check_offsets(cu_seqlens_cpu.tolist(), T, "cu_seqlens_cpu")
+        return
     if _is_tracing():
         return  # reading the values would synchronise: the caller vouches for them here
-    # One host read: the values decide whether the call is valid at all.
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
-    if any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if bounds[-1] != T:
-        raise ValueError(f"cu_seqlens must end at the packed length T={T}, got {bounds[-1]}")
+    if cu_seqlens.device.type != "cpu" and os.environ.get(_CHECK_ENV, "0") != "1":
+        return  # a host read of GPU offsets would stall the stream: the caller vouches for them
+    _check_offsets(cu_seqlens.tolist(), T, "cu_seqlens")
 
 
-def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
-    """Checks every argument (naming it in the error) and returns contiguous tensors."""
+def _check_qkvg(q, k, v, g) -> None:
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
@@ -67,15 +102,38 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, T, H, V] with q's B, T, H {tuple(q.shape[:3])}, "
                          f"got {tuple(v.shape)}")
-    named = [("k", k), ("v", v), ("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)]
-    for name, x in named:
-        if isinstance(x, Tensor) and x.device != q.device:
+    K = q.shape[-1]
+    if type(K) is int and K == 0:
+        raise ValueError("q, k and g must have a head dim K >= 1 (their last dim), got K = 0: "
+                         "the attention scores q k^T and the default scale K^-0.5 need one")
+    for name, x in (("k", k), ("v", v), ("g", g)):
+        if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
 
+
+def _check_state(name, state, q, shape) -> None:
+    if not isinstance(state, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
+    state_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+    if state.dtype not in state_dtypes:
+        raise TypeError(f"{name} must be float32, got {state.dtype}")
+    if tuple(state.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape [N, H, K, V] = {tuple(shape)}, got {tuple(state.shape)}")
+    if state.device != q.device:
+        raise ValueError(f"{name} is on {state.device} but q is on {q.device}")
+
+
+def _prepare(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None):
+    """Checks every argument (naming it in the error) and returns contiguous tensors."""
+    _check_qkvg(q, k, v, g)
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if cu_seqlens is None and cu_seqlens_cpu is not None:
+        raise ValueError("cu_seqlens_cpu is the host copy of cu_seqlens: pass cu_seqlens too")
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T)
+        if isinstance(cu_seqlens, Tensor) and cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        _check_cu_seqlens(cu_seqlens, B, T, cu_seqlens_cpu)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
     if scale is None:
@@ -88,52 +146,57 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
             raise ValueError(f"scale must be finite, got {scale}")
 
     if initial_state is not None:
-        if not isinstance(initial_state, Tensor):
-            raise TypeError(f"initial_state must be a Tensor, got {type(initial_state).__name__}")
-        state_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
-        if initial_state.dtype not in state_dtypes:
-            raise TypeError(f"initial_state must be float32, got {initial_state.dtype}")
-        if tuple(initial_state.shape) != (N, H, K, V):
-            raise ValueError(f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)}, "
-                             f"got {tuple(initial_state.shape)}")
+        _check_state("initial_state", initial_state, q, (N, H, K, V))
         initial_state = initial_state.contiguous()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
     return q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, initial_state, cu_seqlens
 
 
-def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
-    q, k, v, g, scale, initial_state, cu_seqlens = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend,
+          cu_seqlens_cpu=None):
+    q, k, v, g, scale, initial_state, cu_seqlens = _prepare(q, k, v, g, scale, initial_state, cu_seqlens,
+                                                            cu_seqlens_cpu)
+    output_final_state = _check_flag("output_final_state", output_final_state, none_is_false=True)
     backend = dispatch.requested_backend(backend)
     if op is torch.ops.gla.chunk_fwd and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, g, initial_state)):
         op = ops.chunk_fwd_train  # may keep intermediates for the backward
-    o, final_state = op(q, k, v, g, scale, initial_state, bool(output_final_state), cu_seqlens, backend)[:2]
+    o, final_state = op(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)[:2]
     return o, (final_state if output_final_state else None)
 
 
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
               initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-              cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None):
+              cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None,
+              cu_seqlens_cpu: Optional[Tensor] = None):
     """Gated linear attention in the chunkwise-parallel form.
 
-    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log-space forget gate (g <= 0).
-    Returns (o [B, T, H, V] in v's dtype, final state float32 [N, H, K, V] or None).
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log-space forget gate (g <= 0; -inf
+    is a hard reset: the state is forgotten). Returns (o [B, T, H, V] in v's dtype, final
+    state float32 [N, H, K, V] or None).
+    cu_seqlens: packed sequences (B = 1), int32/int64 offsets [N + 1] on q's device.
+    Offsets on the CPU are checked (start at 0, non-decreasing, end at T); offsets on the
+    GPU are not read by default (that would stall the host for the GPU): pass their host
+    copy as cu_seqlens_cpu to have it checked, else wrong offsets are the caller's
+    responsibility (GLA_CHECK_CU_SEQLENS=1 reads them anyway, for debugging).
     backend: "cuda", "triton", "reference" or None/"auto" (default: $GLA_BACKEND or auto).
+    Sizes of 0 (B, T, H, V, or N = 0 sequences) give empty or zero results without a kernel.
     """
     return _call(torch.ops.gla.chunk_fwd, q, k, v, g, scale, initial_state, output_final_state,
-                 cu_seqlens, backend)
+                 cu_seqlens, backend, cu_seqlens_cpu)
 
 
 def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
                         initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-                        cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None):
+                        cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None,
+                        cu_seqlens_cpu: Optional[Tensor] = None):
     """Gated linear attention as a step-by-step recurrence (decoding, short inputs).
 
     Same arguments and results as chunk_gla.
     """
     return _call(torch.ops.gla.recurrent_fwd, q, k, v, g, scale, initial_state, output_final_state,
-                 cu_seqlens, backend)
+                 cu_seqlens, backend, cu_seqlens_cpu)
 
 
 def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state_pool: Tensor,
@@ -154,6 +217,9 @@ def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state
     Unchecked, an index outside [0, P) is skipped like -1; a slot used twice is undefined.
     """
     q, k, v, g, scale, _, _ = _prepare(q, k, v, g, scale, None, None)
+    state_v_first = _check_flag("state_v_first", state_v_first)
+    check_index = _check_flag("check_index", check_index)
+    backend = dispatch.requested_backend(backend)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if not isinstance(state_pool, Tensor):
@@ -167,6 +233,8 @@ def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state
                          f"got {tuple(state_pool.shape)}")
     if not state_pool.is_contiguous():
         raise ValueError("state_pool must be contiguous (it is updated in place)")
+    if state_pool.requires_grad:
+        raise ValueError("state_pool must not require grad (it is updated in place, outside autograd)")
     if not isinstance(state_index, Tensor):
         raise TypeError(f"state_index must be a Tensor, got {type(state_index).__name__}")
     if state_index.dtype not in (torch.int32, torch.int64) or tuple(state_index.shape) != (B,):
@@ -175,22 +243,57 @@ def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state
     for name, x in (("state_pool", state_pool), ("state_index", state_index)):
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if not _is_tracing() and _overlaps(state_pool, (q, k, v, g, state_index)):
+        raise ValueError("state_pool must not share memory with q, k, v, g or state_index "
+                         "(it is written while they are read)")
     if check_index and not _is_tracing():
         index = state_index.tolist()
         P = state_pool.shape[0]
-        bad = [i for i in index if not -1 <= i < P]
+        bad = [(b, i) for b, i in enumerate(index) if not -1 <= i < P]
         if bad:
-            raise ValueError(f"state_index values must be in [-1, P) = [-1, {P}), got {bad[0]}")
-        used = [i for i in index if i >= 0]
-        if len(set(used)) != len(used):
-            raise ValueError("state_index uses a pool slot twice")
+            raise ValueError(f"state_index values must be in [-1, P) = [-1, {P}), got {bad[0][1]} "
+                             f"(state_index[{bad[0][0]}])")
+        seen = {}
+        for b, i in enumerate(index):
+            if i >= 0 and i in seen:
+                raise ValueError(f"state_index uses a pool slot twice: slot {i} (rows {seen[i]} and {b})")
+            seen.setdefault(i, b)
     return torch.ops.gla.recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index.contiguous(),
-                                             bool(state_v_first), dispatch.requested_backend(backend))
+                                             state_v_first, backend)
+
+
+def _overlaps(x: Tensor, others) -> bool:
+    """Whether x's storage bytes meet any of others' (same storage, intersecting ranges)."""
+    if x.device.type == "meta" or x.numel() == 0:
+        return False
+    lo = x.data_ptr()
+    hi = lo + x.numel() * x.element_size()
+    for y in others:
+        if y.numel() == 0 or y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            continue
+        ylo = y.data_ptr()
+        span = sum((s - 1) * st for s, st in zip(y.shape, y.stride())) + 1
+        if ylo < hi and lo < ylo + span * y.element_size():
+            return True
+    return False
 
 
 def explain_backend(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tensor] = None,
                     cu_seqlens: Optional[Tensor] = None, op: str = "chunk_fwd",
                     backend: Optional[str] = None) -> dispatch.Choice:
     """Which backend would run ``op`` (chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd,
-    recurrent_pool_fwd_: pass the pool as initial_state) on these inputs, and why each other backend would not. ``print()`` it for a table."""
-    return dispatch.choose(op, q, k, v, g, initial_state, cu_seqlens, backend)
+    recurrent_pool_fwd_: pass the pool as initial_state) on these inputs, and why each other
+    backend would not; empty inputs (a size of 0) run no backend, and the report says so.
+    The arguments are checked as the op would check them. ``print()`` it for a table."""
+    if not isinstance(op, str) or op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op == "recurrent_pool_fwd_":
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens must be None for recurrent_pool_fwd_ (pooled rows are not packed)")
+        q, k, v, g, _, _, _ = _prepare(q, k, v, g, None, None, None)
+        if not isinstance(initial_state, Tensor) or initial_state.dim() != 4:
+            raise ValueError("for recurrent_pool_fwd_, pass the state pool [P, H, K, V] as initial_state")
+    else:
+        # the tensors the op would run on (contiguous copies: their alignment may differ)
+        q, k, v, g, _, initial_state, cu_seqlens = _prepare(q, k, v, g, None, initial_state, cu_seqlens)
+    return dispatch.choose(op, q, k, v, g, initial_state, cu_seqlens, dispatch.requested_backend(backend))

@@ -5,6 +5,10 @@ reference; under "auto" a backend can also pass inputs it runs slower than the n
 (its ``auto_skip_reason``, measured, shown in the report). On CPU tensors "auto" means the reference; Triton runs CPU tensors
 only when forced under TRITON_INTERPRET=1 (how CI tests it).
 A backend is forced with the ``backend=`` argument or the GLA_BACKEND variable.
+
+Empty inputs (a size of 0 in B, T, H, K or V, or no sequences) never reach a backend,
+whichever is requested: ``run`` writes their results here (EMPTY, below) without launching
+anything, so every backend, the compiled one included, gives the same shaped results.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 from gla_cuda.backends import OPS
 
 BACKENDS = ("cuda", "triton", "reference")
+EMPTY = "empty"  # Choice.backend of empty inputs: results written by this module, no kernel
 
 
 _MODULES: dict = {}
@@ -47,6 +52,9 @@ class Choice:
     reasons: dict = field(default_factory=dict)  # backend -> why it does not run (None: it can)
 
     def __str__(self) -> str:
+        if self.backend == EMPTY:
+            return (f"gla.{self.op}: requested {self.requested!r} -> no kernel: "
+                    f"{self.reasons[EMPTY]}")
         none = ("no backend can run these inputs" if self.requested == "auto"
                 else f"{self.requested} cannot run these inputs")
         lines = [f"gla.{self.op}: requested {self.requested!r} -> {self.backend or none}"]
@@ -103,7 +111,32 @@ def choose(op, q, k, v, g, initial_state=None, cu_seqlens=None, backend=None, fu
     return _CHOICES[key]
 
 
+def _size_is_zero(n) -> bool:
+    """n == 0 without installing a guard on a symbolic size (torch.compile)."""
+    if type(n) is int:
+        return n == 0
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+    return guard_or_false(n == 0)
+
+
+def empty_reason(q, v, cu_seqlens=None) -> Optional[str]:
+    """Why these inputs have no work (a size of 0), or None."""
+    B, T, H, K = q.shape
+    named = [("B", B), ("T", T), ("H", H), ("K", K), ("V", v.shape[-1])]
+    if cu_seqlens is not None:
+        named.append(("N (cu_seqlens has one offset)", cu_seqlens.shape[0] - 1))
+    zero = [name for name, n in named if _size_is_zero(n)]
+    if not zero:
+        return None
+    return (f"empty inputs ({', '.join(z.split(' ')[0] + ' = 0' for z in zero)}): "
+            "gla_cuda.dispatch writes the results (zeros; the final state is the initial one) "
+            "without launching a kernel, whatever the backend")
+
+
 def _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full) -> Choice:
+    why_empty = empty_reason(q, v, cu_seqlens)
+    if why_empty is not None:
+        return Choice(op, requested, EMPTY, {EMPTY: why_empty})
     order = BACKENDS if q.device.type == "cuda" else ("reference",)
     reasons, chosen = {}, None
     for name in BACKENDS:
@@ -134,7 +167,47 @@ def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
                                f"{choice.reasons[choice.requested]}")
         choice = choose(op, q, k, v, g, initial_state, cu_seqlens, backend)
         raise RuntimeError(f"gla_cuda: no backend can run {op} on these inputs:\n{choice}")
+    if choice.backend == EMPTY:
+        return _EMPTY_OPS[op](q, k, v, g, *args)
     return getattr(backend_module(choice.backend), op)(q, k, v, g, *args)
+
+
+# ----------------------------------------------------------------------------
+# Results of empty inputs (the backends' contract, gla_cuda/backends/__init__.py, with no
+# tokens, heads, channels or sequences to run): nothing depends on the inputs' values.
+# ----------------------------------------------------------------------------
+
+def _state_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _empty_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    # o has no elements unless K == 0 (op-level calls only: the API rejects K = 0), where
+    # it is 0; no token changes a state when a size is 0, so the final state is the first
+    o = v.new_zeros(v.shape)
+    if not output_final_state:
+        return o, None
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if initial_state is not None:
+        return o, initial_state.clone()
+    return o, q.new_zeros(N, q.shape[2], q.shape[3], v.shape[-1], dtype=_state_dtype(q))
+
+
+def _empty_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+    grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(g))
+    if initial_state is None:
+        return grads + (None,)
+    # no token between them: the initial state's gradient is the final state's
+    dh0 = dht.to(initial_state.dtype, copy=True) if dht is not None else torch.zeros_like(initial_state)
+    return grads + (dh0,)
+
+
+def _empty_pool(q, k, v, g, scale, state_pool, state_index, state_v_first):
+    return v.new_zeros(v.shape)  # no token: every state stays as it is
+
+
+_EMPTY_OPS = {"chunk_fwd": _empty_fwd, "recurrent_fwd": _empty_fwd, "chunk_bwd": _empty_bwd,
+              "recurrent_bwd": _empty_bwd, "recurrent_pool_fwd_": _empty_pool}
 
 
 # The backends whose chunked backward can take the forward's intermediates, and those whose

@@ -210,3 +210,157 @@ def test_auto_backend_rules(K):
     half = make_inputs(1, 64, 2, K, 64, dtype=torch.float16, device="cuda")
     assert gla_cuda.explain_backend(**half, op="chunk_bwd").backend == ("cuda" if K <= 128 else "triton")
     assert gla_cuda.explain_backend(**half, op="chunk_bwd", backend="cuda").backend == "cuda"
+
+
+# ----------------------------------------------------------------------------
+# Every argument of every public function, and rejected calls write nothing
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", MODES.values())
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(output_final_state=torch.tensor(True)), TypeError, "output_final_state must be a bool"),
+    (dict(output_final_state="yes"), TypeError, "output_final_state must be a bool"),
+    (dict(scale=True), TypeError, "scale must be a real number"),
+    (dict(scale=torch.tensor(0.5)), TypeError, "scale must be a real number"),
+    (dict(scale=-float("inf")), ValueError, "scale must be finite"),
+    (dict(initial_state=[0.0]), TypeError, "initial_state must be a Tensor"),
+    (dict(initial_state=torch.randn(2, 2, 8, 6).to("meta")), ValueError, "initial_state is on meta"),
+    (dict(cu_seqlens_cpu=torch.tensor([0, 10])), ValueError, "pass cu_seqlens too"),
+    (dict(backend=3), ValueError, "backend must be one of"),
+    (dict(k="k"), TypeError, "k must be a Tensor"),
+    (dict(g=None), TypeError, "g must be a Tensor"),
+])
+def test_more_bad_arguments(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        call(fn, **kwargs)
+
+
+@pytest.mark.parametrize("fn", MODES.values())
+def test_head_dim_zero_names_K(fn):
+    with pytest.raises(ValueError, match="head dim K >= 1"):
+        fn(**make_inputs(2, 4, 2, 0, 3))
+
+
+@pytest.mark.parametrize("fn", MODES.values())
+@pytest.mark.parametrize("cu_cpu,match", [
+    (torch.tensor([0, 4, 10]).cuda() if HAS_CUDA else torch.tensor([0, 4, 10]).to("meta"), "must be on the CPU"),
+    (torch.tensor([0, 10]), "of cu_seqlens' shape"),
+    (torch.tensor([0.0, 4.0, 10.0]), "1-D int32 or int64"),
+    (torch.tensor([0, 6, 4]), r"cu_seqlens_cpu must be non-decreasing, got cu_seqlens_cpu\[1\] = 6"),
+    (torch.tensor([0, 4, 9]), "cu_seqlens_cpu must end at the packed length"),
+    ([0, 4, 10], "cu_seqlens_cpu must be a Tensor"),
+])
+def test_bad_cu_seqlens_cpu(fn, cu_cpu, match):
+    """The host copy of the offsets is checked instead of the offsets themselves."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        fn(**good(B=1), cu_seqlens=torch.tensor([0, 4, 10]), cu_seqlens_cpu=cu_cpu)
+
+
+@pytest.mark.parametrize("fn", MODES.values())
+def test_cu_seqlens_cpu_is_used(fn):
+    ins = good(B=1)
+    cu = torch.tensor([0, 4, 10])
+    o, ht = fn(**ins, cu_seqlens=cu, cu_seqlens_cpu=cu.clone(), output_final_state=True)
+    ref_o, ref_ht = oracle(ins, cu_seqlens=cu)
+    assert rel_err(o, ref_o) < TOL[torch.float32] and ht.shape == (2, 2, 8, 6)
+
+
+def test_bad_cu_seqlens_names_the_offending_pair():
+    with pytest.raises(ValueError, match=r"cu_seqlens\[1\] = 6 > cu_seqlens\[2\] = 4"):
+        gla_cuda.chunk_gla(**good(B=1), cu_seqlens=torch.tensor([0, 6, 4, 10]))
+
+
+def pooled_args(B=3, T=1, H=2, K=8, V=6, P=4):
+    ins = make_inputs(B, T, H, K, V)
+    ins.update(state_pool=torch.randn(P, H, K, V), state_index=torch.tensor([2, -1, 0])[:B])
+    return ins
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(state_pool=[1.0]), TypeError, "state_pool must be a Tensor"),
+    (dict(state_pool=torch.randn(4, 2, 8, 6, dtype=torch.float64)), TypeError, "state_pool must be float32"),
+    (dict(state_pool=torch.randn(4, 2, 6, 8)), ValueError, r"state_pool must have shape \[P, H, K, V\]"),
+    (dict(state_pool=torch.randn(4, 2, 8, 6), state_v_first=True), ValueError, r"\[P, H, V, K\]"),
+    (dict(state_pool=torch.randn(4, 2, 6, 8).transpose(-1, -2)), ValueError, "state_pool must be contiguous"),
+    (dict(state_pool=torch.randn(4, 2, 8, 6, requires_grad=True)), ValueError, "must not require grad"),
+    (dict(state_pool=torch.randn(4, 2, 8, 6).to("meta")), ValueError, "state_pool is on meta"),
+    (dict(state_index=[0, 1, 2]), TypeError, "state_index must be a Tensor"),
+    (dict(state_index=torch.tensor([0.0, 1.0, 2.0])), ValueError, "state_index must be an int32 or int64"),
+    (dict(state_index=torch.tensor([0, 1])), ValueError, r"of shape \[B\] = \[3\]"),
+    (dict(state_index=torch.tensor([0, 1, 2]).to("meta")), ValueError, "state_index is on meta"),
+    (dict(state_index=torch.tensor([0, 4, 1])), ValueError, r"got 4 \(state_index\[1\]\)"),
+    (dict(state_index=torch.tensor([0, -2, 1])), ValueError, r"in \[-1, P\)"),
+    (dict(state_index=torch.tensor([1, -1, 1])), ValueError, "uses a pool slot twice: slot 1"),
+    (dict(state_v_first="no"), TypeError, "state_v_first must be a bool"),
+    (dict(check_index=None), TypeError, "check_index must be a bool"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+    (dict(q=torch.randn(3, 1, 2, 7)), ValueError, "k must have q's shape"),
+])
+def test_pooled_bad_arguments_write_nothing(kwargs, exc, match):
+    args = pooled_args()
+    args.update(kwargs)
+    pool = args["state_pool"]
+    before = pool.detach().clone() if isinstance(pool, torch.Tensor) and pool.device.type != "meta" else None
+    with pytest.raises(exc, match=match):
+        gla_cuda.fused_recurrent_gla_pooled(**args)
+    if before is not None:
+        assert torch.equal(pool.detach(), before), "a rejected call wrote to the pool"
+
+
+def test_pooled_forced_backend_that_cannot_run_writes_nothing():
+    args = pooled_args()
+    before = args["state_pool"].clone()
+    with pytest.raises(RuntimeError, match="cannot run recurrent_pool_fwd_ with backend 'triton'"):
+        gla_cuda.fused_recurrent_gla_pooled(**args, backend="triton")
+    assert torch.equal(args["state_pool"], before)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(q=torch.randn(2, 10, 2)), ValueError, "q must be 4-D"),
+    (dict(v=torch.randn(2, 10, 3, 6)), ValueError, "v must be"),
+    (dict(initial_state=torch.randn(2, 2, 8, 5)), ValueError, "initial_state must have shape"),
+    (dict(cu_seqlens=torch.tensor([0, 10])), ValueError, "batch size 1"),
+    (dict(backend="none"), ValueError, "backend must be one of"),
+    (dict(op=7), ValueError, "op must be one of"),
+    (dict(op="recurrent_pool_fwd_"), ValueError, "pass the state pool"),
+])
+def test_explain_backend_checks_its_arguments(kwargs, exc, match):
+    args = good()
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        gla_cuda.explain_backend(**args)
+
+
+@pytest.mark.parametrize("name,sizes", [("B", (0, 4, 2, 8, 6)), ("T", (2, 0, 2, 8, 6)), ("H", (2, 4, 0, 8, 6)),
+                                        ("V", (2, 4, 2, 8, 0))])
+def test_explain_backend_says_empty_inputs_run_no_kernel(name, sizes):
+    choice = gla_cuda.explain_backend(**make_inputs(*sizes))
+    assert choice.backend == "empty"
+    assert f"{name} = 0" in str(choice) and "without launching a kernel" in str(choice)
+
+
+def test_gpu_offsets_are_not_read_by_default(monkeypatch):
+    """Offsets on the GPU are not read on the host (a stall) unless their host copy is given
+    or GLA_CHECK_CU_SEQLENS=1; CPU offsets are always checked (stands in for a GPU tensor: a
+    CPU tensor whose device type claims cuda is not possible, so the check is driven directly)."""
+    from gla_cuda import api
+    bad = torch.tensor([0, 6, 4, 10])
+
+    class Reads(Exception):
+        pass
+
+    class Offsets(torch.Tensor):
+        def tolist(self):
+            raise Reads
+
+    fake = bad.as_subclass(Offsets)
+    monkeypatch.setattr(api, "_is_tracing", lambda: False)
+    with pytest.raises(Reads):  # a CPU tensor is read
+        api._check_cu_seqlens(fake, 1, 10)
+    # a GPU tensor is not, unless asked for (the device check reads .device only)
+    monkeypatch.setattr(Offsets, "device", property(lambda self: torch.device("cuda", 0)), raising=False)
+    api._check_cu_seqlens(fake, 1, 10)
+    monkeypatch.setenv("GLA_CHECK_CU_SEQLENS", "1")
+    with pytest.raises(Reads):
+        api._check_cu_seqlens(fake, 1, 10)

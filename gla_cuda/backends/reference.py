@@ -4,10 +4,13 @@ Two implementations of the same contract (see ``gla_cuda/backends/__init__.py``)
 
 * ``naive_*``: the recurrence (docs/design.md, 'Semantics') step by step. Run on float64
   inputs it is the test oracle; it is also the CPU kernel of the recurrent ops.
-* ``chunk_*``: the chunked form (docs/design.md, 'The chunked form and its numerics';
-  chunks of ``CHUNK`` tokens), the CPU kernel of the chunked ops. Intra-chunk scores are
-  computed element-wise with every exponent ``<= 0`` (masked before ``exp``), so any
-  finite ``g <= 0`` is safe.
+* ``chunk_*``: the chunked form (docs/design.md, 'The chunked form and its
+  numerics'; chunks of ``CHUNK`` tokens), the
+  CPU kernel of the chunked ops. Intra-chunk scores are computed element-wise
+  with every exponent ``<= 0`` (masked before ``exp``), so any finite ``g <= 0``
+  is safe; gates at or below GATE_MIN (-inf included) are resets (the contract's
+  gate rule): they are taken out of the cumulative sums and every decay spanning one
+  is masked to 0, so the result is exact in any precision.
 
 Everything is computed in float32 (float64 for float64 inputs) in the layout
 ``[B, H, T, D]``; outputs are cast back to the contract's dtypes.
@@ -18,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from gla_cuda.backends import GATE_MIN
 
 CHUNK = 64
 
@@ -75,8 +80,14 @@ def naive_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
         o_n, S = _naive_seq_fwd(*(_heads_first(x[b, s:e], acc) for x in (q, k, v, g)), scale, h0)
         o[b, s:e] = o_n.transpose(0, 1)
         ht.append(S)
-    final = torch.stack(ht) if output_final_state else None  # float32 (float64 inputs: float64)
-    return o.to(v.dtype), final
+    return o.to(v.dtype), _final(ht, q, v) if output_final_state else None
+
+
+def _final(states: list, q: Tensor, v: Tensor) -> Tensor:
+    """The final states [N, H, K, V] (float32; float64 inputs: float64), N = 0 included."""
+    if states:
+        return torch.stack(states)
+    return q.new_zeros(0, q.shape[2], q.shape[3], v.shape[-1], dtype=_acc_dtype(q))
 
 
 def _naive_seq_bwd(q, k, v, g, scale, h0, do, dht):
@@ -138,15 +149,29 @@ def _chunk_views(x: Tensor, C: int) -> list[Tensor]:
     return list(torch.split(x, C, dim=1)) if x.shape[1] else []
 
 
-def _intra_decay(bc: Tensor) -> Tensor:
-    """exp(b_t - b_s) for s <= t, 0 above the diagonal: [H, C, C, K].
+def _gates(gc: Tensor):
+    """(b, r) of one chunk [H, C, K]: b the in-chunk cumulative sum of the gates with the
+    resets (g <= GATE_MIN, -inf included) taken out, r the number of resets so far. The
+    decay from s to t (s <= t) is exp(b_t - b_s) where r_t == r_s, else 0."""
+    reset = gc <= GATE_MIN
+    return gc.masked_fill(reset, 0).cumsum(1), reset.to(torch.int32).cumsum(1)
 
-    Masking the exponent before exp keeps every exponent <= 0 (b is non-increasing).
-    """
+
+def _decay(bt: Tensor, rt: Tensor, bs: Tensor, rs: Tensor, keep=None) -> Tensor:
+    """exp(bt - bs) where no reset lies between (rt == rs) and ``keep`` (if given) holds,
+    else 0; masked before exp, so that every exponent taken is <= 0."""
+    drop = rt != rs
+    if keep is not None:
+        drop = drop | ~keep
+    return (bt - bs).masked_fill(drop, float("-inf")).exp()
+
+
+def _intra_decay(bc: Tensor, rc: Tensor) -> Tensor:
+    """exp(b_t - b_s) for s <= t with no reset in (s, t], else 0: [H, C, C, K]."""
     C = bc.shape[1]
-    diff = bc[:, :, None, :] - bc[:, None, :, :]
     causal = torch.ones(C, C, dtype=torch.bool, device=bc.device).tril()
-    return diff.masked_fill(~causal[None, :, :, None], float("-inf")).exp()
+    return _decay(bc[:, :, None, :], rc[:, :, None, :], bc[:, None, :, :], rc[:, None, :, :],
+                  causal[None, :, :, None])
 
 
 def _chunk_seq_fwd(q, k, v, g, scale, h0, C=CHUNK):
@@ -156,11 +181,14 @@ def _chunk_seq_fwd(q, k, v, g, scale, h0, C=CHUNK):
     outs, states = [], []
     for qc, kc, vc, gc in zip(*(_chunk_views(x, C) for x in (q, k, v, g))):
         states.append(S)
-        bc = gc.cumsum(1)
-        gamma = bc[:, -1]
-        scores = torch.einsum("htk,hsk,htsk->hts", qc, kc, _intra_decay(bc))
-        outs.append(scale * (scores @ vc + (qc * bc.exp()) @ S))
-        S = gamma.exp()[:, :, None] * S + (kc * (gamma[:, None] - bc).exp()).transpose(1, 2) @ vc
+        bc, rc = _gates(gc)
+        zero = torch.zeros_like(bc[:, :1])
+        from_start = _decay(bc, rc, zero, zero.to(rc.dtype))           # exp(b_t): start -> t
+        to_end = _decay(bc[:, -1:], rc[:, -1:], bc, rc)                 # exp(Γ - b_s): s -> end
+        gamma = from_start[:, -1]                                       # exp(Γ)
+        scores = torch.einsum("htk,hsk,htsk->hts", qc, kc, _intra_decay(bc, rc))
+        outs.append(scale * (scores @ vc + (qc * from_start) @ S))
+        S = gamma[:, :, None] * S + (kc * to_end).transpose(1, 2) @ vc
     o = torch.cat(outs, 1) if outs else q.new_empty(H, 0, v.shape[-1])
     return o, S, states
 
@@ -175,8 +203,7 @@ def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
         o_n, S, _ = _chunk_seq_fwd(*(_heads_first(x[b, s:e], acc) for x in (q, k, v, g)), scale, h0)
         o[b, s:e] = o_n.transpose(0, 1)
         ht.append(S)
-    final = torch.stack(ht) if output_final_state else None  # float32 (float64 inputs: float64)
-    return o.to(v.dtype), final
+    return o.to(v.dtype), _final(ht, q, v) if output_final_state else None
 
 
 def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
@@ -199,28 +226,31 @@ def _chunk_seq_bwd(q, k, v, g, do, scale, h0, dht, C=CHUNK):
     chunks = list(zip(*(_chunk_views(x, C) for x in (q, k, v, g, do))))
     for (qc, kc, vc, gc, doc), S in zip(reversed(chunks), reversed(states)):
         n = qc.shape[1]
-        bc = gc.cumsum(1)
-        gamma = bc[:, -1]
-        decay = _intra_decay(bc)                            # [H, u, s, K]
-        dov = scale * doc @ vc.transpose(1, 2)              # [H, u, s]: scale <do_u, v_s>
+        bc, rc = _gates(gc)
+        zero = torch.zeros_like(bc[:, :1])
+        from_start = _decay(bc, rc, zero, zero.to(rc.dtype))  # exp(b_t)
+        state_decay = _decay(bc[:, -1:], rc[:, -1:], bc, rc)  # exp(Γ - b_s)
+        gamma = from_start[:, -1]                             # exp(Γ)
+        decay = _intra_decay(bc, rc)                          # [H, u, s, K]
+        dov = scale * doc @ vc.transpose(1, 2)                # [H, u, s]: scale <do_u, v_s>
         scores = torch.einsum("htk,hsk,htsk->hts", qc, kc, decay)
-        state_decay = (gamma[:, None] - bc).exp()           # exp(Γ - b_s)
-        dq_inter = scale * (doc @ S.transpose(1, 2)) * bc.exp()
+        dq_inter = scale * (doc @ S.transpose(1, 2)) * from_start
         dk_state = (vc @ dS.transpose(1, 2)) * state_decay
         dq.append(torch.einsum("hts,hsk,htsk->htk", dov, kc, decay) + dq_inter)
         dk.append(torch.einsum("hts,htk,htsk->hsk", dov, qc, decay) + dk_state)
         dv.append(scale * scores.transpose(1, 2) @ doc + (kc * state_decay) @ dS)
         # dg_t: pairs (u >= t, s < t) inside the chunk, S -> o_u for u >= t,
-        # k_s -> S_end for s < t, and S -> S_end.
+        # k_s -> S_end for s < t, and S -> S_end. Every term spans step t, so each is 0
+        # where g_t is a reset (its decay is masked): dg is 0 there, exactly.
         pair = dov[..., None] * qc[:, :, None] * kc[:, None] * decay       # [H, u, s, K]
         before_t = _exclusive_cumsum(pair, 2)                               # sum over s < t
         upper = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # u >= t
         cross = (before_t * upper[None, :, :, None]).sum(1)
         from_state = (qc * dq_inter).flip(1).cumsum(1).flip(1)
         to_state = _exclusive_cumsum(kc * dk_state, 1)
-        through = (gamma.exp()[:, :, None] * S * dS).sum(-1)[:, None]
+        through = (gamma[:, :, None] * S * dS).sum(-1)[:, None]
         dg.append(cross + from_state + to_state + through)
-        dS = gamma.exp()[:, :, None] * dS + scale * (qc * bc.exp()).transpose(1, 2) @ doc
+        dS = gamma[:, :, None] * dS + scale * (qc * from_start).transpose(1, 2) @ doc
     cat = lambda xs, like: torch.cat(xs[::-1], 1) if xs else torch.empty_like(like)
     return cat(dq, q), cat(dk, k), cat(dv, v), cat(dg, g), dS
 

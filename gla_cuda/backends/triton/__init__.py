@@ -40,6 +40,9 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
         major, minor = torch.cuda.get_device_capability(q.device)
         if major < 8 and q.dtype == torch.bfloat16:
             return f"bfloat16 needs sm_80 or newer, the GPU is sm_{major}{minor}"
+    tokens = q.shape[0] * q.shape[1]
+    if isinstance(tokens, int) and tokens >= 2**31:
+        return f"B*T = {tokens} tokens: the kernels index tokens in int32 (fewer than 2**31)"
     if q.shape[-1] > MAX_K:
         return f"K={q.shape[-1]} is larger than {MAX_K}"
     if v.shape[-1] > MAX_V:

@@ -85,6 +85,12 @@ a gather, never a difference), so dg stays accurate for gates of -20 per step.
 
 Every exponent is masked to be <= 0 before ``exp``, except those of the one-reference
 form, which are bounded by SPAN; all accumulation is float32.
+
+Gates are clamped at every load to GATE_MIN (the backends' gate rule,
+gla_cuda/backends/__init__.py): -inf (a hard reset) enters the cumulative sums as
+-128, whose exp is 0, so that no -inf - (-inf) is formed; a chunk with a reset after
+its first row exceeds SPAN and takes the exact path.  dg is stored as 0 where the gate
+was clamped.
 Token indices are int32 inside the kernels (B*T < 2**31), addresses int64.
 """
 from __future__ import annotations
@@ -95,8 +101,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gla_cuda.backends import GATE_MIN as _GATE_MIN
 from gla_cuda.intermediates import C_CHUNK, ChunkSlots, operand_dtype, saved_like, state_dtype
 
+GATE_MIN = tl.constexpr(_GATE_MIN)
 # Largest |b_t - b_r| (natural log units, b the in-chunk cumulative gate, r the middle row)
 # for which a chunk takes the single-reference path: operands scaled by up to exp(40)
 # = 2e17 stay far from float32's range (3e38, and 1e-38 for the reciprocal side)
@@ -355,6 +363,14 @@ def _gated_store(bq, bk, b, g0, rows, qx, qxb, kd, p, m, kk, vrow, nrow, scale, 
 
 
 @triton.jit
+def _gate(x):
+    """A gate tile as loaded, clamped to GATE_MIN, back in its own dtype (GATE_MIN is exact
+    in every gate dtype; NaN stays NaN)."""
+    xf = x.to(tl.float32)
+    return tl.where(xf < GATE_MIN, GATE_MIN, xf).to(x.dtype)
+
+
+@triton.jit
 def _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK: tl.constexpr):
     """Rows of one chunk, channels k0 .. k0 + BK: q and k in float32, g as stored, and
     the tile's offsets, mask and channels."""
@@ -363,7 +379,7 @@ def _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK: tl.constexpr):
     p = base + roff[:, None] + kk[None, :]
     bq = tl.load(q + p, mask=m, other=0.).to(tl.float32)
     bk = tl.load(k + p, mask=m, other=0.).to(tl.float32)
-    return bq, bk, tl.load(g + p, mask=m, other=0.), p, m, kk
+    return bq, bk, _gate(tl.load(g + p, mask=m, other=0.)), p, m, kk
 
 
 @triton.jit
@@ -395,7 +411,7 @@ def _A_kernel(q, k, g, A, exact, qx, qxb, kd, vec, cu, chunk_seq, chunk_off, sca
         for k0 in range(0, K, BK):
             bq, bk, graw, p, m, kk = _qkg_tile(q, k, g, base, roff, rmask, k0, K, BK)
             b = tl.cumsum(graw.to(tl.float32), axis=0)
-            g0 = tl.load(g + base + kk, mask=(kk < K) & (nrow > 0), other=0.)
+            g0 = _gate(tl.load(g + base + kk, mask=(kk < K) & (nrow > 0), other=0.))
             _gated_store(bq, bk, b, g0, rows, qx, qxb, kd, p, m, kk, vrow, nrow, scale, K, C,
                          FWD, BWD)
             d = b - _row(b, rows, C // 2)[None, :]
@@ -553,7 +569,7 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
     # dA strictly below the diagonal as a tile and its diagonal as a vector
     bq = tl.load(q + p, mask=mk, other=0.)
     bk = tl.load(k + p, mask=mk, other=0.)
-    graw = tl.load(g + p, mask=mk, other=0.)
+    graw = _gate(tl.load(g + p, mask=mk, other=0.))
     dA += (t0 * H + hh) * C
     a_tt = tl.load(dA + rows * (H * C) + rows, mask=rmask, other=0.)
     dA = tl.load(dA + (rows * (H * C))[:, None] + cols[None, :],
@@ -613,6 +629,9 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
     # The diagonal (s == t) terms cancel exactly in q*dq - k*dk and are added afterwards.
     x = bq * bdq - bk * bdk
     bdg = tl.cumsum(x, axis=0, reverse=True) + y_ex + (tl.exp(gam) * dgh)[None, :]
+    # a clamped gate's terms all carry its exp, 0: store the exact 0, not the rounding of
+    # the sums' cancellation
+    bdg = tl.where(graw.to(tl.float32) <= GATE_MIN, 0., bdg)
     bdq += a_tt[:, None] * bk
     bdk += a_tt[:, None] * bq + bdk_inter
     tl.store(dq + p, bdq.to(dq.dtype.element_ty), mask=mk)

@@ -184,6 +184,9 @@ def _bwd_kernel(q, k, v, g, do, h0, dht, cu_seqlens, dq, dk, dv, dg, dh0, scale,
         # dg_{t+1} -> R_t -> dg_t; at t = T, R_T came from the forward sweep
         b_dg = tl.where(i > 0, b_dg - b_k * b_dkp, b_dg)
         b_dg += tl.load(dg + p_x, mask=m_k, other=0.)
+        # R_t and dg_t both carry the factor exp(g_t): where it is 0 (g = -inf, a reset, or
+        # g below ~-104) dg_t is exactly 0, and no rounding of the sum crosses the reset
+        b_dg = tl.where(b_a == 0., 0., b_dg)
         tl.store(dg + p_x, b_dg, mask=m_k)
         dS = D + (scale * b_q)[:, None] * b_do[None, :]
         tl.store(dk + p_x, b_dkp + scale * b_q * tl.sum(b_do * b_v), mask=m_k)
