@@ -311,7 +311,7 @@ def test_pooled_bad_arguments_write_nothing(kwargs, exc, match):
 def test_pooled_forced_backend_that_cannot_run_writes_nothing():
     args = pooled_args()
     before = args["state_pool"].clone()
-    with pytest.raises(RuntimeError, match="cannot run recurrent_pool_fwd_ with backend 'triton'"):
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run recurrent_pool_fwd_"):
         gla_cuda.fused_recurrent_gla_pooled(**args, backend="triton")
     assert torch.equal(args["state_pool"], before)
 
