@@ -117,6 +117,10 @@ def cached_generator(build_dir):
     return None
 
 
+def kernel_sources():
+    return sorted((ROOT / "csrc").rglob("*.cu"))
+
+
 def _minutes(seconds):
     return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
 
@@ -150,52 +154,51 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"gla_cuda: CMake configure failed (exit {configure.returncode}); "
                                "its output is above")
 
-        pending = self._pending_compiles(build_dir, generator)
-        if pending == 0:
-            say("the kernels are up to date; linking only")
-        else:
-            est = max(LONGEST_FILE_S, CLEAN_BUILD_S_2_CORES * 2 / jobs)
-            say(f"compiling {pending if pending is not None else 'the'} translation units with "
-                f"{jobs} jobs; a clean build takes about {round(est / 60)} minutes here "
-                f"(~{CLEAN_BUILD_S_2_CORES // 60} minutes on 2 cores)")
-        self._build(build_dir, jobs)
-        (out_dir / f"{_build.INFO_MODULE}.py").write_text(_build.render(*TORCH, CUDA_VERSION))
+        est = max(LONGEST_FILE_S, CLEAN_BUILD_S_2_CORES * 2 / jobs)
+        say(f"building with {jobs} jobs: a clean build compiles {len(kernel_sources())} kernel "
+            f"files and takes about {round(est / 60)} minutes here (~{CLEAN_BUILD_S_2_CORES // 60} "
+            "on 2 cores); a rebuild compiles only what changed")
+        compiled = self._build(build_dir, jobs)
+        if not compiled:
+            say("nothing to recompile")
+        self._info = out_dir / f"{_build.INFO_MODULE}.py"
+        self._info.write_text(_build.render(*TORCH, CUDA_VERSION))
         say(f"built gla_cuda._C for torch {TORCH[0]}, CUDA {CUDA_VERSION} in "
             f"{_minutes(time.monotonic() - start)}")
 
     @staticmethod
-    def _pending_compiles(build_dir, generator):
-        """How many files ninja would compile now (None: unknown, not a Ninja build)."""
-        if generator != "Ninja" or not shutil.which("ninja"):
-            return None
-        dry = subprocess.run(["ninja", "-C", str(build_dir), "-n"], capture_output=True, text=True)
-        return sum(1 for line in dry.stdout.splitlines() if re.search(r"Building (CUDA|CXX) object", line))
-
-    @staticmethod
     def _build(build_dir, jobs):
-        """cmake --build, its output to stderr; every finished compile is one progress line."""
+        """cmake --build, its output to stderr; each compile step ninja reports is one progress
+        line. Returns how many files it compiled."""
         proc = subprocess.Popen(["cmake", "--build", str(build_dir), "-j", str(jobs)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        start = time.monotonic()
+        start, compiled = time.monotonic(), 0
         for line in proc.stdout:
             sys.stderr.write(line)
             step = re.match(r"\[(\d+)/(\d+)\] Building \w+ object \S*?([^/\s]+)\.o\b", line)
             if step:
+                compiled += 1
                 say(f"[{step.group(1)}/{step.group(2)}] {_minutes(time.monotonic() - start)} {step.group(3)}")
         if proc.wait():
             raise RuntimeError(f"gla_cuda: the extension build failed (exit {proc.returncode}); "
                                "the compiler output is above (pip shows it with -v)")
+        return compiled
 
     def run(self):
         super().run()
-        if self.inplace and self.extensions:  # editable install: _C was copied to the source tree
-            info = f"{_build.INFO_MODULE}.py"
-            built = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent
-            shutil.copyfile(built / info, ROOT / "gla_cuda" / info)
+        info = getattr(self, "_info", None)
+        if self.inplace and info:  # editable install: _C was copied to the source tree; so is this
+            shutil.copyfile(info, ROOT / "gla_cuda" / info.name)
 
 
 class BuildPy(build_py):
     """Says once, while building, what this install holds (setup.py itself runs per hook)."""
+
+    def find_package_modules(self, package, package_dir):
+        # the build info of an earlier in-place build describes that build only: build_ext
+        # writes this one's, and a pure-Python install has none
+        return [m for m in super().find_package_modules(package, package_dir)
+                if not (package == "gla_cuda" and m[1] == _build.INFO_MODULE)]
 
     def run(self):
         if CUDA_HOME is None:

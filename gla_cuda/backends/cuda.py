@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import warnings
 from typing import Optional
 
@@ -21,9 +22,9 @@ def _load_extension():
     """(_C, None), or (None, why not). A build for another torch is not imported (it would fail
     with an undefined symbol, or load and crash): that is said once, as a warning."""
     try:
-        info = importlib.import_module(f"gla_cuda.{_build.INFO_MODULE}")
+        info = importlib.util.find_spec("gla_cuda._C") and importlib.import_module(f"gla_cuda.{_build.INFO_MODULE}")
     except ImportError:
-        info = None  # no record (an install without _C, or a bare CMake build): just try
+        info = None  # no record (a bare CMake build) or no _C: just try
     why = info and _build.mismatch(info, torch.__version__, torch.version.cuda)
     if why:
         warnings.warn(why, RuntimeWarning, stacklevel=2)
