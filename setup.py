@@ -44,12 +44,13 @@ _build = _load_build_module()
 _tty = None
 
 
-def say(msg):
+def say(msg, terminal_only=False):
     """A progress line for the user: stderr (pip shows it with -v, and on failure) and the
     terminal, which pip's default verbosity would otherwise leave silent."""
     global _tty
     line = f"gla_cuda: {msg}"
-    print(line, file=sys.stderr, flush=True)
+    if not terminal_only:
+        print(line, file=sys.stderr, flush=True)
     if _tty is None:
         try:
             _tty = open("/dev/tty", "w")
@@ -117,8 +118,12 @@ def cached_generator(build_dir):
     return None
 
 
-def kernel_sources():
-    return sorted((ROOT / "csrc").rglob("*.cu"))
+def cuda_compile_count(build_dir):
+    """How many CUDA files the build compiles (from build.ninja; None for other generators)."""
+    ninja_file = build_dir / "build.ninja"
+    if not ninja_file.exists():
+        return None
+    return len(re.findall(r"^build \S+\.cu\.o:", ninja_file.read_text(), re.M))
 
 
 def _minutes(seconds):
@@ -133,11 +138,15 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         start = time.monotonic()
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = cmake_build_dir()
+        # _C is linked inside the build directory and copied out: the configure arguments stay
+        # the same for an editable install (a new temporary build_lib each time), a wheel and
+        # a reinstall, so ninja has nothing to redo between them
+        built_dir = build_dir / "out"
         generator = cached_generator(build_dir) or ("Ninja" if shutil.which("ninja") else None)
         cfg = ["-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
-               f"-DGLA_OUTPUT_DIR={out_dir}", f"-DCMAKE_CUDA_COMPILER={CUDA_HOME / 'bin' / 'nvcc'}",
+               f"-DGLA_OUTPUT_DIR={built_dir}", f"-DCMAKE_CUDA_COMPILER={CUDA_HOME / 'bin' / 'nvcc'}",
                f"-DCUDAToolkit_ROOT={CUDA_HOME}"]
         if generator:
             cfg += ["-G", generator]
@@ -149,19 +158,24 @@ class CMakeBuild(build_ext):
         sys.stderr.write(configure.stdout)
         for line in configure.stdout.splitlines():  # CMakeLists.txt's own summary lines
             if line.startswith("-- gla_cuda:"):
-                say(line[len("-- gla_cuda: "):])
+                say(line[len("-- gla_cuda: "):], terminal_only=True)  # already on stderr
         if configure.returncode:
             raise RuntimeError(f"gla_cuda: CMake configure failed (exit {configure.returncode}); "
                                "its output is above")
 
         est = max(LONGEST_FILE_S, CLEAN_BUILD_S_2_CORES * 2 / jobs)
-        say(f"building with {jobs} jobs: a clean build compiles {len(kernel_sources())} kernel "
-            f"files and takes about {round(est / 60)} minutes here (~{CLEAN_BUILD_S_2_CORES // 60} "
-            "on 2 cores); a rebuild compiles only what changed")
+        units = cuda_compile_count(build_dir)
+        say(f"building with {jobs} jobs: a clean build compiles {units or 'the'} CUDA translation "
+            f"units and takes about {round(est / 60)} minutes here; a rebuild compiles only what changed")
         compiled = self._build(build_dir, jobs)
         if not compiled:
             say("nothing to recompile")
-        self._info = out_dir / f"{_build.INFO_MODULE}.py"
+        built = sorted(built_dir.glob("_C.*.so")) or sorted(built_dir.glob("_C*.so"))
+        if not built:
+            raise RuntimeError(f"gla_cuda: the build left no _C*.so in {built_dir}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built[0], target)
+        self._info = target.parent / f"{_build.INFO_MODULE}.py"
         self._info.write_text(_build.render(*TORCH, CUDA_VERSION))
         say(f"built gla_cuda._C for torch {TORCH[0]}, CUDA {CUDA_VERSION} in "
             f"{_minutes(time.monotonic() - start)}")
