@@ -54,6 +54,7 @@ def say(msg, terminal_only=False):
     if _tty is None:
         try:
             _tty = open("/dev/tty", "w")
+            _tty.write("\n")  # off the line where pip draws its spinner
         except OSError:
             _tty = False
     if _tty:
