@@ -21,10 +21,13 @@ from gla_cuda import _build, ops  # noqa: F401  (ops defines the schemas the ext
 def _load_extension():
     """(_C, None), or (None, why not). A build for another torch is not imported (it would fail
     with an undefined symbol, or load and crash): that is said once, as a warning."""
+    if importlib.util.find_spec("gla_cuda._C") is None:
+        return None, ("the compiled extension gla_cuda._C is not built (installed without a CUDA "
+                      "toolkit, or with GLA_CUDA_BUILD=0)")
     try:
-        info = importlib.util.find_spec("gla_cuda._C") and importlib.import_module(f"gla_cuda.{_build.INFO_MODULE}")
+        info = importlib.import_module(f"gla_cuda.{_build.INFO_MODULE}")
     except ImportError:
-        info = None  # no record (a bare CMake build) or no _C: just try
+        info = None  # no record (a bare CMake build): just try
     why = info and _build.mismatch(info, torch.__version__, torch.version.cuda)
     if why:
         warnings.warn(why, RuntimeWarning, stacklevel=2)
