@@ -7,24 +7,40 @@ a kernel covers the inputs and calls the op.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import warnings
 from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake  # fake tensors (torch.compile) have no address
 
-from gla_cuda import ops  # noqa: F401  (defines the schemas the extension implements)
+from gla_cuda import _build, ops  # noqa: F401  (ops defines the schemas the extension implements)
 from gla_cuda.intermediates import ChunkSlots
 
-try:
-    from gla_cuda import _C  # noqa: F401  (importing registers the kernels)
-    IMPORT_ERROR = None
-except ImportError as e:
-    _C = None
-    # not built at all (a source checkout, or a wheel without it), or built but not loadable
-    IMPORT_ERROR = ("the compiled extension gla_cuda._C is not built (README: Build)"
-                    if importlib.util.find_spec("gla_cuda._C") is None
-                    else f"the compiled extension gla_cuda._C does not load ({e})")
+
+def _load_extension():
+    """(_C, None), or (None, why not). A build for another torch is not imported (it would fail
+    with an undefined symbol, or load and crash): that is said once, as a warning."""
+    if importlib.util.find_spec("gla_cuda._C") is None:
+        return None, ("the compiled extension gla_cuda._C is not built (installed without a CUDA "
+                      "toolkit, or with GLA_CUDA_BUILD=0; README: Build)")
+    try:
+        info = importlib.import_module(f"gla_cuda.{_build.INFO_MODULE}")
+    except ImportError:
+        info = None  # no record (a bare CMake build): just try
+    why = info and _build.mismatch(info, torch.__version__, torch.version.cuda)
+    if why:
+        warnings.warn(why, RuntimeWarning, stacklevel=2)
+        return None, why
+    try:
+        from gla_cuda import _C  # noqa: F401  (importing registers the kernels)
+    except ImportError as e:
+        return None, f"the compiled extension gla_cuda._C does not load ({e})"
+    return _C, None
+
+
+_C, IMPORT_ERROR = _load_extension()
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
