@@ -396,7 +396,9 @@ at::Tensor cuda_recurrent_pool_fwd_(const at::Tensor& q, const at::Tensor& k, co
 // For gla_cuda.backends.cuda: nullptr-or-reason, without building tensors.
 std::optional<std::string> unsupported(const std::string& op, int T, int K, int V,
                                        const std::string& dtype, const std::string& g_dtype,
-                                       int sm_major, int sm_minor) {
+                                       int sm_major, int sm_minor, int device) {
+  // the checks query the device (shared memory per block): the tensors' GPU, not the current one
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const char* why = nullptr;
   FwdParams fp{};  // one sequence of one token and one head: only the static checks bite
   fp.B = fp.N = fp.T = fp.H = 1;

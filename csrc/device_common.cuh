@@ -130,13 +130,20 @@ __device__ __forceinline__ void load_tile_from(E* s, int sstride, const S* g, in
 // `rows` count 0); returns the sum of the parts before this one (x) and the chunk's total (y).
 // g is [rows][ldg], tot a [PARTS][ldtot] float scratch. Every thread of the block (of the
 // group, with a GroupSync) calls it: it holds one barrier, after which the raw g may be overwritten.
+// Gates are clamped to kGateMin as they are read.
+// Gates at or below kGateMin (-inf included: a hard reset) act as kGateMin: exp(kGateMin) is 0
+// in float32, so the result is the exact one, and finite (-inf would make b_t - b_s NaN). The
+// rule is the backends' contract (gla_cuda/backends/__init__.py, GATE_MIN). NaN stays NaN.
+constexpr float kGateMin = -128.f;
+__device__ __forceinline__ float clamp_gate(float x) { return x < kGateMin ? kGateMin : x; }
+
 template <int RPT, int PARTS, class GT, class Sync = CtaSync>
 __device__ __forceinline__ float2 chunk_cumsum(const GT* g, int ldg, int ch, int part, int rows, float* tot,
                                                int ldtot, float (&gv)[RPT], Sync = {}) {
 #pragma unroll
   for (int r = 0; r < RPT; ++r) {
     const int t = part * RPT + r;
-    const float x = t < rows ? float(g[t * ldg + ch]) : 0.f;
+    const float x = t < rows ? clamp_gate(float(g[t * ldg + ch])) : 0.f;
     gv[r] = r ? gv[r - 1] + x : x;
   }
   tot[part * ldtot + ch] = gv[RPT - 1];

@@ -293,12 +293,13 @@ struct Dqkg {
     T* dq = static_cast<T*>(p.dq) + base;
     T* dk = static_cast<T*>(p.dk) + base;
     GT* dg = static_cast<GT*>(p.dg) + base;
+    const GT* graw = static_cast<const GT*>(p.g) + base;  // clamped gates have dg = 0 (kGateMin)
     CUTE_UNROLL
     for (int t = 0; t < 16; ++t)
       if (16 * d + t < rows) {
         dq[t * HK] = T(dqd[t]);
         dk[t * HK] = T(dkd[t]);
-        dg[t * HK] = GT((x[t] + offx) + (y[t] + offy) + dgc);
+        dg[t * HK] = float(graw[t * HK]) <= kGateMin ? GT(0.f) : GT((x[t] + offx) + (y[t] + offy) + dgc);
       }
   }
 };

@@ -206,7 +206,7 @@ struct Kernel {
       float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
       {
         const int ch = tid % K, seg = tid / K;
-        const float bz = float(sG[ch]) * kLog2e;  // b_0 (kept operands only)
+        const float bz = clamp_gate(float(sG[ch])) * kLog2e;  // b_0 (kept operands only)
         float gv[RPT];
         const float2 cs = chunk_cumsum<RPT, TPC>(sG, K, ch, seg, Lr, sTot, K, gv);  // then b may overwrite g
         const float off = cs.x, gam = cs.y;

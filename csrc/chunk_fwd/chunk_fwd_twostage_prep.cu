@@ -79,7 +79,7 @@ struct Prep {
     float bmax = -INFINITY, bmin = INFINITY;
     {
       const int ch = tid % K, part = tid / K;
-      const float bz = float(sG[ch]) * kLog2e;
+      const float bz = clamp_gate(float(sG[ch])) * kLog2e;
       float gv[RPT];
       const float2 cs = chunk_cumsum<RPT, TPC>(sG, K, ch, part, Lr, sTot, K, gv);  // then b may overwrite g
       const float gam2 = cs.y * kLog2e;

@@ -71,7 +71,7 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
 def _kernel_reason(op, T, K, V, dtype, g_dtype, device_index):
     """What the extension says of a kernel for these sizes on this GPU (sizes and names only)."""
     major, minor = torch.cuda.get_device_capability(device_index)
-    return _C.unsupported(op, T, K, V, dtype, g_dtype, major, minor)
+    return _C.unsupported(op, T, K, V, dtype, g_dtype, major, minor, device_index)
 
 
 def _device_index(device):
