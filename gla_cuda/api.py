@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
+from gla_cuda import dispatch, fla_options, ops  # noqa: F401  (ops defines torch.ops.gla)
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,24 +114,39 @@ def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
 
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
               initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-              cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None):
+              cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None, *,
+              state_v_first: bool = False, cu_seqlens_cpu: Optional[Tensor] = None):
     """Gated linear attention in the chunkwise-parallel form.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log-space forget gate (g <= 0).
     Returns (o [B, T, H, V] in v's dtype, final state float32 [N, H, K, V] or None).
     backend: "cuda", "triton", "reference" or None/"auto" (default: $GLA_BACKEND or auto).
+    state_v_first, cu_seqlens_cpu: as in fla-core's chunk_gla (gla_cuda/fla_options.py).
     """
-    return _call(torch.ops.gla.chunk_fwd, q, k, v, g, scale, initial_state, output_final_state,
-                 cu_seqlens, backend)
+    if state_v_first:
+        initial_state = fla_options.v_first_in(q, v, initial_state, cu_seqlens)
+    o, ht = _call(torch.ops.gla.chunk_fwd, q, k, v, g, scale, initial_state, output_final_state,
+                  cu_seqlens, backend)
+    return o, (fla_options.v_first_out(ht) if state_v_first else ht)
 
 
-def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
-                        initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-                        cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None):
+def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
+                        scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                        output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+                        backend: Optional[str] = None, *, gk: Optional[Tensor] = None,
+                        gv: Optional[Tensor] = None, reverse: bool = False, state_v_first: bool = False):
     """Gated linear attention as a step-by-step recurrence (decoding, short inputs).
 
-    Same arguments and results as chunk_gla.
+    Same arguments and results as chunk_gla; gk (fla's name for g), gv, reverse and
+    state_v_first as in fla-core's fused_recurrent_gla (gla_cuda/fla_options.py).
     """
+    if g is None or gk is not None or gv is not None or reverse or state_v_first:
+        def call(q, k, v, g, initial_state):
+            return _call(torch.ops.gla.recurrent_fwd, q, k, v, g, scale, initial_state, output_final_state,
+                         cu_seqlens, backend)
+        return fla_options.fused_recurrent_gla(call, _prepare, q, k, v, g, gk, gv, scale, initial_state,
+                                               output_final_state, reverse, state_v_first, cu_seqlens,
+                                               backend)
     return _call(torch.ops.gla.recurrent_fwd, q, k, v, g, scale, initial_state, output_final_state,
                  cu_seqlens, backend)
 
@@ -192,5 +207,6 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: O
                     cu_seqlens: Optional[Tensor] = None, op: str = "chunk_fwd",
                     backend: Optional[str] = None) -> dispatch.Choice:
     """Which backend would run ``op`` (chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd,
-    recurrent_pool_fwd_: pass the pool as initial_state) on these inputs, and why each other backend would not. ``print()`` it for a table."""
+    recurrent_gv_fwd, and the pool ops recurrent_pool_fwd_, chunk_pool_fwd_,
+    recurrent_verify_pool_fwd_: pass the pool as initial_state) on these inputs, and why each other backend would not. ``print()`` it for a table."""
     return dispatch.choose(op, q, k, v, g, initial_state, cu_seqlens, backend)

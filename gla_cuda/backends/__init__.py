@@ -16,6 +16,10 @@
     recurrent_verify_pool_fwd_(q, k, v, g, scale, state_pool, state_indices,
                                num_accepted_tokens, cu_seqlens, state_v_first, o) -> None
         serving speculative-decoding verify: the state after every token to its own slot
+    recurrent_gv_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, reverse,
+                     cu_seqlens) -> (o, final_state or None)
+        the recurrence with a value gate (fla's gv; gla_cuda/fla_options.py); differentiable
+        by autograd; only the reference has it
     unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> None or a short reason
         (op is one of OPS; gla_cuda.dispatch asks it before choosing the backend)
     auto_skip_reason(...): optional, same arguments: inputs the backend runs but leaves to
@@ -44,4 +48,4 @@ never synchronises with the host (no .item() / .tolist() on device tensors).
 """
 
 OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_",
-       "chunk_pool_fwd_", "recurrent_verify_pool_fwd_")
+       "chunk_pool_fwd_", "recurrent_verify_pool_fwd_", "recurrent_gv_fwd")

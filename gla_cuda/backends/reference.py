@@ -249,6 +249,28 @@ def recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_firs
     return o
 
 
+def recurrent_gv_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    """The recurrence with a value gate too, S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) +
+    k_t^T v_t, optionally from each sequence's last token back (reverse). Written with
+    out-of-place ops only, so autograd differentiates it (fla's fused_recurrent_gla options)."""
+    acc = _acc_dtype(q)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    outs, finals = [], []
+    for n, b, s, e in _sequences(q, cu_seqlens):
+        qn, kn, vn, gkn, gvn = (_heads_first(x[b, s:e], acc) for x in (q, k, v, gk, gv))
+        S = initial_state[n].to(acc) if initial_state is not None else q.new_zeros(H, K, V, dtype=acc)
+        steps = [None] * (e - s)
+        for t in (reversed(range(e - s)) if reverse else range(e - s)):
+            S = gkn[:, t, :, None].exp() * S * gvn[:, t, None, :].exp() + kn[:, t, :, None] * vn[:, t, None, :]
+            steps[t] = scale * torch.einsum("hk,hkv->hv", qn[:, t], S)
+        outs.append(torch.stack(steps, 1).transpose(0, 1) if steps else q.new_zeros(0, H, V, dtype=acc))
+        finals.append(S)
+    o = torch.stack(outs) if cu_seqlens is None else torch.cat(outs)[None]
+    return o.to(v.dtype), (torch.stack(finals) if output_final_state and finals else
+                           q.new_zeros(0, H, K, V, dtype=acc) if output_final_state else None)
+
+
 def _pool_io(state_pool, state_v_first, acc):
     """(load(slot) -> [H, K, V] state in acc, store(slot, S)) for either pool layout."""
     def load(slot):

@@ -30,6 +30,8 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
         return IMPORT_ERROR
     if op == "recurrent_pool_fwd_":
         return "no Triton kernel for the pooled decode op"
+    if op == "recurrent_gv_fwd":
+        return "no Triton kernel for the value gate gv"
     if q.device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
     if q.device.type not in ("cpu", "cuda"):
