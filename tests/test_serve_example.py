@@ -2,6 +2,7 @@
 pool per layer, prefix reuse through a checkpoint, greedy outputs equal to generating alone."""
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -12,6 +13,7 @@ def _load():
     path = os.path.join(ROOT, "examples", "serve_gla.py")
     spec = importlib.util.spec_from_file_location("serve_gla", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
