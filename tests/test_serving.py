@@ -386,3 +386,29 @@ def test_mixed_step_replays_from_a_cuda_graph(v_first):
         assert rel_err(pool[written], other[written].double()) <= TOL[torch.bfloat16]
         untouched = [i for i in range(P) if i not in set(written)]
         assert torch.equal(pool[untouched], before[untouched])
+
+
+def test_pool_ops_under_torch_compile():
+    """Traced through their fake kernels (in-place writes functionalised), index checks skipped:
+    the compiled step writes the same outputs and slots as the eager one."""
+    ins, cu = _packed([70, 10], "cpu")
+    dec = make_inputs(3, 2, H, K, V)
+    idx = torch.tensor([3, 1])
+    didx = torch.tensor([[0, 2], [4, 5], [-1, -1]])
+
+    def step(pool):
+        a = gla_cuda.chunk_gla_pooled(**ins, state_pool=pool, state_indices=idx, cu_seqlens=cu,
+                                      checkpoint_every=64, checkpoint_indices=torch.tensor([[6], [-1]]),
+                                      state_v_first=True, check_indices=True, backend="reference")
+        b = gla_cuda.fused_recurrent_gla_verify_pooled(**dec, state_pool=pool, state_indices=didx,
+                                                       state_v_first=True, check_indices=True,
+                                                       backend="reference")
+        return a, b
+
+    pool = _pool(8, "cpu", True, seed=11)
+    other = pool.clone()
+    want = step(other)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(pool)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    assert torch.equal(pool, other)
