@@ -18,6 +18,7 @@
 #include "chunk_bwd/chunk_bwd.h"
 #include "chunk_fwd/chunk_fwd.h"
 #include "gla_params.h"
+#include "intermediates.h"
 #include "recurrent/recurrent.h"
 
 namespace gla {
@@ -32,10 +33,29 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-// The dtype of the training forward's kept states and of the backward's dh (KeptState in
-// state_tile.cuh): bf16 for bf16 inputs, float32 otherwise (float16's range is too narrow).
+at::ScalarType to_scalar_type(DType t) {
+  switch (t) {
+    case DType::kFloat16: return at::kHalf;
+    case DType::kBFloat16: return at::kBFloat16;
+    case DType::kFloat32: return at::kFloat;
+    case DType::kInt8: return at::kChar;
+  }
+  TORCH_CHECK(false, "gla_cuda: unknown DType ", int(t));
+}
+
+// The training forward's kept tensors and the backward's dh: dtypes, shapes and their order are
+// intermediates.h's (one layout for the kernels, these bindings and the Triton backend).
 at::ScalarType kept_state_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  return to_scalar_type(intermediates::kept_state_dtype(to_dtype(q.scalar_type())));
+}
+
+at::ScalarType kept_dtype(intermediates::Kept which, const at::Tensor& q) {
+  return to_scalar_type(intermediates::dtype(which, to_dtype(q.scalar_type())));
+}
+
+std::vector<int64_t> kept_sizes(intermediates::Kept which, const GlaParams& p, int64_t num_slots) {
+  const intermediates::Shape s = intermediates::shape(which, p.B, p.T, p.H, p.K, p.V, num_slots);
+  return std::vector<int64_t>(s.size, s.size + s.rank);
 }
 
 DType dtype_from_name(const std::string& name) {
@@ -133,20 +153,19 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd_call(
     TORCH_CHECK(chunk_off->scalar_type() == at::kLong && chunk_off->numel() == p.N + 1,
                 "cuda_chunk_fwd_saving: chunk_off must be int64 [N + 1]");
     TORCH_CHECK(num_slots >= 0, "cuda_chunk_fwd_saving: num_slots must be >= 0");
-    const auto f32 = q.options().dtype(at::kFloat);
-    *kept = {at::empty({int64_t(p.B) * p.T, p.H, 64}, q.options()),
-             at::empty({num_slots, p.H}, q.options().dtype(at::kChar)),
-             at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()),
-             at::empty({num_slots, p.H, 3, p.K}, f32),
-             at::empty({num_slots, p.H, p.K, p.V}, q.options().dtype(kept_state_dtype(q)))};
-    for (at::Tensor& x : *kept) poison({&x});
+    kept->clear();
+    for (int i = 0; i < intermediates::kNumKept; ++i) {
+      const auto which = intermediates::Kept(i);
+      kept->push_back(at::empty(kept_sizes(which, p, num_slots), q.options().dtype(kept_dtype(which, q))));
+      poison({&kept->back()});
+    }
     p.chunk_off = chunk_off->data_ptr<int64_t>();
-    p.save_a = (*kept)[0].data_ptr();
-    p.save_flags = (*kept)[1].data_ptr<int8_t>();
-    p.save_qx = (*kept)[2].data_ptr();
-    p.save_kd = (*kept)[3].data_ptr();
-    p.save_decay = (*kept)[4].data_ptr<float>();
-    p.save_h = (*kept)[5].data_ptr();
+    p.save_a = (*kept)[intermediates::kA].data_ptr();
+    p.save_flags = (*kept)[intermediates::kFlags].data_ptr<int8_t>();
+    p.save_qx = (*kept)[intermediates::kQx].data_ptr();
+    p.save_kd = (*kept)[intermediates::kKd].data_ptr();
+    p.save_decay = (*kept)[intermediates::kDecays].data_ptr<float>();
+    p.save_h = (*kept)[intermediates::kStates].data_ptr();
   }
   if (p.B * p.T > 0 || output_final_state) {
     const at::Tensor ws = at::empty({int64_t(chunk_fwd_workspace_bytes(p))}, q.options().dtype(at::kByte));
@@ -172,6 +191,7 @@ cuda_chunk_fwd_saving(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   std::vector<at::Tensor> kept;
   auto [o, ht] = chunk_fwd_call(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
                                 &kept, &chunk_off, num_slots);
+  static_assert(intermediates::kNumKept == 6, "the op's schema returns six kept tensors");
   return {o, ht, kept[0], kept[1], kept[2], kept[3], kept[4], kept[5]};
 }
 
@@ -205,29 +225,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_chun
     const std::optional<at::Tensor>& dht, const at::Tensor& chunk_off, const at::Tensor& chunk_seq,
     const at::Tensor& A, const at::Tensor& flags, const at::Tensor& qx, const at::Tensor& kd,
     const at::Tensor& decays, const at::Tensor& states) {
-  (void)flags;  // dq/dk/dg take the exact form for every chunk (one reference row measured slower)
+  // flags is checked but not read: dq/dk/dg take the exact form for every chunk (one reference
+  // row measured slower)
   const auto device = q.device();
   c10::cuda::CUDAGuard guard(device);
   BwdParams p{};
   const auto [sm_major, sm_minor] = bwd_params(p, q, k, v, g, scale, initial_state, cu_seqlens, dout, dht,
                                                "cuda_chunk_bwd_saved");
   const int64_t S = chunk_seq.numel();
-  for (auto [x, name] : {std::pair{&chunk_off, "chunk_off"}, {&chunk_seq, "chunk_seq"}, {&A, "A"}, {&qx, "qx"},
-                         {&kd, "kd"}, {&decays, "decays"}, {&states, "states"}})
+  for (auto [x, name] : {std::pair{&chunk_off, "chunk_off"}, {&chunk_seq, "chunk_seq"}})
     check_cuda_contiguous(*x, name, device);
   TORCH_CHECK(chunk_off.scalar_type() == at::kLong && chunk_off.numel() == p.N + 1 &&
                   chunk_seq.scalar_type() == at::kLong && chunk_seq.dim() == 1,
               "cuda_chunk_bwd_saved: chunk_off must be int64 [N + 1] and chunk_seq int64 [slots]");
-  TORCH_CHECK(A.scalar_type() == q.scalar_type() && A.sizes() == at::IntArrayRef({int64_t(p.B) * p.T, p.H, 64}),
-              "cuda_chunk_bwd_saved: A must be [B * T, H, 64] in q's dtype");
-  TORCH_CHECK(qx.sizes() == q.sizes() && kd.sizes() == q.sizes() && qx.scalar_type() == q.scalar_type() &&
-                  kd.scalar_type() == q.scalar_type(),
-              "cuda_chunk_bwd_saved: qx and kd must be like q");
-  TORCH_CHECK(decays.scalar_type() == at::kFloat && decays.sizes() == at::IntArrayRef({S, p.H, 3, p.K}),
-              "cuda_chunk_bwd_saved: decays must be float32 [slots, H, 3, K]");
-  const auto state_dtype = kept_state_dtype(q);  // of the kept states, and of dh below
-  TORCH_CHECK(states.scalar_type() == state_dtype && states.sizes() == at::IntArrayRef({S, p.H, p.K, p.V}),
-              "cuda_chunk_bwd_saved: states must be [slots, H, K, V] in q's dtype (float32 for float16 q)");
+  const at::Tensor* saved[intermediates::kNumKept] = {&A, &flags, &qx, &kd, &decays, &states};
+  for (int i = 0; i < intermediates::kNumKept; ++i) {
+    const auto which = intermediates::Kept(i);
+    const char* name = intermediates::kNames[i];
+    check_cuda_contiguous(*saved[i], name, device);
+    const std::vector<int64_t> sizes = kept_sizes(which, p, S);
+    const at::ScalarType dtype = kept_dtype(which, q);
+    TORCH_CHECK(saved[i]->scalar_type() == dtype && saved[i]->sizes() == at::IntArrayRef(sizes),
+                "cuda_chunk_bwd_saved: ", name, " must be ", dtype, " of shape ", at::IntArrayRef(sizes),
+                " (the training forward's layout for these inputs and ", S, " chunk slots), got ",
+                saved[i]->scalar_type(), " of shape ", saved[i]->sizes());
+  }
+  const auto state_dtype = kept_state_dtype(q);  // of dh below, as of the kept states
   p.chunk_off = chunk_off.data_ptr<int64_t>();
   p.chunk_seq = chunk_seq.data_ptr<int64_t>();
   p.num_slots = S;

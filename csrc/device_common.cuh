@@ -175,8 +175,8 @@ __device__ __forceinline__ int clip_to_segment(const SegmentSplit& sp, int seg, 
   return last;
 }
 
-// Chunk slot `slot` of the Triton layout (BwdParams::chunk_off / chunk_seq): its sequence n,
-// first token t0 and number of tokens (0 for a surplus slot of a varlen batch).
+// Chunk slot `slot` of the kept intermediates' layout (intermediates.h; BwdParams::chunk_off,
+// chunk_seq): its sequence n, first token t0 and number of tokens (0 for a surplus slot of a varlen batch).
 template <class Params>
 __device__ __forceinline__ int slot_rows(const Params& p, int64_t slot, int chunk, int& n, int64_t& t0) {
   const int64_t seq = p.chunk_seq[slot];

@@ -7,7 +7,7 @@
 
 namespace gla {
 
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kInt8 = 3 };  // kInt8: flags only
 
 // The kernels' 16-byte vector loads and stores need 16-byte aligned tensors (host-side checks).
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -43,49 +43,46 @@ inline SegmentSplit plan_segments(long long walks, int num_sms, int per_sm, int 
   return sp;
 }
 
-// All tensors are contiguous. q, k, g: [B, T, H, K]; v, o: [B, T, H, V];
-// states: float32 [N, H, K, V]. With cu_seqlens (int32, [N + 1], on the device)
-// B == 1 and sequence n spans tokens [cu_seqlens[n], cu_seqlens[n + 1]).
-struct FwdParams {
+// What every kernel family reads. All tensors are contiguous. q, k, g: [B, T, H, K];
+// v (and o, do): [B, T, H, V]; states: float32 [N, H, K, V]. With cu_seqlens (int32, [N + 1], on
+// the device) B == 1 and sequence n spans tokens [cu_seqlens[n], cu_seqlens[n + 1]).
+struct GlaParams {
   const void* q;
   const void* k;
   const void* v;
   const void* g;
-  void* o;
-  const float* h0;            // initial state or nullptr
-  float* ht;                  // final state or nullptr
   const int32_t* cu_seqlens;  // or nullptr
   int B, T, H, K, V, N;
   float scale;
-  DType dtype;                // of q, k, v, o
+  DType dtype;                // of q, k, v (and o, do, dv)
   DType g_dtype;              // kFloat32 or dtype
+};
+
+// The chunked forward (csrc/chunk_fwd/).
+struct FwdParams : GlaParams {
+  void* o;
+  const float* h0;            // initial state or nullptr
+  float* ht;                  // final state or nullptr
   int num_sms;                // of the current device
-  // Training: what the Triton backward would recompute, in its layout (gla_cuda/backends/
-  // triton/chunk.py, saved_like; nullptr save_a: nothing is kept). Chunk c of sequence n
-  // is slot chunk_off[n] + c.
+  // Training: the intermediates the backward reads, in the layout of csrc/intermediates.h
+  // (nullptr save_a: nothing is kept). Chunk c of sequence n is slot chunk_off[n] + c.
   const int64_t* chunk_off;   // [N + 1]
-  void* save_a;               // [B * T, H, 64] input dtype: scale * tril(intra-chunk scores)
-  int8_t* save_flags;         // [slots, H]: 1 where some |b_t - b_32| > 40 nats (exact path)
-  void* save_qx;              // like q: scale q exp(b - b_0)
-  void* save_kd;              // like k: k exp(Gamma - b)
-  float* save_decay;          // [slots, H, 3, K]: exp(Gamma), exp(Gamma - b_0), exp(b_0)
-  void* save_h;               // [slots, H, K, V]: the state entering every chunk (bf16 for
-                              // bf16 inputs, float32 for float16)
+  void* save_a;               // A
+  int8_t* save_flags;         // flags
+  void* save_qx;              // qx
+  void* save_kd;              // kd
+  float* save_decay;          // decays
+  void* save_h;               // states
 };
 
 // The recurrent kernels (csrc/recurrent/): one step per token, the state tile in registers.
-// Shapes as in FwdParams; with `pool` set, batch row b reads and updates, in place, the state
-// pool[index[b]] of pool [P, H, K, V] (h0 and ht unused), and an index outside [0, P) skips the
-// row (its outputs are zeros). With state_v_first every state is stored [.., V, K] instead.
-struct RecurrentParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* g;
+// With `pool` set, batch row b reads and updates, in place, the state pool[index[b]] of pool
+// [P, H, K, V] (h0 and ht unused), and an index outside [0, P) skips the row (its outputs are
+// zeros). With state_v_first every state is stored [.., V, K] instead.
+struct RecurrentParams : GlaParams {
   void* o;                    // forward output, or nullptr in the backward
   const float* h0;            // initial state or nullptr
   float* ht;                  // final state or nullptr
-  const int32_t* cu_seqlens;  // or nullptr
   float* pool;                // pooled decode: states updated in place, or nullptr
   const void* index;          // [B] int32 or int64 (index_int64), with pool
   bool index_int64;
@@ -100,44 +97,31 @@ struct RecurrentParams {
   float* dg_part;
   void* dv;
   float* dh0;                 // or nullptr
-  int B, T, H, K, V, N;
-  float scale;
-  DType dtype;                // of q, k, v, o, do, dv
-  DType g_dtype;              // kFloat32 or dtype
 };
 
 // The chunked backward (csrc/chunk_bwd/), from a training forward's intermediates (FwdParams'
-// save_*, in the Triton layout: slot chunk_off[n] + c is chunk c of sequence n, chunk_seq[slot]
-// its sequence, N or more for the surplus slots of a varlen batch). Shapes as in FwdParams.
+// save_*, layout in csrc/intermediates.h: slot chunk_off[n] + c is chunk c of sequence n,
+// chunk_seq[slot] its sequence, N or more for the surplus slots of a varlen batch).
 // dq, dk, dg are written in their own dtypes (q's, q's, g's), dv in v's, dh0 float32 [N, H, K, V].
-struct BwdParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* g;
+struct BwdParams : GlaParams {
   const void* dout;           // do, like v
   const float* dht;           // gradient on the final state or nullptr
-  const int32_t* cu_seqlens;  // or nullptr
   void* dq;
   void* dk;
   void* dg;
   void* dv;
   float* dh0;                 // or nullptr
-  int B, T, H, K, V, N;
-  float scale;
-  DType dtype;                // of q, k, v, do, dv
-  DType g_dtype;              // kFloat32 or dtype
   int num_sms;
   const int64_t* chunk_off;   // [N + 1]
   const int64_t* chunk_seq;   // [num_slots]
   int64_t num_slots;
-  const void* saved_a;        // [B * T, H, 64]: scale * tril(intra-chunk scores)
-  const void* saved_qx;       // like q: scale q exp(b - b_0)
-  const void* saved_kd;       // like k: k exp(Gamma - b)
-  const float* saved_decay;   // [slots, H, 3, K]: exp(Gamma), exp(Gamma - b_0), exp(b_0)
-  const void* saved_h;        // [slots, H, K, V] input dtype: the state entering every chunk
-  void* dh;                   // [slots, H, K, V] input dtype, workspace: the gradient with
-                              // respect to every chunk's final state (the dh walk's output)
+  const void* saved_a;        // A
+  const void* saved_qx;       // qx
+  const void* saved_kd;       // kd
+  const float* saved_decay;   // decays
+  const void* saved_h;        // states
+  void* dh;                   // [slots, H, K, V] in the states' dtype, workspace: the gradient
+                              // with respect to every chunk's final state (the dh walk's output)
 };
 
 }  // namespace gla

@@ -8,14 +8,9 @@
 #include <cute/tensor.hpp>
 
 #include "device_common.cuh"
+#include "intermediates.h"  // KeptState: the element type of kept states and dh
 
 namespace gla {
-
-// Storage of the kept states (training) and of the backward's dh: bf16 for bf16 inputs, float32
-// for float16 (whose range a state can exceed, and below whose range dh falls with strong gates),
-// as the Triton backward keeps them. Rounded to the input dtype where they are MMA operands.
-template <class T> struct KeptState { using type = T; };
-template <> struct KeptState<cute::half_t> { using type = float; };
 
 // Offset of element i of rS in a [K, V] row-major state (row stride V).
 template <bool kT, class Coord>

@@ -1,6 +1,6 @@
 """The public functions: validate the arguments, then call torch.ops.gla.
 
-Layout and semantics follow flash-linear-attention (DESIGN §1), so these are
+Layout and semantics follow flash-linear-attention (docs/design.md, 'Semantics'), so these are
 drop-in replacements for ``fla.ops.gla.chunk_gla`` and ``fused_recurrent_gla``.
 """
 from __future__ import annotations

@@ -47,8 +47,9 @@ class Choice:
     reasons: dict = field(default_factory=dict)  # backend -> why it does not run (None: it can)
 
     def __str__(self) -> str:
-        lines = [f"gla.{self.op}: requested {self.requested!r} -> "
-                 f"{self.backend or 'no backend can run these inputs'}"]
+        none = ("no backend can run these inputs" if self.requested == "auto"
+                else f"{self.requested} cannot run these inputs")
+        lines = [f"gla.{self.op}: requested {self.requested!r} -> {self.backend or none}"]
         for name in BACKENDS:
             why = self.reasons.get(name)
             state = ("runs" if name == self.backend else "not evaluated" if name not in self.reasons
@@ -124,17 +125,20 @@ def _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full) -> Choic
 
 
 def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
-    """Runs ``op`` on the chosen backend; raises, saying why, if none can run."""
+    """Runs ``op`` on the chosen backend; raises, saying why, if none can run: a forced backend
+    in one sentence, "auto" with every backend's reason."""
     choice = choose(op, q, k, v, g, initial_state, cu_seqlens, backend, full=False)
     if choice.backend is None:
+        if choice.requested != "auto":
+            raise RuntimeError(f"gla_cuda: backend {choice.requested!r} cannot run {op} on these inputs: "
+                               f"{choice.reasons[choice.requested]}")
         choice = choose(op, q, k, v, g, initial_state, cu_seqlens, backend)
-        raise RuntimeError(f"gla_cuda: cannot run {op} with backend {choice.requested!r}:\n{choice}")
+        raise RuntimeError(f"gla_cuda: no backend can run {op} on these inputs:\n{choice}")
     return getattr(backend_module(choice.backend), op)(q, k, v, g, *args)
 
 
 # The backends whose chunked backward can take the forward's intermediates, and those whose
-# forward can keep them (gla::chunk_fwd_train); one layout for all: the Triton backend's
-# (backends/triton/chunk.py, saved_like).
+# forward can keep them (gla::chunk_fwd_train); one layout for all: gla_cuda/intermediates.py.
 SAVED_BACKWARDS = ("cuda", "triton")
 SAVING_FORWARDS = ("cuda", "triton")
 
@@ -168,5 +172,5 @@ def norm_backend(x, gate=None, weight=None, backend="auto") -> str:
         return backend
     why = backend_module("triton").norm_unsupported_reason(x, gate, weight)
     if backend == "triton" and why is not None:
-        raise RuntimeError(f"gla_cuda: cannot run rms_norm_gated with backend 'triton': {why}")
+        raise RuntimeError(f"gla_cuda: backend 'triton' cannot run rms_norm_gated on these inputs: {why}")
     return "triton" if why is None and (backend == "triton" or x.device.type == "cuda") else "reference"

@@ -15,8 +15,8 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
         training (chunk_gla with gradients): where the backward that runs (compiled or
         Triton) can take the forward's intermediates and the forward that runs can keep them
         (dispatch.saving_backend), the forward keeps them (the scores, the exact flags, the
-        gated operands, the per-chunk decays and states, in the Triton layout:
-        backends/triton/chunk.py, saved_like) instead of the backward recomputing them;
+        gated operands, the per-chunk decays and states; layout: gla_cuda/intermediates.py)
+        instead of the backward recomputing them;
         elsewhere they are empty [0] tensors and chunk_fwd runs.
     gla::recurrent_fwd / gla::recurrent_bwd: the same schemas, for the recurrent form.
     gla::recurrent_pool_fwd_(Tensor q, Tensor k, Tensor v, Tensor g, float scale,
@@ -48,7 +48,7 @@ Private kernel ops, implemented by the compiled extension (gla_cuda._C) for CUDA
 public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd,
 cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_); and
 cuda_chunk_fwd_saving(<cuda_chunk_fwd's arguments>, Tensor chunk_off, int num_slots), the
-training forward keeping chunk_fwd_train's intermediates (chunk_off: the Triton layout's
+training forward keeping chunk_fwd_train's intermediates (chunk_off: the layout's
 first slot of every sequence, [N + 1] int64), and cuda_chunk_bwd_saved(<chunk_bwd's arguments
 but backend>, Tensor chunk_off, Tensor chunk_seq, <the intermediates>), the backward taking
 them (chunk_seq: every slot's sequence, [slots] int64).
@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gla_cuda import dispatch
+from gla_cuda import dispatch, intermediates
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, "
              "bool output_final_state, Tensor? cu_seqlens")
@@ -80,8 +80,8 @@ _VERIFY_POOL_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tenso
                      "bool state_v_first, Tensor(b!) o")
 _FWD_OUT = "(Tensor o, Tensor final_state)"
 _BWD_OUT = "(Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)"
-# what a training forward keeps for its backward (chunk_fwd_train below)
-_SAVED = "Tensor A, Tensor flags, Tensor qx, Tensor kd, Tensor decays, Tensor states"
+# what a training forward keeps for its backward (chunk_fwd_train below; gla_cuda.intermediates)
+_SAVED = ", ".join(f"Tensor {name}" for name in intermediates.NAMES)
 
 SCHEMAS = {
     "chunk_fwd": f"({_FWD_ARGS}, str backend) -> {_FWD_OUT}",
@@ -144,11 +144,11 @@ def _pool_fake(q, k, v, g, scale, state_pool, state_index, state_v_first, backen
 
 
 def _saved_like(kept, q, k, v, g, cu_seqlens):
-    """chunk_fwd_train's intermediates as empty tensors: in their layout (the Triton
-    backend's saved_like) where they are kept, else six [0] placeholders."""
+    """chunk_fwd_train's intermediates as empty tensors: in their layout where they are
+    kept, else the six [0] placeholders."""
     if not kept:
-        return tuple(q.new_empty(0) for _ in range(6))
-    return dispatch.backend_module("triton").saved_like(q, k, v, g, cu_seqlens)
+        return intermediates.placeholders(q)
+    return intermediates.saved_like(q, k, v, g, cu_seqlens)
 
 
 @torch.library.register_fake("gla::chunk_fwd_train")
@@ -292,7 +292,7 @@ def _backward(bwd_op):
         do = torch.zeros_like(v) if do is None else do.contiguous()  # None: only the final state is used
         args = (q, k, v, g, ctx.scale, initial_state, cu_seqlens, do,
                 None if dht is None else dht.contiguous())
-        if saved and saved[0].dim() > 1:  # not the [0] placeholders: intermediates were kept
+        if intermediates.kept(saved):
             dq, dk, dv, dg, dh0 = torch.ops.gla.chunk_bwd_saved(*args, ctx.backend, *saved)
         else:
             dq, dk, dv, dg, dh0 = bwd_op(*args, ctx.backend)
@@ -332,7 +332,7 @@ def chunk_fwd_train(q, k, v, g, scale, initial_state, output_final_state, cu_seq
 
 
 # ============================================================================
-# Fused swish-gated RMSNorm (the GLA layer's output norm; issue #6)
+# Fused swish-gated RMSNorm (the GLA layer's output norm)
 #
 #   gla::rms_norm_gated(Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) -> Tensor y
 #   gla::rms_norm_gated_bwd(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, float eps,

@@ -13,6 +13,7 @@ import torch
 
 import gla_cuda
 from gla_cuda import bench
+from gla_cuda.bench import cases, timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -80,7 +81,7 @@ def test_bench_decode_refuses_a_wrong_candidate(tmp_path, monkeypatch):
     def wrong(q, k, v, g, h, i):
         o, ht = ref(q, k, v, g, h, i)
         return o, ht * 1.5
-    monkeypatch.setattr(bench, "decode_candidates", lambda device: {"reference": ref, "wrong": wrong})
+    monkeypatch.setattr(cases, "decode_candidates", lambda device: {"reference": ref, "wrong": wrong})
     results = bench.run([], "cpu", modes=["decode"], out_dir=str(tmp_path), decode_shapes=[(4, 2, 64, 32)],
                         log=lambda *a: None)
     assert [(r["backend"], r["shape"]) for r in results["rows"]] == [("reference", [4, 1, 2, 64, 32])]
@@ -93,12 +94,12 @@ def test_bench_decode_refuses_a_wrong_candidate(tmp_path, monkeypatch):
 
 
 def test_bench_refuses_a_wrong_backend(monkeypatch):
-    ref = bench._ours("reference")
+    ref = cases._ours("reference")
 
     def wrong(q, k, v, g, h0=None, final=False):
         o, ht = ref(q, k, v, g, h0, final)
         return o * 1.1, ht
-    monkeypatch.setattr(bench, "candidates", lambda device: {"reference": (ref, None), "wrong": (wrong, None),
+    monkeypatch.setattr(cases, "candidates", lambda device: {"reference": (ref, None), "wrong": (wrong, None),
                                                             "absent": (None, "not installed")})
     lines = []
     results = bench.run([(1, 64, 1, 32, 32)], "cpu", modes=["fwd"], log=lines.append)
@@ -109,12 +110,12 @@ def test_bench_refuses_a_wrong_backend(monkeypatch):
 
 @pytest.mark.skipif(not hasattr(gla_cuda, "fused_recurrent_gla_pooled"), reason="no pooled decode op yet")
 def test_pooled_decode_candidate():
-    errs = bench.decode_accuracy(bench._decode_pooled("reference"), "cpu", B=3, H=2, K=32, V=16)
+    errs = bench.decode_accuracy(cases._decode_pooled("reference"), "cpu", B=3, H=2, K=32, V=16)
     assert max(errs.values()) < 5e-2
 
 
 def test_floor_and_sweep():
-    # DESIGN §3: a decode step at B 64, H 16, 128x128 moves ~134 MB: 0.044 ms at 3.0 TB/s
+    # docs/design.md, 'The roofline': a decode step at B 64, H 16, 128x128 moves ~134 MB: 0.044 ms at 3.0 TB/s
     assert abs(bench.floor_bytes(64, 1, 16, 128, 128, "decode") / 3.0e12 * 1e3 - 0.0447) < 1e-3
     assert abs(bench.floor_bytes(8, 2048, 16, 128, 128, "fwd") / 3.0e12 * 1e3 - 0.111) < 2e-3
     shapes = bench.sweep_shapes(["128"])
@@ -138,7 +139,7 @@ def test_progress_bar():
 
 @pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed (pip install matplotlib)")
 def test_plots_written(tmp_path):
-    from gla_cuda import plots
+    from gla_cuda.bench import plots
 
     rows = [{"shape": (16384 // T, T, 2, 64, 64), "dtype": "bf16", "backend": name,
              "ms": {"fwd": ms, "fwdbwd": 3 * ms}}
@@ -165,5 +166,5 @@ def test_bench_check_in_a_child_process():
     assert [r["backend"] for r in results["rows"]] == ["reference"]
     assert results["accuracy"][0]["ok"]
     with pytest.raises(TimeoutError, match="still compiling"):
-        bench._child_result(bench._start_child_check("reference", (1, 64, 1, 32, 32), [], "bf16"), 0.01,
+        timing.child_result(timing.start_child_check("reference", (1, 64, 1, 32, 32), [], "bf16"), 0.01,
                             time.perf_counter())

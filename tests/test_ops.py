@@ -55,6 +55,19 @@ def test_opcheck_training_ops(device, backend, varlen):
         torch.library.opcheck(torch.ops.gla.chunk_bwd_saved, bwd_args)
 
 
+def test_chunk_slots_layout():
+    """The slots of the kept intermediates (gla_cuda.intermediates): each sequence's chunks in
+    order, empty sequences holding none, the slots past the last one owned by no sequence."""
+    from gla_cuda.intermediates import ChunkSlots, num_slots
+    q = torch.empty(1, 70, 1, 8)
+    cu = torch.tensor([0, 0, 1, 70], dtype=torch.int32)
+    slots = ChunkSlots(q, cu)
+    assert slots.N == 3 and slots.NC == num_slots(q, cu) == 4
+    assert slots.chunk_off.tolist() == [0, 0, 1, 3] and slots.chunk_seq.tolist() == [1, 2, 2, 3]
+    dense = ChunkSlots(torch.empty(2, 130, 1, 8), None)
+    assert dense.NC == 6 and dense.chunk_off.tolist() == [0, 3, 6] and dense.chunk_seq.tolist() == [0] * 3 + [1] * 3
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gate", ["normal", "mixed"])
 def test_training_forward_saves_what_the_backward_recomputes(device, gate):
@@ -116,7 +129,7 @@ def test_cuda_training_forward_keeps_what_triton_keeps(monkeypatch, K, V, gate, 
     or the two stages, prep then the wgmma walk (training's default). "split": one long
     sequence, walked in segments."""
     from gla_cuda.backends import cuda, triton
-    from gla_cuda.backends.triton.chunk import _Meta
+    from gla_cuda.intermediates import NAMES, ChunkSlots
     if kernel == "mma_sync":
         monkeypatch.setenv("GLA_CUDA_NO_WGMMA", "1")
     elif K != 128 or V % 128 or torch.cuda.get_device_capability()[0] != 9:
@@ -136,9 +149,9 @@ def test_cuda_training_forward_keeps_what_triton_keeps(monkeypatch, K, V, gate, 
     o_t, ht_t, kept_t = triton.chunk_fwd_saving(*args)
     o_p, ht_p = cuda.chunk_fwd(*args)  # test_fused_sm90_k128 checks it against the oracle
     assert torch.equal(o_c, o_p) and torch.equal(ht_c, ht_p)
-    off = _Meta(ins["q"], cu).chunk_off.tolist()
+    off = ChunkSlots(ins["q"], cu).chunk_off.tolist()
     used = [s for n in range(len(off) - 1) for s in range(off[n], off[n + 1])]  # slots with tokens
-    for name, a, b, tol in zip(("A", "flags", "qx", "kd", "decays", "states"), kept_c, kept_t,
+    for name, a, b, tol in zip(NAMES, kept_c, kept_t,
                                (1e-2, 0, 1e-2, 1e-2, 1e-4, 1e-2)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if name in ("flags", "decays", "states"):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import gla_cuda
+from gla_cuda import dispatch
 from conftest import DEVICES, HAS_CUDA, MODES, TOL, make_inputs, oracle, rel_err
 
 
@@ -75,8 +76,42 @@ def test_mixed_devices_meta():
 
 def test_forced_backend_that_cannot_run_says_why():
     ins = good()
-    with pytest.raises(RuntimeError, match="cannot run chunk_fwd with backend 'cuda'"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run chunk_fwd on these inputs: ") as e:
         gla_cuda.chunk_gla(**ins, backend="cuda")
+    assert "\n" not in str(e.value) and "reference" not in str(e.value)  # one sentence, not the table
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU tensors on a machine without a GPU")
+def test_forced_triton_on_cpu_says_it_needs_the_interpreter(monkeypatch):
+    """Without TRITON_INTERPRET a forced Triton backend names the reason, in one sentence."""
+    from gla_cuda.backends import triton as tr
+    if tr.IMPORT_ERROR:
+        pytest.skip(tr.IMPORT_ERROR)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ins = good()
+    for fn, op in ((gla_cuda.chunk_gla, "chunk_fwd"), (gla_cuda.fused_recurrent_gla, "recurrent_fwd")):
+        with pytest.raises(RuntimeError) as e:
+            fn(**ins, backend="triton")
+        assert str(e.value) == (f"gla_cuda: backend 'triton' cannot run {op} on these inputs: "
+                                "CPU tensors need TRITON_INTERPRET=1")
+    ins = {n: x.double() for n, x in good().items()}
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run chunk_fwd on these inputs: "
+                                           "float64 runs only on the reference"):
+        gla_cuda.chunk_gla(**ins, backend="triton")
+
+
+def test_auto_with_no_backend_keeps_the_table(monkeypatch):
+    """Under "auto", when no backend runs the inputs, the error lists every backend's reason."""
+    from gla_cuda.backends import reference
+    monkeypatch.setattr(reference, "unsupported_reason", lambda *a: "refused for this test")
+    dispatch._CHOICES.clear()
+    try:
+        with pytest.raises(RuntimeError, match="no backend can run chunk_fwd on these inputs") as e:
+            gla_cuda.chunk_gla(**good())
+        text = str(e.value)
+        assert all(name in text for name in gla_cuda.BACKENDS) and "refused for this test" in text
+    finally:
+        dispatch._CHOICES.clear()
 
 
 def test_env_variable_forces_backend(monkeypatch):

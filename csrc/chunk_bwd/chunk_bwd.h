@@ -1,5 +1,5 @@
 // Chunked GLA backward from the training forward's intermediates (CUTLASS/CuTe, sm_80+): the dh
-// walk, dv, then dq/dk/dg (NOTES.md).
+// walk, dv, then dq/dk/dg (docs/kernels/chunk_bwd.md).
 #pragma once
 
 #include <cstddef>

@@ -7,15 +7,16 @@
 #include <cuda_runtime.h>
 
 #include "gla_params.h"
+#include "intermediates.h"
 
 namespace gla {
 namespace chunk_bwd_cfg {
 
-constexpr int kChunk = 64;     // tokens per chunk (C)
+constexpr int kChunk = intermediates::kChunk;  // tokens per chunk (C)
 constexpr int kThreads = 256;  // dq/dk/dg: 8 warps per (slot, head, 64 channels of K)
 
-// The kernels: the dh walk, dv, and dq/dk/dg (chunk_bwd_dh.cuh, chunk_bwd_dv.cuh,
-// chunk_bwd_dqkg.cuh). Rows of 64 16-bit elements are padded to 72 (ldmatrix and fragment
+// The kernels: the dh walk, dv, and dq/dk/dg (chunk_bwd_dh_sm80.cuh, chunk_bwd_dv_sm80.cuh,
+// chunk_bwd_dqkg_sm80.cuh). Rows of 64 16-bit elements are padded to 72 (ldmatrix and fragment
 // accesses free of bank conflicts).
 constexpr int kWalkThreads = 256;  // the dh walk: 8 warps per (sequence, head, 64 x 64 tile)
 constexpr int kDvThreads = 128;    // dv: 4 warps per (slot, head, 64 columns of V)
@@ -72,7 +73,7 @@ inline SegmentSplit plan_dh_split(const BwdParams& p) {
 }
 
 // The three launches: the dh walk (two with a split), dv (K in {64, 128, 256}) and dq/dk/dg.
-// Defined in chunk_bwd_launch.cuh, instantiated in chunk_bwd_{bf16,fp16}*.cu.
+// Defined in chunk_bwd_sm80_launch.cuh, instantiated in chunk_bwd_dh_dv_sm80_{bf16,fp16}.cu and chunk_bwd_dqkg_sm80_{bf16,fp16}.cu.
 template <class T>
 cudaError_t run_chunk_bwd_dh(const BwdParams& p, const SegmentSplit& sp, cudaStream_t stream);
 template <class T, int K>

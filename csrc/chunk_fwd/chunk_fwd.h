@@ -1,5 +1,5 @@
-// Chunked GLA forward (CUTLASS/CuTe, sm_80+): the fused kernel (chunk_fwd_kernel.cuh) for K <= 128,
-// the two-stage one (chunk_fwd_prep.cu, chunk_fwd_walk*.cu) for K = 256.
+// Chunked GLA forward (CUTLASS/CuTe, sm_80+): the fused kernel (chunk_fwd_fused_sm80.cuh) for K <= 128,
+// the two-stage one (chunk_fwd_twostage_prep.cu, chunk_fwd_twostage_walk_sm{80,90}.cu) for K = 256.
 #pragma once
 
 #include <cstddef>

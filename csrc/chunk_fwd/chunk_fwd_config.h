@@ -5,11 +5,12 @@
 #include <cuda_runtime.h>
 
 #include "gla_params.h"
+#include "intermediates.h"
 
 namespace gla {
 namespace chunk_fwd_cfg {
 
-constexpr int kChunk = 64;     // tokens per chunk (C)
+constexpr int kChunk = intermediates::kChunk;  // tokens per chunk (C)
 constexpr int kThreads = 256;  // 8 warps per CTA
 
 // V-tile width: the K x BV float32 state lives in registers, at most 64 floats per thread.
@@ -52,7 +53,7 @@ constexpr int smem_bytes(int K, int BV) { return Smem{K, BV}.bytes(); }
 // operands for each of the V / 64 tiles of a head (and spill). Stage 1 (prep) computes them
 // once per (chunk, head), in parallel over chunks; stage 2 (walk) streams them down the
 // sequence with the state in registers and does little but MMAs. On Hopper the training forward
-// at K = 128 runs the two stages too (chunk_fwd.cu, k128_two_stage).
+// at K = 128 runs the two stages too (chunk_fwd_dispatch.cu, k128_two_stage).
 constexpr bool two_stage(int K) { return K == 256; }
 // q, k [C][K+8] (16-bit), b [C][K+8] float, A [C][C+8], the cumsum's partial sums (kThreads floats)
 constexpr int prep_smem_bytes(int K) { return kChunk * (K + 8) * (2 + 2 + 4) + kChunk * (kChunk + 8) * 2 + kThreads * 4; }
@@ -61,7 +62,7 @@ constexpr int walk_smem_bytes(int K, int BV) {
   return 2 * (kChunk * (2 * (K + 8) + (BV + 8) + (kChunk + 8)) * 2 + 2 * K * 4) + K * (BV + 8) * 2;
 }
 
-// The Hopper walk (chunk_fwd_walk_sm90.cu) takes V tiles of kWalkSm90BV columns (V = 64 runs
+// The Hopper walk (chunk_fwd_twostage_walk_sm90.cu) takes V tiles of kWalkSm90BV columns (V = 64 runs
 // the mma.sync walk). Per stage qx, kd [C][K], A [C][C], v [C][BV] (16-bit, unpadded: wgmma's
 // swizzled layouts) and the decays [3][K] float, rounded to 1024 bytes; then two output tiles
 // [C][BV+8] (16-bit), four mbarriers (64 bytes kept) and 1024 bytes to align the base.
@@ -89,12 +90,12 @@ constexpr int fused_sm90_smem_bytes(int K, int BV) {
 }
 
 // Per-chunk slots of the two-stage intermediates: chunk c of sequence n is slot
-// slot_base(n) + c. Training passes chunk_off (the Triton backward's layout); otherwise a batch
+// slot_base(n) + c. Training passes chunk_off (intermediates.h); otherwise a batch
 // has ceil(T / C) slots per row and varlen sequence n starts at slot cu[n] / C + n (increasing,
 // and a sequence of len tokens from bos spans at most floor((bos + len) / C) - floor(bos / C) + 1
 // chunks, so slots never collide and stay below num_slots).
 inline int64_t num_slots(const FwdParams& p) {
-  return p.cu_seqlens != nullptr ? int64_t(p.T) / kChunk + p.N : int64_t(p.B) * ((p.T + kChunk - 1) / kChunk);
+  return intermediates::num_slots(p.B, p.T, p.N, p.cu_seqlens != nullptr);
 }
 #ifdef __CUDACC__
 __device__ __forceinline__ int64_t slot_base(const FwdParams& p, int n) {
@@ -107,7 +108,7 @@ __device__ __forceinline__ int64_t slot_base(const FwdParams& p, int n) {
 }  // namespace chunk_fwd_cfg
 
 // The fused kernel (pass 2 of a split): one instantiation per (input dtype, gate dtype, K, BV).
-// Defined in chunk_fwd_launch.cuh, instantiated in chunk_fwd_<dtype>_k<K>.cu. T/GT are
+// Defined in chunk_fwd_fused_sm80_launch.cuh, instantiated in chunk_fwd_fused_sm80_<dtype>_k<K>.cu. T/GT are
 // cute::bfloat16_t, cute::half_t or float.
 template <class T, class GT, int K, int BV>
 cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
@@ -115,17 +116,17 @@ cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split,
 // The two-stage forward (two_stage(K)). Stage 1 writes, per chunk slot and head, the scores
 // (save_a), the exact flags (save_flags, where set), the gated operands save_qx, save_kd and the
 // decays (save_decay); stage 2 reads them and writes o, ht and, with save_h set, the state
-// entering every chunk. chunk_fwd_prep.cu, chunk_fwd_walk.cu.
+// entering every chunk. chunk_fwd_twostage_prep.cu, chunk_fwd_twostage_walk_sm80.cu.
 cudaError_t run_chunk_prep(const FwdParams& p, cudaStream_t stream);
 cudaError_t run_chunk_walk(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
-// The walk with wgmma (sm_90a builds, sm_90 devices): chunk_fwd_walk_sm90.cu.
+// The walk with wgmma (sm_90a builds, sm_90 devices): chunk_fwd_twostage_walk_sm90.cu.
 cudaError_t run_chunk_walk_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
 
 // The fused kernel on Hopper (sm_90a builds, sm_90 devices): chunk_fwd_fused_sm90.cu.
 cudaError_t run_chunk_fused_sm90(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
 
 // Pass 1 of a split (split.seg_len > 0): the segments' end states and decays into the workspace.
-// chunk_fwd_segment_states.cu.
+// chunk_fwd_segment_pass.cu.
 cudaError_t run_segment_states(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream);
 
 }  // namespace gla

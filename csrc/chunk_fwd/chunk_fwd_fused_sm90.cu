@@ -1,6 +1,6 @@
 // The fused chunked forward on Hopper (sm_90a) for K = 128 and V tiles of 128: warp-specialised.
 // One CTA per (sequence, head, V tile of 128, segment), three warpgroups:
-//   producers (warpgroups 0 and 1, 256 threads): per chunk, the prep of chunk_fwd_prep.cuh (q, k,
+//   producers (warpgroups 0 and 1, 256 threads): per chunk, the prep of chunk_fwd_fused_sm90_prep.cuh (q, k,
 //     g by cp.async; the cumulative gate b; the one-reference vote; the operands), written into a
 //     stage of shared memory in wgmma's 128-byte-swizzled layouts with the chunk's per-channel
 //     factors; one of them loads the chunk's v into the stage by TMA. Where the gates allow one
@@ -8,24 +8,25 @@
 //     k~ = k exp2(b_r - b) and the scores are left to the consumer; otherwise qx, kd and the
 //     exact scores A;
 //   consumer (warpgroup 2, 128 threads): A = scale tril(q~ k~^T) by wgmma where the producers left
-//     it, then the walk of chunk_fwd_walk_sm90.cu with the state S^T (128 x 128, float32, 128
+//     it, then the walk of chunk_fwd_twostage_walk_sm90.cu with the state S^T (128 x 128, float32, 128
 //     registers per thread) in the accumulator of the update's wgmma:
 //       o^T = (f_out S)^T x^T + v^T A^T           (the state as wgmma's register operand)
 //       S^T = (S^T f_pre + v^T y) f_post          (f_post on one-reference chunks only)
 //     with x, y = q~, k~ and f = scale exp2(b_r), exp2(b_r), exp2(G - b_r), or x, y = qx, kd and
 //     f = exp2(b_0), exp2(G); in two halves of 64 rows of V, then o through shared memory to
 //     16-byte row stores.
-// Training (kSave) also keeps the Triton backward's intermediates (FwdParams::save_*): the
+// Training (kSave) also keeps the backward's intermediates (FwdParams::save_*, intermediates.h): the
 // producers write qx, kd (from the same products as q~, k~), the decays, the flags and the exact
 // scores, the consumer the one-reference scores (from its stage) and the state entering every
 // chunk (V tile 0 the per-token ones, every V tile its columns of the states).
-// Moving the scores to the consumer balanced the two sides (NOTES.md, run 11). Two stages: the
+// The consumer computes the one-reference scores itself, which balances the work of the two
+// sides (docs/kernels/chunk_fwd.md). Two stages: the
 // producers fill one while the consumer reads the other; a stage's "full" mbarrier completes
 // when the 256 producer threads have written it (and fenced their writes for the async proxy)
 // and its v landed, its "empty" one when the consumer's 4 warps are done with it. The producers
 // give registers to the consumer (setmaxnreg). Segment splitting as in the other walks (pass 1:
-// chunk_fwd_segment_states.cu).
-#include "chunk_fwd_tma.h"  // first: cudaTypedefs.h before the CUTLASS headers
+// chunk_fwd_segment_pass.cu).
+#include "chunk_fwd_tma_sm90.h"  // first: cudaTypedefs.h before the CUTLASS headers
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -35,9 +36,9 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "chunk_fwd_config.h"
-#include "chunk_fwd_prep.cuh"
+#include "chunk_fwd_fused_sm90_prep.cuh"
 #include "chunk_fwd_state.cuh"
-#include "chunk_fwd_walk_gmma.cuh"
+#include "chunk_fwd_walk_gmma_sm90.cuh"
 #include "device_common.cuh"
 
 namespace gla {
@@ -61,7 +62,7 @@ struct FusedGmma {
   using LV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BV>, Int<C>>{}, Step<_2, _1>{}));
   using LVH = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<VH>, Int<C>>{}));  // half of v^T
   // the same smem as LD, read as k~ (s, channel) K-major: the B operand of the scores (checked
-  // element by element on the host, NOTES.md run 11)
+  // element by element on the host: both map every (s, channel) to the same byte)
   using LK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<C>, Int<K>>{}));
   // a stage: qx or q~, kd or k~, A, v, then the per-channel factors [3][K] float and the one_ref flag
   static constexpr int kBox = C * 64 * 2;
@@ -210,7 +211,7 @@ struct FusedGmma {
     MmaV mmaV;
     auto thrO = mmaO.get_thread_slice(wtid);
     auto thrV = mmaV.get_thread_slice(wtid);
-    // a part (K / kParts channels) of a half of the state as the A operand (chunk_fwd_walk_gmma.cuh)
+    // a part (K / kParts channels) of a half of the state as the A operand (chunk_fwd_walk_gmma_sm90.cuh)
     Tensor tOrS = make_tensor<T>(partition_shape_A(mmaO, Shape<Int<VH>, Int<KH>>{}));
     static_assert(size<1>(decltype(rS){}) == 2, "two halves (M tiles) of S^T");
     Tensor acc = partition_fragment_C(mmaO, Shape<Int<VH>, Int<C>>{});              // o^T of a half

@@ -1,6 +1,6 @@
 // Intra-chunk scores of one 64-token chunk, A = scale * tril(q k^T gated), into shared memory:
-// used by the fused forward (chunk_fwd_kernel.cuh) and by the prep kernel of the two-stage
-// forward (chunk_fwd_prep.cu). 256 threads; q, k in the input dtype ([C][LDQ]), b = log2(e) *
+// used by the fused forward (chunk_fwd_fused_sm80.cuh) and by the prep kernel of the two-stage
+// forward (chunk_fwd_twostage_prep.cu). 256 threads; q, k in the input dtype ([C][LDQ]), b = log2(e) *
 // the in-chunk cumulative sum of g (float32, [C][LDB]), A in the input dtype ([C][LDA]).
 //
 // one_ref: where every |b_t - b_r| <= kSpan2 (r = 32, the middle row), one MMA of

@@ -7,19 +7,24 @@ a kernel covers the inputs and calls the op.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake  # fake tensors (torch.compile) have no address
 
 from gla_cuda import ops  # noqa: F401  (defines the schemas the extension implements)
+from gla_cuda.intermediates import ChunkSlots
 
 try:
     from gla_cuda import _C  # noqa: F401  (importing registers the kernels)
     IMPORT_ERROR = None
 except ImportError as e:
     _C = None
-    IMPORT_ERROR = f"the compiled extension gla_cuda._C is not available ({e})"
+    # not built at all (a source checkout, or a wheel without it), or built but not loadable
+    IMPORT_ERROR = ("the compiled extension gla_cuda._C is not built (README: Build)"
+                    if importlib.util.find_spec("gla_cuda._C") is None
+                    else f"the compiled extension gla_cuda._C does not load ({e})")
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -96,15 +101,9 @@ chunk_fwd = _fwd(torch.ops.gla.cuda_chunk_fwd)
 recurrent_fwd = _fwd(torch.ops.gla.cuda_recurrent_fwd)
 
 
-def _meta(q, cu_seqlens):
-    """The chunk slots of the saved intermediates' layout (the Triton backend's bookkeeping)."""
-    from gla_cuda.backends.triton import chunk as triton_chunk
-    return triton_chunk._Meta(q, cu_seqlens)
-
-
 def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    """The forward, keeping the backward's intermediates (training; the Triton layout)."""
-    meta = _meta(q, cu_seqlens)
+    """The forward, keeping the backward's intermediates (training; gla_cuda.intermediates)."""
+    meta = ChunkSlots(q, cu_seqlens)
     o, ht, *saved = torch.ops.gla.cuda_chunk_fwd_saving(
         q, k, v, g, scale, initial_state, output_final_state, _int32(cu_seqlens), meta.chunk_off, meta.NC)
     return o, (ht if output_final_state else None), tuple(saved)
@@ -113,7 +112,7 @@ def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_se
 def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, saved=None):
     """The backward from the training forward's intermediates (saved); a backward called on
     its own runs the compiled training forward for them first."""
-    meta = _meta(q, cu_seqlens)
+    meta = ChunkSlots(q, cu_seqlens)
     cu = _int32(cu_seqlens)
     if saved is None:
         _, _, *saved = torch.ops.gla.cuda_chunk_fwd_saving(q, k, v, g, scale, initial_state, False, cu,

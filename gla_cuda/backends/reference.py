@@ -2,12 +2,12 @@
 
 Two implementations of the same contract (see ``gla_cuda/backends/__init__.py``):
 
-* ``naive_*``: the recurrence of DESIGN §1 written step by step. Run on float64
+* ``naive_*``: the recurrence (docs/design.md, 'Semantics') step by step. Run on float64
   inputs it is the test oracle; it is also the CPU kernel of the recurrent ops.
-* ``chunk_*``: the chunked form of DESIGN §2 (chunks of ``CHUNK`` tokens), the
-  CPU kernel of the chunked ops. Intra-chunk scores are computed element-wise
-  with every exponent ``<= 0`` (masked before ``exp``), so any finite ``g <= 0``
-  is safe.
+* ``chunk_*``: the chunked form (docs/design.md, 'The chunked form and its numerics';
+  chunks of ``CHUNK`` tokens), the CPU kernel of the chunked ops. Intra-chunk scores are
+  computed element-wise with every exponent ``<= 0`` (masked before ``exp``), so any
+  finite ``g <= 0`` is safe.
 
 Everything is computed in float32 (float64 for float64 inputs) in the layout
 ``[B, H, T, D]``; outputs are cast back to the contract's dtypes.
@@ -80,7 +80,8 @@ def naive_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, c
 
 
 def _naive_seq_bwd(q, k, v, g, scale, h0, do, dht):
-    """One sequence, [H, T, D] inputs. Returns dq, dk, dv, dg, dh0 (DESIGN §1 formulas)."""
+    """One sequence, [H, T, D] inputs. Returns dq, dk, dv, dg, dh0 (the formulas of
+    docs/design.md, 'Semantics')."""
     H, T, K = q.shape
     V = v.shape[-1]
     # forward sweep: dq_t = scale * S_t do_t, keeping S_{t-1} for dg

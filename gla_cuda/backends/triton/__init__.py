@@ -70,7 +70,7 @@ def norm_unsupported_reason(x, gate, weight) -> Optional[str]:
 
 
 if IMPORT_ERROR is None:
-    from .chunk import chunk_bwd, chunk_fwd, chunk_fwd_saving, saved_like  # noqa: E402,F401
+    from .chunk import chunk_bwd, chunk_fwd, chunk_fwd_saving  # noqa: E402,F401
     from .norm import rms_norm_gated_bwd, rms_norm_gated_fwd  # noqa: E402,F401
     from .recurrent import recurrent_bwd, recurrent_fwd  # noqa: E402,F401
     from .pool import chunk_pool_fwd_, recurrent_verify_pool_fwd_  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""Chunked GLA in Triton: forward and backward (DESIGN §1-§3).
+"""Chunked GLA in Triton: forward and backward (docs/design.md, 'Semantics' and
+'The chunked form and its numerics').
 
 Layout: every tensor is viewed as packed tokens ``[B*T, H, D]``; a batch without
 ``cu_seqlens`` is the packed batch with boundaries ``0, T, 2T, ...``.  Time is cut
@@ -6,7 +7,9 @@ into chunks of ``C = 64`` tokens per sequence; a chunk "slot" is the chunk's ind
 in the packed list of all chunks of all sequences.  The map slot -> sequence is
 built on the device (``searchsorted`` over the cumulative chunk counts), so the
 grids are sized from shapes only (``<= cdiv(T, C) + N`` slots) and nothing ever
-synchronises with the host; surplus programs find no rows and store nothing.
+synchronises with the host; surplus programs find no rows and store nothing.  The slots
+and the intermediates a training forward keeps for the backward are
+gla_cuda.intermediates' layout.
 
 Structure: only the state recurrences are serial, and they are kept light (loads and
 one MMA per chunk: the gates are applied before them); all other work runs in programs
@@ -65,10 +68,9 @@ forms per (chunk, head):
 
 The flagged launches cost one early-exiting pass over the grid when nothing is flagged.
 With gates of -20 per step every chunk is flagged: the kernels then run the exact
-hierarchy (the '+ gate kernel, A by sub-blocks' times in scripts/dev_triton_chunk_bench.py)
-plus the first scores launch, whose result is discarded.
+hierarchy plus the first scores launch, whose result is discarded.
 
-Speed (H100, bf16, triton 3.6; scripts/dev_triton_chunk_bench.py), ms per kernel at
+Speed (H100, bf16, triton 3.6; do_bench per launch), ms per kernel at
 (8, 2048, 16, 128, 128): A with the gated operands 0.25 (forward; 0.33 in the backward, which
 also stores exp(Gamma - b_0), exp(b_0); both launches), h 0.09, o 0.13, dh 0.10, dv 0.13, dA
 0.07, dq/dk/dg 0.77 (both launches; 1.50 with the exact hierarchy for every chunk).
@@ -87,14 +89,14 @@ Token indices are int32 inside the kernels (B*T < 2**31), addresses int64.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-C_CHUNK = 64   # tokens per chunk
+from gla_cuda.intermediates import C_CHUNK, ChunkSlots, operand_dtype, saved_like, state_dtype
+
 # Largest |b_t - b_r| (natural log units, b the in-chunk cumulative gate, r the middle row)
 # for which a chunk takes the single-reference path: operands scaled by up to exp(40)
 # = 2e17 stay far from float32's range (3e38, and 1e-38 for the reciprocal side)
@@ -107,10 +109,10 @@ def _interpreting() -> bool:
 
 
 def _ieee(dtype) -> bool:
-    """float32 dots (operands not rounded) for float32 inputs, and for bfloat16 in the
-    interpreter: its dot multiplies bfloat16 bit patterns as integers, and its float32 ->
-    bfloat16 conversion truncates (biased) where the GPU rounds to nearest."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+    """float32 dots (operands not rounded) wherever the scores and gated operands are stored
+    in float32 (gla_cuda.intermediates.operand_dtype: float32 inputs, and bfloat16 in the
+    interpreter, whose dot cannot multiply bfloat16 operands)."""
+    return operand_dtype(dtype) == torch.float32
 
 
 def _np2(x: int) -> int:
@@ -622,50 +624,6 @@ def _dqk_chunk(q, k, v, g, do, dA, h, dh, dq, dk, dg, cu, chunk_seq, chunk_off, 
 # Host side
 # ----------------------------------------------------------------------------
 
-class _Meta:
-    """Sequence/chunk bookkeeping built on the device from shapes only."""
-
-    def __init__(self, q, cu_seqlens, C=C_CHUNK):
-        B, T = q.shape[0], q.shape[1]
-        if cu_seqlens is None:
-            # the same for every call of a shape: built once (host time per call), except
-            # while a CUDA graph is captured (tensors made then live in the graph's pool)
-            capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-            make = _dense_meta.__wrapped__ if capturing else _dense_meta
-            self.cu, self.chunk_off, self.chunk_seq, self.N, self.NC = make(B, T, C, q.device)
-            return
-        dev = q.device
-        N = cu_seqlens.numel() - 1
-        self.cu = cu_seqlens.to(torch.int64)
-        lens = self.cu[1:] - self.cu[:-1]
-        nch = torch.div(lens + (C - 1), C, rounding_mode="floor")
-        self.chunk_off = torch.cat([self.cu.new_zeros(1), torch.cumsum(nch, 0)])
-        NC = num_slots(q, cu_seqlens, C)
-        self.chunk_seq = _chunk_seq(self.chunk_off, NC, dev)
-        self.N, self.NC = N, NC
-
-
-def _chunk_seq(chunk_off, NC, dev):
-    """slot -> sequence, from the cumulative chunk counts."""
-    slots = torch.arange(NC, device=dev, dtype=torch.int64)
-    return torch.searchsorted(chunk_off[1:].contiguous(), slots, right=True)
-
-
-@functools.lru_cache(maxsize=64)
-def _dense_meta(B, T, C, dev):
-    """_Meta of a batch without cu_seqlens: boundaries 0, T, 2T, ... (never written to)."""
-    NT = triton.cdiv(T, C)
-    cu = torch.arange(0, B + 1, device=dev, dtype=torch.int64) * T
-    chunk_off = torch.arange(0, B + 1, device=dev, dtype=torch.int64) * NT
-    return cu, chunk_off, _chunk_seq(chunk_off, B * NT, dev), B, B * NT
-
-
-def _state_dtype(dtype):
-    """Storage of the per-chunk states: bf16 for bf16 inputs (their products are rounded
-    to bf16 anyway), float32 otherwise (fp16 could overflow)."""
-    return torch.bfloat16 if dtype == torch.bfloat16 and not _interpreting() else torch.float32
-
-
 # Launch parameters per kernel; benchmarks may override entries (e.g. TUNE["o"] = {...}).
 TUNE: dict = {}
 
@@ -674,9 +632,9 @@ def _cfg(K, V):
     """Tile sizes and launch options, chosen from the shape (no autotuning: the first
     call costs one compilation per kernel).
 
-    Picked kernel by kernel from H100 sweeps (scripts/dev_triton_chunk_bench.py, bf16, the
-    four DESIGN §3 shapes; each value was the best or tied of its sweep, measured with the
-    other kernels at their previous settings): the scores A (and the gated operands) in
+    Picked kernel by kernel from H100 sweeps (TUNE overrides timed with do_bench, bf16, the
+    four shapes of docs/design.md, 'The roofline'; each value was the best or tied of
+    its sweep, measured with the other kernels at their previous settings): the scores A (and the gated operands) in
     their own kernel (one reference row: K tiles of 64, 4 warps; forward+backward 0.02-0.07
     ms slower with K tiles of 32, 0.07-0.23 with 8 warps; the exact launch: K tiles of 16,
     2 warps, REF 2); o and dv as light products reading A (computing A inside them, in
@@ -686,8 +644,9 @@ def _cfg(K, V):
     exact launch, K tiles of 64 and 8 warps (K tiles of 32 or 4 warps: 0.5-1.7 ms slower;
     REF 2 or 1 there: 0.3-2 ms slower); the state walks (reading gated operands) with
     64 x 64 tiles and 4 warps (K tiles of 32 and 2 warps: 0.1 ms slower at K = 256).  TF 4
-    keeps the levels inside 16-token sub-blocks in tf32 (DESIGN §2: float32 on the diagonal
-    sub-blocks); the one-reference products are tf32 throughout."""
+    keeps the levels inside 16-token sub-blocks in tf32 (docs/design.md, 'The chunked form
+    and its numerics': float32 on the diagonal sub-blocks); the one-reference products are
+    tf32 throughout."""
     interp = _interpreting()
     kp, vp = _np2(K), _np2(V)
     c = {
@@ -715,11 +674,11 @@ def _launch(c):
 
 
 def _states(kd, v, vec, h0, ht, meta, IEEE, c, dtype=None):
-    """States entering every chunk (per slot; in dtype, default _state_dtype), and the final
+    """States entering every chunk (per slot; in dtype, default state_dtype), and the final
     states into ht."""
     B, T, H, K = kd.shape
     V = v.shape[-1]
-    h = torch.empty(meta.NC, H, K, V, device=kd.device, dtype=dtype or _state_dtype(v.dtype))
+    h = torch.empty(meta.NC, H, K, V, device=kd.device, dtype=dtype or state_dtype(v.dtype))
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
     _h_kernel[(meta.N * H * NK * NV,)](
         kd, v, vec, h, h0 if h0 is not None else kd, ht if ht is not None else kd, meta.cu,
@@ -734,7 +693,7 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, fwd, bwd):
     B, T, H, K = q.shape
     # scaled scores in the dtype the A @ v products round them to, gated operands in the
     # dtype their products take (float32 for float32 inputs and in the interpreter)
-    dt = torch.float32 if IEEE else q.dtype
+    dt = operand_dtype(q.dtype)
     A = torch.empty(B * T, H, C_CHUNK, device=q.device, dtype=dt)
     qx = torch.empty(q.shape, device=q.device, dtype=dt) if fwd else None
     qxb = torch.empty(q.shape, device=q.device, dtype=dt) if bwd else None
@@ -753,30 +712,11 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, fwd, bwd):
     return A, exact, qx, qxb, kd, vec
 
 
-def num_slots(q, cu_seqlens, C=C_CHUNK):
-    """Chunk slots of the packed batch (_Meta.NC), from shapes alone."""
-    B, T = q.shape[0], q.shape[1]
-    return B * triton.cdiv(T, C) if cu_seqlens is None else T // C + cu_seqlens.shape[0] - 1
-
-
-def saved_like(q, k, v, g, cu_seqlens):
-    """Empty tensors shaped like what chunk_fwd_saving keeps for chunk_bwd (works on fake
-    tensors): the scores A, the exact flags, the backward's gated operands qx and kd, the
-    per-chunk decays and the state entering every chunk."""
-    B, T, H, K = q.shape
-    NC, V = num_slots(q, cu_seqlens), v.shape[-1]
-    dt = torch.float32 if _ieee(q.dtype) else q.dtype
-    return (q.new_empty(B * T, H, C_CHUNK, dtype=dt), q.new_empty(NC, H, dtype=torch.int8),
-            q.new_empty(q.shape, dtype=dt), q.new_empty(q.shape, dtype=dt),
-            q.new_empty(NC, H, 3, K, dtype=torch.float32),
-            q.new_empty(NC, H, K, V, dtype=_state_dtype(v.dtype)))
-
-
-def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save, state_dtype=None):
+def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save, h_dtype=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
     IEEE = _ieee(q.dtype)
-    meta = _Meta(q, cu_seqlens)
+    meta = ChunkSlots(q, cu_seqlens)
     N = meta.N
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
@@ -787,7 +727,7 @@ def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, s
     cfg = _cfg(K, V)
     # saving: the backward's operand qxb too, from the same loads
     A, exact, qx, qxb, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, fwd=True, bwd=save)
-    h = _states(kd, v, vec, initial_state, ht, meta, IEEE, cfg["h"], state_dtype)
+    h = _states(kd, v, vec, initial_state, ht, meta, IEEE, cfg["h"], h_dtype)
     c = cfg["o"]
     _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
         qx, v, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
@@ -804,13 +744,13 @@ def chunk_fwd_states(q, k, v, g, scale, initial_state, cu_seqlens):
     """chunk_fwd with the final states and the float32 state entering every chunk slot
     ([slots, H, K, V], slots as in saved_like; the serving prefill's checkpoints)."""
     o, ht, saved = _forward(q, k, v, g, scale, initial_state, True, cu_seqlens, save=False,
-                            state_dtype=torch.float32)
+                            h_dtype=torch.float32)
     return o, ht, saved[5].float()
 
 
 def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     """chunk_fwd for training: also returns what chunk_bwd would otherwise recompute
-    (saved_like's list), so that the backward skips the scores and state launches."""
+    (gla_cuda.intermediates' six tensors), so that the backward skips the scores and state launches."""
     return _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save=True)
 
 
@@ -820,7 +760,7 @@ def chunk_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, saved=None)
     V = v.shape[-1]
     C = C_CHUNK
     IEEE = _ieee(q.dtype)
-    meta = _Meta(q, cu_seqlens)
+    meta = ChunkSlots(q, cu_seqlens)
     N = meta.N
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

@@ -1,4 +1,5 @@
-"""Recurrent GLA kernels: decoding and short inputs (semantics: DESIGN §1).
+"""Recurrent GLA kernels: decoding and short inputs (semantics: docs/design.md,
+'Semantics').
 
 One program owns a [BK, BV] tile of one (sequence, head) state, keeps it in
 float32 registers and walks the tokens one at a time. The flat grid is

@@ -1,0 +1,9 @@
+// Instantiations of the chunked backward for float16 inputs: the dh walk and dv.
+#include "chunk_bwd_sm80_launch.cuh"
+
+namespace gla {
+template cudaError_t run_chunk_bwd_dh<cute::half_t>(const BwdParams&, const SegmentSplit&, cudaStream_t);
+template cudaError_t run_chunk_bwd_dv<cute::half_t, 64>(const BwdParams&, cudaStream_t);
+template cudaError_t run_chunk_bwd_dv<cute::half_t, 128>(const BwdParams&, cudaStream_t);
+template cudaError_t run_chunk_bwd_dv<cute::half_t, 256>(const BwdParams&, cudaStream_t);
+}  // namespace gla

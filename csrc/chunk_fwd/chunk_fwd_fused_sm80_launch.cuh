@@ -1,0 +1,27 @@
+// Launch template of the fused chunked forward: grid, block, dynamic shared memory.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "chunk_fwd_config.h"
+#include "chunk_fwd_fused_sm80.cuh"
+
+namespace gla {
+
+// kSave: the kernel that also keeps the backward's intermediates (training, intermediates.h; its own
+// instantiation, so that the plain forward carries none of that code). K = 256 runs the
+// two-stage forward instead (chunk_fwd_dispatch.cu), whose kernels keep the same intermediates.
+template <class T, class GT, int K, int BV, bool kSave>
+cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
+  constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem;
+  static_assert(smem == chunk_fwd_cfg::smem_bytes(K, BV), "smem layout mismatch");
+  return launch_walk(&chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave>, smem, BV, p, split, stream);
+}
+
+template <class T, class GT, int K, int BV>
+cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
+  if (p.save_a == nullptr) return launch_chunk_fwd<T, GT, K, BV, false>(p, split, stream);
+  return launch_chunk_fwd<T, GT, K, BV, true>(p, split, stream);
+}
+
+}  // namespace gla
