@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
+from gla_cuda import dispatch, fla_options, ops  # noqa: F401  (ops defines torch.ops.gla)
 from gla_cuda.backends import OPS
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -168,8 +168,8 @@ def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
 
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
               initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-              cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None,
-              cu_seqlens_cpu: Optional[Tensor] = None):
+              cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None, *,
+              state_v_first: bool = False, cu_seqlens_cpu: Optional[Tensor] = None):
     """Gated linear attention in the chunkwise-parallel form.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log-space forget gate (g <= 0; -inf
@@ -181,20 +181,34 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float]
     copy as cu_seqlens_cpu to have it checked, else wrong offsets are the caller's
     responsibility (GLA_CHECK_CU_SEQLENS=1 reads them anyway, for debugging).
     backend: "cuda", "triton", "reference" or None/"auto" (default: $GLA_BACKEND or auto).
+    state_v_first: states as [N, H, V, K], as in fla-core's chunk_gla (gla_cuda/fla_options.py).
     Sizes of 0 (B, T, H, V, or N = 0 sequences) give empty or zero results without a kernel.
     """
-    return _call(torch.ops.gla.chunk_fwd, q, k, v, g, scale, initial_state, output_final_state,
-                 cu_seqlens, backend, cu_seqlens_cpu)
+    if state_v_first:
+        initial_state = fla_options.v_first_in(q, v, initial_state, cu_seqlens)
+    o, ht = _call(torch.ops.gla.chunk_fwd, q, k, v, g, scale, initial_state, output_final_state,
+                  cu_seqlens, backend, cu_seqlens_cpu)
+    return o, (fla_options.v_first_out(ht) if state_v_first else ht)
 
 
-def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
-                        initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-                        cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None,
+def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
+                        scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                        output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+                        backend: Optional[str] = None, *, gk: Optional[Tensor] = None,
+                        gv: Optional[Tensor] = None, reverse: bool = False, state_v_first: bool = False,
                         cu_seqlens_cpu: Optional[Tensor] = None):
     """Gated linear attention as a step-by-step recurrence (decoding, short inputs).
 
-    Same arguments and results as chunk_gla.
+    Same arguments and results as chunk_gla; gk (fla's name for g), gv, reverse and
+    state_v_first as in fla-core's fused_recurrent_gla (gla_cuda/fla_options.py).
     """
+    if g is None or gk is not None or gv is not None or reverse or state_v_first:
+        def call(q, k, v, g, initial_state):
+            return _call(torch.ops.gla.recurrent_fwd, q, k, v, g, scale, initial_state, output_final_state,
+                         cu_seqlens, backend, cu_seqlens_cpu)
+        return fla_options.fused_recurrent_gla(call, _prepare, q, k, v, g, gk, gv, scale, initial_state,
+                                               output_final_state, reverse, state_v_first, cu_seqlens,
+                                               backend)
     return _call(torch.ops.gla.recurrent_fwd, q, k, v, g, scale, initial_state, output_final_state,
                  cu_seqlens, backend, cu_seqlens_cpu)
 
@@ -282,17 +296,18 @@ def explain_backend(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: O
                     cu_seqlens: Optional[Tensor] = None, op: str = "chunk_fwd",
                     backend: Optional[str] = None) -> dispatch.Choice:
     """Which backend would run ``op`` (chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd,
-    recurrent_pool_fwd_: pass the pool as initial_state) on these inputs, and why each other
-    backend would not; empty inputs (a size of 0) run no backend, and the report says so.
+    recurrent_gv_fwd, and the pool ops recurrent_pool_fwd_, chunk_pool_fwd_,
+    recurrent_verify_pool_fwd_: pass the pool as initial_state) on these inputs, and why each
+    other backend would not; empty inputs (a size of 0) run no backend, and the report says so.
     The arguments are checked as the op would check them. ``print()`` it for a table."""
     if not isinstance(op, str) or op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if op == "recurrent_pool_fwd_":
-        if cu_seqlens is not None:
+    if op.endswith("pool_fwd_"):
+        if op == "recurrent_pool_fwd_" and cu_seqlens is not None:
             raise ValueError("cu_seqlens must be None for recurrent_pool_fwd_ (pooled rows are not packed)")
-        q, k, v, g, _, _, _ = _prepare(q, k, v, g, None, None, None)
+        q, k, v, g, _, _, cu_seqlens = _prepare(q, k, v, g, None, None, cu_seqlens)
         if not isinstance(initial_state, Tensor) or initial_state.dim() != 4:
-            raise ValueError("for recurrent_pool_fwd_, pass the state pool [P, H, K, V] as initial_state")
+            raise ValueError(f"for {op}, pass the state pool [P, H, K, V] as initial_state")
     else:
         # the tensors the op would run on (contiguous copies: their alignment may differ)
         q, k, v, g, _, initial_state, cu_seqlens = _prepare(q, k, v, g, None, initial_state, cu_seqlens)

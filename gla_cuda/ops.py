@@ -25,6 +25,22 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
         serving: batch row b runs its tokens from, and writes its final state back to,
         state_pool[state_index[b]] (float32 [P, H, K, V], or [P, H, V, K] with
         state_v_first) in place; an index outside [0, P) (-1) skips the row (o = 0).
+    gla::chunk_pool_fwd_(Tensor q, Tensor k, Tensor v, Tensor g, float scale,
+                         Tensor(a!) state_pool, Tensor state_indices, Tensor? has_initial_state,
+                         Tensor? final_state_indices, Tensor cu_seqlens, int checkpoint_every,
+                         Tensor? checkpoint_indices, bool state_v_first, Tensor(b!) o,
+                         str backend) -> ()
+        serving prefill: packed sequences (B = 1) start from and end in pool slots, with
+        state checkpoints every checkpoint_every tokens; o (preallocated) and the pool are
+        written in place.
+    gla::recurrent_verify_pool_fwd_(Tensor q, Tensor k, Tensor v, Tensor g, float scale,
+                                    Tensor(a!) state_pool, Tensor state_indices,
+                                    Tensor? num_accepted_tokens, Tensor? cu_seqlens,
+                                    bool state_v_first, Tensor(b!) o, str backend) -> ()
+        serving speculative-decoding verify: row n starts from slot
+        state_indices[n, num_accepted_tokens[n] - 1] and stores the state after its token t
+        to state_indices[n, t].
+        Both: the meaning of every index value is documented once, in gla_cuda/serving.py.
     gla::rms_norm_gated / gla::rms_norm_gated_bwd: the GLA layer's fused swish-gated
         RMSNorm (its own section at the end of this file).
 
@@ -55,6 +71,13 @@ _BWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initi
              "Tensor? cu_seqlens, Tensor do, Tensor? dht")
 _POOL_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor(a!) state_pool, "
               "Tensor state_index, bool state_v_first")
+_CHUNK_POOL_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor(a!) state_pool, "
+                    "Tensor state_indices, Tensor? has_initial_state, Tensor? final_state_indices, "
+                    "Tensor cu_seqlens, int checkpoint_every, Tensor? checkpoint_indices, "
+                    "bool state_v_first, Tensor(b!) o")
+_VERIFY_POOL_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor(a!) state_pool, "
+                     "Tensor state_indices, Tensor? num_accepted_tokens, Tensor? cu_seqlens, "
+                     "bool state_v_first, Tensor(b!) o")
 _FWD_OUT = "(Tensor o, Tensor final_state)"
 _BWD_OUT = "(Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dh0)"
 # what a training forward keeps for its backward (chunk_fwd_train below; gla_cuda.intermediates)
@@ -68,6 +91,8 @@ SCHEMAS = {
     "recurrent_fwd": f"({_FWD_ARGS}, str backend) -> {_FWD_OUT}",
     "recurrent_bwd": f"({_BWD_ARGS}, str backend) -> {_BWD_OUT}",
     "recurrent_pool_fwd_": f"({_POOL_ARGS}, str backend) -> Tensor",
+    "chunk_pool_fwd_": f"({_CHUNK_POOL_ARGS}, str backend) -> ()",
+    "recurrent_verify_pool_fwd_": f"({_VERIFY_POOL_ARGS}, str backend) -> ()",
     "cuda_chunk_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
     "cuda_chunk_fwd_saving": (f"({_FWD_ARGS}, Tensor chunk_off, int num_slots) "
                               f"-> (Tensor o, Tensor final_state, {_SAVED})"),
@@ -208,6 +233,35 @@ def _pool_impl(q, k, v, g, scale, state_pool, state_index, state_v_first, backen
     # the pool stands in for initial_state when a backend checks what it can run
     return dispatch.run("recurrent_pool_fwd_", q, k, v, g, state_pool, None, backend,
                         scale, state_pool, state_index, state_v_first)
+
+
+@torch.library.register_fake("gla::chunk_pool_fwd_")
+def _chunk_pool_fake(q, k, v, g, scale, state_pool, state_indices, has_initial_state,
+                     final_state_indices, cu_seqlens, checkpoint_every, checkpoint_indices,
+                     state_v_first, o, backend):
+    return None  # writes its mutable arguments only
+
+
+@torch.library.register_fake("gla::recurrent_verify_pool_fwd_")
+def _verify_pool_fake(q, k, v, g, scale, state_pool, state_indices, num_accepted_tokens, cu_seqlens,
+                      state_v_first, o, backend):
+    return None
+
+
+@torch.library.impl("gla::chunk_pool_fwd_", ("cpu", "cuda"))
+def _chunk_pool_impl(q, k, v, g, scale, state_pool, state_indices, has_initial_state,
+                     final_state_indices, cu_seqlens, checkpoint_every, checkpoint_indices,
+                     state_v_first, o, backend):
+    dispatch.run("chunk_pool_fwd_", q, k, v, g, state_pool, cu_seqlens, backend,
+                 scale, state_pool, state_indices, has_initial_state, final_state_indices, cu_seqlens,
+                 checkpoint_every, checkpoint_indices, state_v_first, o)
+
+
+@torch.library.impl("gla::recurrent_verify_pool_fwd_", ("cpu", "cuda"))
+def _verify_pool_impl(q, k, v, g, scale, state_pool, state_indices, num_accepted_tokens, cu_seqlens,
+                      state_v_first, o, backend):
+    dispatch.run("recurrent_verify_pool_fwd_", q, k, v, g, state_pool, cu_seqlens, backend,
+                 scale, state_pool, state_indices, num_accepted_tokens, cu_seqlens, state_v_first, o)
 
 
 for _op in ("chunk", "recurrent"):

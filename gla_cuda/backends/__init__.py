@@ -8,6 +8,18 @@
     recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_first) -> o
         (serving: updates state_pool in place; optional: a backend without it says so
         in unsupported_reason)
+    chunk_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, has_initial_state,
+                    final_state_indices, cu_seqlens, checkpoint_every, checkpoint_indices,
+                    state_v_first, o) -> None
+        serving prefill (gla_cuda/serving.py): packed sequences from and to pool slots,
+        state checkpoints every checkpoint_every tokens; writes o and the pool in place
+    recurrent_verify_pool_fwd_(q, k, v, g, scale, state_pool, state_indices,
+                               num_accepted_tokens, cu_seqlens, state_v_first, o) -> None
+        serving speculative-decoding verify: the state after every token to its own slot
+    recurrent_gv_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, reverse,
+                     cu_seqlens) -> (o, final_state or None)
+        the recurrence with a value gate (fla's gv; gla_cuda/fla_options.py); differentiable
+        by autograd; only the reference has it
     unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> None or a short reason
         (op is one of OPS; gla_cuda.dispatch asks it before choosing the backend)
     auto_skip_reason(...): optional, same arguments: inputs the backend runs but leaves to
@@ -26,6 +38,10 @@ What the caller (gla_cuda.ops) guarantees:
   * recurrent_pool_fwd_: no cu_seqlens; state_pool float32 contiguous [P, H, K, V]
     ([P, H, V, K] with state_v_first), passed as initial_state to unsupported_reason;
     state_index int32/int64 [B] on the same device, values unchecked (outside [0, P): skip).
+  * chunk_pool_fwd_ / recurrent_verify_pool_fwd_: the pool likewise (passed as
+    initial_state to unsupported_reason); every index tensor int32/int64 on q's device,
+    values unchecked (gla_cuda/serving.py documents what each value means); o is
+    preallocated in v's shape and dtype. chunk_pool_fwd_ always has cu_seqlens (B == 1).
 
   * the inputs are not empty: q and v both have elements (gla_cuda.dispatch writes the
     results of empty inputs itself, without a backend: see dispatch.empty_reason).
@@ -54,4 +70,5 @@ never synchronises with the host (no .item() / .tolist() on device tensors).
 
 GATE_MIN = -128.0
 
-OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_")
+OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_",
+       "chunk_pool_fwd_", "recurrent_verify_pool_fwd_", "recurrent_gv_fwd")

@@ -280,6 +280,107 @@ def recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_firs
     return o
 
 
+def recurrent_gv_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    """The recurrence with a value gate too, S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) +
+    k_t^T v_t, optionally from each sequence's last token back (reverse). Written with
+    out-of-place ops only, so autograd differentiates it (fla's fused_recurrent_gla options)."""
+    acc = _acc_dtype(q)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    outs, finals = [], []
+    for n, b, s, e in _sequences(q, cu_seqlens):
+        qn, kn, vn, gkn, gvn = (_heads_first(x[b, s:e], acc) for x in (q, k, v, gk, gv))
+        S = initial_state[n].to(acc) if initial_state is not None else q.new_zeros(H, K, V, dtype=acc)
+        steps = [None] * (e - s)
+        for t in (reversed(range(e - s)) if reverse else range(e - s)):
+            S = gkn[:, t, :, None].exp() * S * gvn[:, t, None, :].exp() + kn[:, t, :, None] * vn[:, t, None, :]
+            steps[t] = scale * torch.einsum("hk,hkv->hv", qn[:, t], S)
+        outs.append(torch.stack(steps, 1).transpose(0, 1) if steps else q.new_zeros(0, H, V, dtype=acc))
+        finals.append(S)
+    o = torch.stack(outs) if cu_seqlens is None else torch.cat(outs)[None]
+    return o.to(v.dtype), (torch.stack(finals) if output_final_state and finals else
+                           q.new_zeros(0, H, K, V, dtype=acc) if output_final_state else None)
+
+
+def _pool_io(state_pool, state_v_first, acc):
+    """(load(slot) -> [H, K, V] state in acc, store(slot, S)) for either pool layout."""
+    def load(slot):
+        S = state_pool[slot]
+        return (S.transpose(-1, -2) if state_v_first else S).to(acc)
+
+    def store(slot, S):
+        state_pool[slot] = (S.transpose(-1, -2) if state_v_first else S).to(state_pool.dtype)
+    return load, store
+
+
+def chunk_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, has_initial_state,
+                    final_state_indices, cu_seqlens, checkpoint_every, checkpoint_indices,
+                    state_v_first, o):
+    """Serving prefill (semantics: gla_cuda/serving.py, chunk_gla_pooled) sequence by
+    sequence in the chunked form; reads the index tensors on the host. Every slot is read
+    before any is written."""
+    acc = _acc_dtype(q)
+    P = state_pool.shape[0]
+    ok = lambda i: 0 <= i < P
+    load, store = _pool_io(state_pool, state_v_first, acc)
+    bounds = cu_seqlens.tolist()
+    index = state_indices.tolist()
+    N = len(index)
+    has = has_initial_state.tolist() if has_initial_state is not None else [True] * N
+    final = final_state_indices.tolist() if final_state_indices is not None else index
+    marks = checkpoint_indices.tolist() if checkpoint_indices is not None else [[]] * N
+    h0 = [load(index[n]) if ok(index[n]) and has[n] else None for n in range(N)]
+    writes = []
+    for n in range(N):
+        s, e = bounds[n], bounds[n + 1]
+        if not ok(index[n]):  # padding: zeros out, nothing read or written
+            o[0, s:e] = 0
+            continue
+        o_n, S, states = _chunk_seq_fwd(*(_heads_first(x[0, s:e], acc) for x in (q, k, v, g)), scale, h0[n])
+        o[0, s:e] = o_n.transpose(0, 1).to(o.dtype)
+        if ok(final[n]):
+            writes.append((final[n], S))
+        for j, slot in enumerate(marks[n]):
+            pos = (j + 1) * checkpoint_every  # tokens of this sequence consumed
+            if pos > e - s:
+                break
+            if ok(slot):
+                writes.append((slot, states[pos // CHUNK] if pos < e - s else S))
+    for slot, S in writes:
+        store(slot, S)
+
+
+def recurrent_verify_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, num_accepted_tokens,
+                               cu_seqlens, state_v_first, o):
+    """Speculative-decoding verify (semantics: gla_cuda/serving.py,
+    fused_recurrent_gla_verify_pooled): the naive recurrence per row, the state after every
+    token stored to that token's slot; reads the index tensors on the host."""
+    acc = _acc_dtype(q)
+    P = state_pool.shape[0]
+    ok = lambda i: 0 <= i < P
+    load, store = _pool_io(state_pool, state_v_first, acc)
+    index = state_indices.tolist()
+    N, slots = len(index), state_indices.shape[1]
+    accepted = num_accepted_tokens.tolist() if num_accepted_tokens is not None else [1] * N
+    rows = list(_sequences(q, cu_seqlens))
+    start = [index[n][accepted[n] - 1] if 1 <= accepted[n] <= slots else -1 for n in range(N)]
+    h0 = [load(start[n]) if ok(start[n]) else None for n in range(N)]
+    writes = []
+    for n, b, s, e in rows:
+        if h0[n] is None:  # padding row: zeros out, nothing read or written
+            o[b, s:e] = 0
+            continue
+        qn, kn, vn, gn = (_heads_first(x[b, s:e], acc) for x in (q, k, v, g))
+        S = h0[n].clone()
+        for t in range(e - s):
+            S = gn[:, t, :, None].exp() * S + kn[:, t, :, None] * vn[:, t, None, :]
+            o[b, s + t] = (scale * torch.einsum("hk,hkv->hv", qn[:, t], S)).to(o.dtype)
+            if t < slots and ok(index[n][t]):
+                writes.append((index[n][t], S))
+    for slot, S in writes:
+        store(slot, S)
+
+
 # ----------------------------------------------------------------------------
 # The GLA layer's swish-gated RMSNorm (gla::rms_norm_gated)
 # ----------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
         return IMPORT_ERROR
     if op == "recurrent_pool_fwd_":
         return "no Triton kernel for the pooled decode op"
+    if op == "recurrent_gv_fwd":
+        return "no Triton kernel for the value gate gv"
     if q.device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
     if q.device.type not in ("cpu", "cuda"):
@@ -74,3 +76,4 @@ if IMPORT_ERROR is None:
     from .chunk import chunk_bwd, chunk_fwd, chunk_fwd_saving  # noqa: E402,F401
     from .norm import rms_norm_gated_bwd, rms_norm_gated_fwd  # noqa: E402,F401
     from .recurrent import recurrent_bwd, recurrent_fwd  # noqa: E402,F401
+    from .pool import chunk_pool_fwd_, recurrent_verify_pool_fwd_  # noqa: E402,F401

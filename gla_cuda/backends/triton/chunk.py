@@ -692,11 +692,12 @@ def _launch(c):
     return dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 
-def _states(kd, v, vec, h0, ht, meta, IEEE, c):
-    """States entering every chunk (per slot), and the final states into ht."""
+def _states(kd, v, vec, h0, ht, meta, IEEE, c, dtype=None):
+    """States entering every chunk (per slot; in dtype, default state_dtype), and the final
+    states into ht."""
     B, T, H, K = kd.shape
     V = v.shape[-1]
-    h = torch.empty(meta.NC, H, K, V, device=kd.device, dtype=state_dtype(v.dtype))
+    h = torch.empty(meta.NC, H, K, V, device=kd.device, dtype=dtype or state_dtype(v.dtype))
     NK, NV = triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"])
     _h_kernel[(meta.N * H * NK * NV,)](
         kd, v, vec, h, h0 if h0 is not None else kd, ht if ht is not None else kd, meta.cu,
@@ -730,7 +731,7 @@ def _prep(q, k, g, scale, meta, IEEE, cfg, fwd, bwd):
     return A, exact, qx, qxb, kd, vec
 
 
-def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save):
+def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save, h_dtype=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
     IEEE = _ieee(q.dtype)
@@ -745,7 +746,7 @@ def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, s
     cfg = _cfg(K, V)
     # saving: the backward's operand qxb too, from the same loads
     A, exact, qx, qxb, kd, vec = _prep(q, k, g, scale, meta, IEEE, cfg, fwd=True, bwd=save)
-    h = _states(kd, v, vec, initial_state, ht, meta, IEEE, cfg["h"])
+    h = _states(kd, v, vec, initial_state, ht, meta, IEEE, cfg["h"], h_dtype)
     c = cfg["o"]
     _light_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
         qx, v, A, o, h, meta.cu, meta.chunk_seq, meta.chunk_off, scale, N, H, K, V,
@@ -756,6 +757,14 @@ def _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, s
 def chunk_fwd(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     o, ht, _ = _forward(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, save=False)
     return o, ht
+
+
+def chunk_fwd_states(q, k, v, g, scale, initial_state, cu_seqlens):
+    """chunk_fwd with the final states and the float32 state entering every chunk slot
+    ([slots, H, K, V], slots as in saved_like; the serving prefill's checkpoints)."""
+    o, ht, saved = _forward(q, k, v, g, scale, initial_state, True, cu_seqlens, save=False,
+                            h_dtype=torch.float32)
+    return o, ht, saved[5].float()
 
 
 def chunk_fwd_saving(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
