@@ -131,11 +131,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         start = torch.arange(B, device=dev) * T
 
     xf = x.reshape(B * T, D)
-    if cu_seqlens is not None and initial_state is None and _cc_usable(x, weight, impl):
+    if cu_seqlens is not None and initial_state is None and T > 0 and _cc_usable(x, weight, impl):
         seq_idx = seq.to(torch.int32)[None]
         y = _cc_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx,
                    activation="silu" if activation else None).transpose(1, 2)
-    elif cu_seqlens is not None or impl == "reference":
+    elif cu_seqlens is not None or impl == "reference" or T == 0:
         if cu_seqlens is None:
             seq = torch.arange(B, device=dev).repeat_interleave(T)
             pos = torch.arange(T, device=dev).repeat(B)

@@ -27,7 +27,7 @@ _MODES = ("chunk", "fused_recurrent", "fused_chunk")
 
 
 def _sqrelu(x: Tensor) -> Tensor:
-    return F.relu(x.float()).square().to(x.dtype)
+    return F.relu(x.to(torch.promote_types(x.dtype, torch.float32))).square().to(x.dtype)
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -265,10 +265,12 @@ class GatedLinearAttention(nn.Module):
         w = self.q_proj.weight
         if x.device != w.device:
             raise ValueError(f"hidden_states is on {x.device} but the layer's parameters are on {w.device}")
-        # Under autocast the projections run in the autocast dtype whatever the input's dtype.
-        if not x.is_floating_point() or (x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)):
-            raise TypeError(f"hidden_states must have the layer's parameter dtype {w.dtype} "
-                            f"(or run under torch.autocast), got {x.dtype}")
+        # Under torch.autocast the projections cast float16/bfloat16/float32 inputs and
+        # parameters to the autocast dtype (float64 is never cast), so those mix freely there.
+        autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, w.dtype)
+        if not x.is_floating_point() or (x.dtype != w.dtype and not autocast):
+            raise TypeError(f"hidden_states must have the layer's parameter dtype {w.dtype} (under "
+                            f"torch.autocast: float16, bfloat16 or float32), got {x.dtype}")
         if not isinstance(use_cache, bool):
             raise TypeError(f"use_cache must be a bool, got {type(use_cache).__name__}")
 
@@ -407,7 +409,8 @@ class GatedLinearAttention(nn.Module):
         conv_out = None
         if self.use_short_conv:
             (q, k, v), conv_out = self._short_conv(q, k, v, conv, use_cache, cu_seqlens, token_mask)
-        g = F.logsigmoid(gk.float()) / self.gate_logit_normalizer  # gate in float32: it compounds over T
+        # The gate in float32 (float64 for float64 inputs): it compounds over T.
+        g = F.logsigmoid(gk.to(torch.promote_types(gk.dtype, torch.float32))) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             g = g.clamp_min(self.clamp_min)
         q = q.unflatten(-1, (self.num_heads, self.head_k_dim))
