@@ -50,6 +50,8 @@ def _cc_usable(x: Tensor, weight: Tensor, impl: str) -> bool:
     """Whether the causal-conv1d kernels take these inputs (CUDA, width 2..4, half/float)."""
     if impl not in ("auto", "causal_conv1d"):
         return False
+    if impl == "auto" and torch.compiler.is_compiling():
+        return False  # the package's kernels are opaque to torch.compile; the torch path traces
     ok = (_cc_fn is not None and x.is_cuda and 2 <= weight.shape[-1] <= 4
           and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
     if impl == "causal_conv1d" and not ok:
@@ -153,7 +155,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
                 else initial_state[..., 1:].to(cdt))
         y = F.conv1d(torch.cat([past, x.transpose(1, 2).to(cdt)], 2), weight.to(cdt)[:, None],
                      groups=D)
-        y = _finish(y.transpose(1, 2), bias, activation, x.dtype)
+        # [B, T, D] in memory too: a transposed view's strides are undecidable for inductor
+        # when T is symbolic (dynamic shapes).
+        y = _finish(y.transpose(1, 2).contiguous(), bias, activation, x.dtype)
 
     final = None
     if output_final_state:

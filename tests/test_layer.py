@@ -215,11 +215,14 @@ def test_gradients_reach_every_parameter(device, name, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_matches_eager(device):
+@pytest.mark.parametrize("name", ["gqa", "conv_bias_gqa"])
+def test_compile_fullgraph_matches_eager(device, name):
     """A decode step (recurrent path, with a cache) and training forward+backward (chunked path)."""
     torch._dynamo.reset()
-    layer = make_layer(device, **OPTIONS["gqa"])
-    compiled = torch.compile(layer, fullgraph=True)
+    layer = make_layer(device, **{**OPTIONS, **FLA_OPTIONS}[name])
+    # With the convolution, inductor (torch 2.14) fails to lay out the training graph recompiled
+    # for a symbolic T after the decode step ("cannot determine truth value of 1 < s"): static shapes.
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False if layer.use_short_conv else None)
     x = x_of(2, 20, device)
 
     layer.eval()
@@ -239,16 +242,19 @@ def test_compile_fullgraph_matches_eager(device):
         grads.append([loss.detach()] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*grads):
         assert rel_err(a, b) <= tol(device)
+    if layer.use_short_conv:
+        assert all(rel_err(a, b) <= tol(device) for a, b in zip(ca.get_conv_state(0), cb.get_conv_state(0)))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-def test_decode_loop_reduce_overhead_matches_eager():
+@pytest.mark.parametrize("name", ["gqa", "conv_bias_gqa"])
+def test_decode_loop_reduce_overhead_matches_eager(name):
     """Prefill, then token-by-token decoding through torch.compile(mode="reduce-overhead"),
     i.e. CUDA graphs replayed every step, against the same loop in eager mode."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    layer = make_layer("cuda", **OPTIONS["gqa"]).eval()
+    layer = make_layer("cuda", **{**OPTIONS, **FLA_OPTIONS}[name]).eval()
     step = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
     x = x_of(2, 16, "cuda")
     with torch.no_grad():
