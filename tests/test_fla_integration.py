@@ -27,7 +27,11 @@ from fla.models import GLAConfig, GLAForCausalLM  # noqa: E402
 from fla.models.utils import Cache  # noqa: E402
 
 ALL_OPTIONS = {"default": dict(num_heads=4), **FLA_OPTIONS}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))]
+# fla's Triton kernels take CPU tensors only under the interpreter, which conftest chooses on
+# CPU-only machines: with a GPU, whatever runs fla's forward runs on it.
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="fla's kernels run on the GPU here")),
+           pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))]
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -172,8 +176,8 @@ def test_conversion_keeps_every_weight_bitwise(kw):
 def test_greedy_generation_equals_argmax_of_full_forward(kw):
     """generate() through fla's cache, left-padded batch: each new token is the argmax of the
     converted model's own full-sequence forward, and each row equals its unpadded generation."""
-    model = use_gla_cuda(tiny_model(**kw))
-    prompt = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    model = use_gla_cuda(tiny_model(**kw).to(DEVICE))
+    prompt = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.ones_like(prompt)
     prompt[1, :4], mask[1, :4] = 0, 0  # row 1: a 5-token prompt, left-padded
     new = 8
@@ -191,7 +195,7 @@ def test_greedy_generation_equals_argmax_of_full_forward(kw):
 
 def test_generation_agrees_with_fla_model():
     """The converted model and fla's: same logits, same greedy tokens (float32)."""
-    device = "cuda" if HAS_CUDA else "cpu"
+    device = DEVICE
     theirs = tiny_model(use_short_conv=True).to(device)
     ours = use_gla_cuda(copy.deepcopy(theirs))
     ids = torch.randint(3, 97, (2, 70 if HAS_CUDA else 12), generator=torch.Generator().manual_seed(2)).to(device)
@@ -212,7 +216,8 @@ def test_save_pretrained_round_trip(tmp_path):
     assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert any(isinstance(m, FLAGatedLinearAttention) for m in loaded.modules())
     use_gla_cuda(loaded)
-    ids = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(3))
+    model, loaded = model.to(DEVICE), loaded.to(DEVICE)
+    ids = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
