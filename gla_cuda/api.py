@@ -213,6 +213,26 @@ def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = N
                  cu_seqlens, backend, cu_seqlens_cpu)
 
 
+def _check_pool(state_pool, H, K, V, state_v_first, device):
+    """A state pool of every pooled function: float32 [P, H, K, V] ([P, H, V, K] with
+    state_v_first), contiguous, on q's device, outside autograd (it is updated in place)."""
+    if not isinstance(state_pool, Tensor):
+        raise TypeError(f"state_pool must be a Tensor, got {type(state_pool).__name__}")
+    if state_pool.dtype != torch.float32:
+        raise TypeError(f"state_pool must be float32, got {state_pool.dtype}")
+    slot = (H, V, K) if state_v_first else (H, K, V)
+    if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != slot:
+        layout = "[P, H, V, K]" if state_v_first else "[P, H, K, V]"
+        raise ValueError(f"state_pool must have shape {layout} = [P, {', '.join(map(str, slot))}], "
+                         f"got {tuple(state_pool.shape)}")
+    if not state_pool.is_contiguous():
+        raise ValueError("state_pool must be contiguous (it is updated in place)")
+    if state_pool.requires_grad:
+        raise ValueError("state_pool must not require grad (it is updated in place, outside autograd)")
+    if state_pool.device != device:
+        raise ValueError(f"state_pool is on {state_pool.device} but q is on {device}")
+
+
 def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state_pool: Tensor,
                                state_index: Tensor, scale: Optional[float] = None,
                                state_v_first: bool = False, check_index: bool = True,
@@ -236,27 +256,14 @@ def fused_recurrent_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state
     backend = dispatch.requested_backend(backend)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if not isinstance(state_pool, Tensor):
-        raise TypeError(f"state_pool must be a Tensor, got {type(state_pool).__name__}")
-    if state_pool.dtype != torch.float32:
-        raise TypeError(f"state_pool must be float32, got {state_pool.dtype}")
-    slot = (H, V, K) if state_v_first else (H, K, V)
-    if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != slot:
-        layout = "[P, H, V, K]" if state_v_first else "[P, H, K, V]"
-        raise ValueError(f"state_pool must have shape {layout} = [P, {', '.join(map(str, slot))}], "
-                         f"got {tuple(state_pool.shape)}")
-    if not state_pool.is_contiguous():
-        raise ValueError("state_pool must be contiguous (it is updated in place)")
-    if state_pool.requires_grad:
-        raise ValueError("state_pool must not require grad (it is updated in place, outside autograd)")
+    _check_pool(state_pool, H, K, V, state_v_first, q.device)
     if not isinstance(state_index, Tensor):
         raise TypeError(f"state_index must be a Tensor, got {type(state_index).__name__}")
     if state_index.dtype not in (torch.int32, torch.int64) or tuple(state_index.shape) != (B,):
         raise ValueError(f"state_index must be an int32 or int64 tensor of shape [B] = [{B}], got "
                          f"{state_index.dtype} {tuple(state_index.shape)}")
-    for name, x in (("state_pool", state_pool), ("state_index", state_index)):
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if state_index.device != q.device:
+        raise ValueError(f"state_index is on {state_index.device} but q is on {q.device}")
     if not _is_tracing() and _overlaps(state_pool, (q, k, v, g, state_index)):
         raise ValueError("state_pool must not share memory with q, k, v, g or state_index "
                          "(it is written while they are read)")

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
-from gla_cuda.api import _is_tracing, _prepare
+from gla_cuda.api import _check_pool, _is_tracing, _prepare
 
 CHUNK = 64  # checkpoints fall on the chunked forward's chunk boundaries
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -60,22 +60,6 @@ def _checking(check_indices: Optional[bool]) -> bool:
     if check_indices is None:
         check_indices = os.environ.get("GLA_CHECK_INDICES", "0") == "1"
     return bool(check_indices) and not _is_tracing()
-
-
-def _check_pool(state_pool, H, K, V, state_v_first, device):
-    if not isinstance(state_pool, Tensor):
-        raise TypeError(f"state_pool must be a Tensor, got {type(state_pool).__name__}")
-    if state_pool.dtype != torch.float32:
-        raise TypeError(f"state_pool must be float32, got {state_pool.dtype}")
-    slot = (H, V, K) if state_v_first else (H, K, V)
-    if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != slot:
-        layout = "[P, H, V, K]" if state_v_first else "[P, H, K, V]"
-        raise ValueError(f"state_pool must have shape {layout} = [P, {', '.join(map(str, slot))}], "
-                         f"got {tuple(state_pool.shape)}")
-    if not state_pool.is_contiguous():
-        raise ValueError("state_pool must be contiguous (it is updated in place)")
-    if state_pool.device != device:
-        raise ValueError(f"state_pool is on {state_pool.device} but q is on {device}")
 
 
 def _check_index(name, x, shape, device, dtypes=_INDEX_DTYPES, what="an int32 or int64"):
