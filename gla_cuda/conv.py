@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gla_cuda.backends import compute_dtype
+
 IMPLS = ("auto", "causal_conv1d", "torch", "reference")
 
 try:  # optional: Dao-AILab's causal-conv1d CUDA kernels
@@ -37,7 +39,7 @@ def causal_conv1d_available() -> bool:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return compute_dtype(x.dtype)
 
 
 def _finish(y: Tensor, bias: Optional[Tensor], activation: bool, dtype: torch.dtype) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from gla_cuda.backends import OPS
+from gla_cuda.backends import OPS, compute_dtype
 
 BACKENDS = ("cuda", "triton", "reference")
 EMPTY = "empty"  # Choice.backend of empty inputs: results written by this module, no kernel
@@ -177,10 +177,6 @@ def run(op, q, k, v, g, initial_state, cu_seqlens, backend, *args):
 # tokens, heads, channels or sequences to run): nothing depends on the inputs' values.
 # ----------------------------------------------------------------------------
 
-def _state_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _empty_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     # o has no elements unless K == 0 (op-level calls only: the API rejects K = 0), where
     # it is 0; no token changes a state when a size is 0, so the final state is the first
@@ -190,7 +186,7 @@ def _empty_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
         return o, initial_state.clone()
-    return o, q.new_zeros(N, q.shape[2], q.shape[3], v.shape[-1], dtype=_state_dtype(q))
+    return o, q.new_zeros(N, q.shape[2], q.shape[3], v.shape[-1], dtype=compute_dtype(q.dtype))
 
 
 def _empty_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):

@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch, intermediates
+from gla_cuda.backends import compute_dtype
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, "
              "bool output_final_state, Tensor? cu_seqlens")
@@ -115,8 +116,7 @@ def _num_states(q: Tensor, cu_seqlens) -> int:
 
 
 def _state_dtype(q: Tensor) -> torch.dtype:
-    """States are float32; float64 inputs (reference only, for gradcheck) keep float64."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    return compute_dtype(q.dtype)
 
 
 def _state_or_empty(x, like: Tensor) -> Tensor:

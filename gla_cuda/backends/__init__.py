@@ -70,5 +70,12 @@ never synchronises with the host (no .item() / .tolist() on device tensors).
 
 GATE_MIN = -128.0
 
+
+def compute_dtype(dtype):
+    """The dtype of states (initial, final, dh0) and of accumulation for inputs of ``dtype``:
+    float32, except float64 inputs (the reference only, for gradcheck), which keep float64."""
+    import torch  # this module stays importable without torch for the build
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_",
        "chunk_pool_fwd_", "recurrent_verify_pool_fwd_", "recurrent_gv_fwd")

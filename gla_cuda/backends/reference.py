@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from gla_cuda.backends import GATE_MIN
+from gla_cuda.backends import GATE_MIN, compute_dtype
 
 CHUNK = 64
 
@@ -32,7 +32,7 @@ def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[st
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return compute_dtype(x.dtype)
 
 
 def _sequences(q: Tensor, cu_seqlens: Optional[Tensor]):
