@@ -46,6 +46,22 @@ def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
         raise ValueError(f"cu_seqlens must end at the packed length T={T}, got {bounds[-1]}")
 
 
+def _check_initial_state(initial_state, q: Tensor, N: int, V: int) -> Tensor:
+    """initial_state: float32 [N, H, K, V] (float64 too for float64 inputs); returned contiguous."""
+    H, K = q.shape[2], q.shape[3]
+    if not isinstance(initial_state, Tensor):
+        raise TypeError(f"initial_state must be a Tensor, got {type(initial_state).__name__}")
+    state_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+    if initial_state.dtype not in state_dtypes:
+        raise TypeError(f"initial_state must be float32, got {initial_state.dtype}")
+    if tuple(initial_state.shape) != (N, H, K, V):
+        raise ValueError(f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)}, "
+                         f"got {tuple(initial_state.shape)}")
+    if initial_state.device != q.device:
+        raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+    return initial_state.contiguous()
+
+
 def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
     """Checks every argument (naming it in the error) and returns contiguous tensors."""
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
@@ -88,15 +104,7 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
             raise ValueError(f"scale must be finite, got {scale}")
 
     if initial_state is not None:
-        if not isinstance(initial_state, Tensor):
-            raise TypeError(f"initial_state must be a Tensor, got {type(initial_state).__name__}")
-        state_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
-        if initial_state.dtype not in state_dtypes:
-            raise TypeError(f"initial_state must be float32, got {initial_state.dtype}")
-        if tuple(initial_state.shape) != (N, H, K, V):
-            raise ValueError(f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)}, "
-                             f"got {tuple(initial_state.shape)}")
-        initial_state = initial_state.contiguous()
+        initial_state = _check_initial_state(initial_state, q, N, V)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
     return q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, initial_state, cu_seqlens
@@ -104,6 +112,11 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
 
 def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
     q, k, v, g, scale, initial_state, cu_seqlens = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    return _launch(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)
+
+
+def _launch(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+    """Runs ``op`` on arguments _prepare has checked (or that are valid by construction)."""
     backend = dispatch.requested_backend(backend)
     if op is torch.ops.gla.chunk_fwd and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, g, initial_state)):
