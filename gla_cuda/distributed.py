@@ -281,7 +281,9 @@ def _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group,
     N = cu.shape[0] - 1
     acc = ops._state_dtype(q)
     device = q.device
-    start, end = offsets[rank], offsets[rank + 1]
+    # [1]-shaped values, indexed by index_select: indexing with a 0-d tensor would read it
+    # on the host (under torch.compile, a data-dependent value)
+    start, end = offsets[rank:rank + 1], offsets[rank + 1:rank + 2]
     # the sequence holding global token p (a sequence of length 0 holds none)
     seq_of = lambda p: torch.searchsorted(cu[1:], p, right=True).clamp(max=max(N - 1, 0))  # noqa: E731
     ends = offsets[1:]
@@ -296,8 +298,9 @@ def _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group,
         o, S = _local(q, k, v, g, scale, init, local_cu, backend)
         tok = torch.arange(T, device=device)
         gl = g[0].to(acc)
-        in_last = tok >= (cu[last_of[rank]] - start).clamp(min=0)
-        S_last = S.index_select(0, last_of[rank].clamp(min=0).reshape(1))
+        last = last_of[rank:rank + 1].clamp(min=0)
+        in_last = tok >= (cu.index_select(0, last) - start).clamp(min=0)
+        S_last = S.index_select(0, last)
         gamma_last = (gl * in_last.to(acc)[:, None, None]).sum(0, keepdim=True)
     else:
         o = _empty_output(q, k, v, g)
@@ -311,12 +314,12 @@ def _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group,
                                                   needs_grad)
     chain = (torch.arange(W, device=device) < rank) & (last_of == first)
     h = _fold(S_all, gamma_all, chain)                                     # [1, H, K, V]
-    in_first = tok < (cu[first + 1] - start)
+    in_first = tok < (cu.index_select(0, first + 1) - start)
     o = o + _inflow(q, g, h, scale, in_first).to(o.dtype)
     final = None
     if output_final_state:
         gamma_first = (gl * in_first.to(acc)[:, None, None]).sum(0)
-        S = torch.index_add(S, 0, first.reshape(1), (torch.exp(gamma_first)[..., None] * h[0])[None])
+        S = torch.index_add(S, 0, first, (torch.exp(gamma_first)[..., None] * h[0])[None])
         last_token = cu[1:] - 1
         owned = (cu[1:] > cu[:-1]) & (last_token >= start) & (last_token < end)
         final = _finals(S * owned.to(acc)[:, None, None, None], cu, h0, group, needs_grad)

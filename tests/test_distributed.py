@@ -144,8 +144,7 @@ def test_matches_single_process(world_size):
 
 
 def _compile_worker(rank, W, seed):
-    _run_case(rank, W, seed, CASES[2][2], compile_fn=True)
-    _run_case(rank, W, seed + 1, CASES[2][0], compile_fn=True)
+    _run_case(rank, W, seed, CASES[2][2], compile_fn=True)  # packed: the device-side piece mapping
 
 
 def test_torch_compile_fullgraph():
