@@ -242,9 +242,11 @@ def _empty_output(q, k, v, g) -> Tensor:
 
 
 def _tie(o: Tensor, *gathered: Tensor) -> Tensor:
-    """o, made to depend (with weight 0) on the all-gather's output on a rank that does not use
-    it (rank 0, an empty slice): the all-gather's backward is a reduce-scatter that every rank
-    must join, and autograd runs it only where the output takes part in the loss."""
+    """o, made to depend (with weight 0) on a collective's output that it does not use on this
+    rank (the all-gather on rank 0 or an empty slice; the final states' all-reduce): the
+    collective's backward is a collective that every rank must join, and autograd runs it
+    only where the output takes part in the loss. With o in every rank's loss, every rank
+    runs every backward collective, whichever outputs each rank's loss uses."""
     return o + sum(x.sum() for x in gathered).to(o.dtype) * 0
 
 
@@ -265,7 +267,7 @@ def _split_rows(q, k, v, g, scale, h0, output_final_state, group, W, rank, backe
     if rank > 0 and T > 0:
         h = _fold(S_all, gamma_all, torch.arange(W, device=q.device) < rank)
         o = o + _inflow(q, g, h, scale, None).to(o.dtype)
-    elif not output_final_state:
+    else:
         o = _tie(o, S_all, gamma_all)
     final = _fold(S_all, gamma_all, torch.ones(W, device=q.device)) if output_final_state else None
     return o, final
@@ -307,11 +309,11 @@ def _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group,
         S_last, gamma_last = q.new_zeros(1, H, K, V, dtype=acc), q.new_zeros(1, H, K, dtype=acc)
     S_all, gamma_all = _exchange(S_last, gamma_last, group, W, needs_grad)
     if T == 0:
-        if not output_final_state:
-            return _tie(o, S_all, gamma_all), None
-        # owns no sequence: contributes zeros to the all-reduce
-        return _tie(o, S_all, gamma_all), _finals(q.new_zeros(N, H, K, V, dtype=acc), cu, h0, group,
-                                                  needs_grad)
+        o, final = _tie(o, S_all, gamma_all), None
+        if output_final_state:  # owns no sequence: contributes zeros to the all-reduce
+            final = _finals(q.new_zeros(N, H, K, V, dtype=acc), cu, h0, group, needs_grad)
+            o = _tie(o, final)
+        return o, final
     chain = (torch.arange(W, device=device) < rank) & (last_of == first)
     h = _fold(S_all, gamma_all, chain)                                     # [1, H, K, V]
     in_first = tok < (cu.index_select(0, first + 1) - start)
@@ -323,6 +325,7 @@ def _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group,
         last_token = cu[1:] - 1
         owned = (cu[1:] > cu[:-1]) & (last_token >= start) & (last_token < end)
         final = _finals(S * owned.to(acc)[:, None, None, None], cu, h0, group, needs_grad)
+        o = _tie(o, final)
     return o, final
 
 
