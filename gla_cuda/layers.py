@@ -6,13 +6,14 @@ g_norm), so an fla GLA layer's state_dict loads as is.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gla_cuda import dispatch
+from gla_cuda import dispatch, distributed
 from gla_cuda.api import chunk_gla, fused_recurrent_gla, fused_recurrent_gla_pooled
 from gla_cuda.backends import cuda as cuda_backend
 
@@ -82,7 +83,9 @@ class GatedLinearAttention(nn.Module):
                  use_output_gate: bool = True, elementwise_affine: bool = True, norm_eps: float = 1e-5,
                  gate_logit_normalizer: float = 16, gate_low_rank_dim: int = 16,
                  clamp_min: Optional[float] = None, layer_idx: Optional[int] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, cp_group=None) -> None:
+        # cp_group: a torch.distributed ProcessGroup over which each call's sequence is split
+        # (context parallelism, gla_cuda.distributed.chunk_gla): chunk mode at every length.
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -96,6 +99,9 @@ class GatedLinearAttention(nn.Module):
                 raise ValueError(f"{name} ({dim}) must be divisible by num_heads ({num_heads})")
 
         self.mode, self.hidden_size, self.backend = mode, hidden_size, backend
+        if cp_group is not None and mode != "chunk":
+            raise ValueError(f"cp_group needs mode='chunk', got mode={mode!r}")
+        self.cp_group = cp_group
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.num_kv_groups = num_heads // num_kv_heads
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
@@ -185,13 +191,15 @@ class GatedLinearAttention(nn.Module):
         v = self._kv_heads(v, self.head_v_dim)
 
         # Short inputs (decoding) run the recurrence, as fla does; training keeps the chosen mode.
-        mode = "fused_recurrent" if T <= 64 and not self.training else self.mode
+        mode = "fused_recurrent" if T <= 64 and not self.training and self.cp_group is None else self.mode
         if mode == "fused_recurrent" and self._in_place(state, use_cache, cu_seqlens, q):
             # Inference from a cached state: advance it in place (no new state per step).
             rows = torch.arange(N, device=q.device)
             o = fused_recurrent_gla_pooled(q, k, v, g, state, rows, check_index=False, backend=self.backend)
         else:
             fn = chunk_gla if mode == "chunk" else fused_recurrent_gla
+            if self.cp_group is not None:
+                fn = partial(distributed.chunk_gla, group=self.cp_group)
             o, state = fn(q, k, v, g, initial_state=state, output_final_state=use_cache,
                           cu_seqlens=cu_seqlens, backend=self.backend)
         if use_cache:
