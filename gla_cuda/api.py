@@ -123,6 +123,12 @@ def _check_state(name, state, q, shape) -> None:
         raise ValueError(f"{name} is on {state.device} but q is on {q.device}")
 
 
+def _check_initial_state(initial_state, q: Tensor, N: int, V: int) -> Tensor:
+    """initial_state: float32 [N, H, K, V] (float64 too for float64 inputs); returned contiguous."""
+    _check_state("initial_state", initial_state, q, (N, q.shape[2], q.shape[3], V))
+    return initial_state.contiguous()
+
+
 def _prepare(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None):
     """Checks every argument (naming it in the error) and returns contiguous tensors."""
     _check_qkvg(q, k, v, g)
@@ -146,8 +152,7 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None):
             raise ValueError(f"scale must be finite, got {scale}")
 
     if initial_state is not None:
-        _check_state("initial_state", initial_state, q, (N, H, K, V))
-        initial_state = initial_state.contiguous()
+        initial_state = _check_initial_state(initial_state, q, N, V)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
     return q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, initial_state, cu_seqlens
@@ -158,6 +163,11 @@ def _call(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
     q, k, v, g, scale, initial_state, cu_seqlens = _prepare(q, k, v, g, scale, initial_state, cu_seqlens,
                                                             cu_seqlens_cpu)
     output_final_state = _check_flag("output_final_state", output_final_state, none_is_false=True)
+    return _launch(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)
+
+
+def _launch(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+    """Runs ``op`` on arguments _prepare has checked (or that are valid by construction)."""
     backend = dispatch.requested_backend(backend)
     if op is torch.ops.gla.chunk_fwd and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, g, initial_state)):

@@ -11,13 +11,14 @@ gla_cuda.integrations.fla swaps these layers into fla's models.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gla_cuda import dispatch
+from gla_cuda import dispatch, distributed
 from gla_cuda.api import _check_cu_seqlens, chunk_gla, fused_recurrent_gla, fused_recurrent_gla_pooled
 from gla_cuda.backends import cuda as cuda_backend
 from gla_cuda.conv import ShortConvolution, causal_conv1d_step
@@ -183,7 +184,10 @@ class GatedLinearAttention(nn.Module):
                  elementwise_affine: Optional[bool] = True, norm_eps: float = 1e-5,
                  gate_logit_normalizer: float = 16, gate_low_rank_dim: int = 16,
                  clamp_min: Optional[float] = None, fuse_norm: bool = True,
-                 layer_idx: Optional[int] = None, *, backend: Optional[str] = None) -> None:
+                 layer_idx: Optional[int] = None, *, backend: Optional[str] = None,
+                 cp_group=None) -> None:
+        # cp_group: a torch.distributed ProcessGroup over which each call's sequence is split
+        # (context parallelism, gla_cuda.distributed.chunk_gla): the chunked form at every length.
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -213,6 +217,12 @@ class GatedLinearAttention(nn.Module):
         self.mode, self.hidden_size, self.backend = mode, hidden_size, backend
         self.expand_k, self.expand_v = expand_k, expand_v
         self.key_dim, self.value_dim = dims["expand_k"], dims["expand_v"]
+        if cp_group is not None and mode == "fused_recurrent":
+            raise ValueError(f"cp_group needs the chunked form (mode 'chunk' or 'fused_chunk'), got mode={mode!r}")
+        if cp_group is not None and use_short_conv:
+            raise ValueError("cp_group does not support use_short_conv: the convolution would need the "
+                             "previous rank's last conv_size - 1 tokens")
+        self.cp_group = cp_group
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.num_kv_groups = num_heads // num_kv_heads
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
@@ -430,7 +440,7 @@ class GatedLinearAttention(nn.Module):
         else:
             state_kv = state
         # Short inputs (decoding) run the recurrence, as fla does; training keeps the chosen mode.
-        mode = "fused_recurrent" if T <= 64 and not self.training else self.mode
+        mode = "fused_recurrent" if T <= 64 and not self.training and self.cp_group is None else self.mode
         if mode == "fused_recurrent" and self._in_place(state, use_cache, cu_seqlens, q):
             # Inference from a cached state: advance it in place (no new state per step).
             rows = torch.arange(N, device=q.device)
@@ -439,6 +449,8 @@ class GatedLinearAttention(nn.Module):
             new_state = state
         else:
             fn = fused_recurrent_gla if mode == "fused_recurrent" else chunk_gla
+            if self.cp_group is not None:
+                fn = partial(distributed.chunk_gla, group=self.cp_group)
             o, new_state = fn(q, k, v, g, initial_state=state_kv, output_final_state=use_cache,
                               cu_seqlens=cu_seqlens, backend=self.backend)
             if use_cache and v_first:
