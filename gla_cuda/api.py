@@ -206,12 +206,15 @@ def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = N
                         output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
                         backend: Optional[str] = None, *, gk: Optional[Tensor] = None,
                         gv: Optional[Tensor] = None, reverse: bool = False, state_v_first: bool = False,
-                        cu_seqlens_cpu: Optional[Tensor] = None):
+                        cu_seqlens_cpu: Optional[Tensor] = None, transpose_state_layout: Optional[bool] = None):
     """Gated linear attention as a step-by-step recurrence (decoding, short inputs).
 
     Same arguments and results as chunk_gla; gk (fla's name for g), gv, reverse and
-    state_v_first as in fla-core's fused_recurrent_gla (gla_cuda/fla_options.py).
+    state_v_first as in fla-core's fused_recurrent_gla (gla_cuda/fla_options.py), and
+    transpose_state_layout, fla's deprecated name for state_v_first.
     """
+    if transpose_state_layout is not None:
+        state_v_first = fla_options.state_layout_alias(state_v_first, transpose_state_layout)
     if g is None or gk is not None or gv is not None or reverse or state_v_first:
         def call(q, k, v, g, initial_state):
             return _call(torch.ops.gla.recurrent_fwd, q, k, v, g, scale, initial_state, output_final_state,

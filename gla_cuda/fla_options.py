@@ -12,10 +12,14 @@ kernels do not take themselves, so that switching from fla is a change of import
   S_{t-1} diag(exp(gv_t)) + k_t^T v_t. No kernel takes it: it runs on the PyTorch reference
   (op "recurrent_gv_fwd" in explain_backend), on the inputs' device, with gradients through
   autograd. Slow; meant for compatibility, not for speed.
+* ``transpose_state_layout`` (fused_recurrent_gla): fla's deprecated name for ``state_v_first``,
+  with fla's DeprecationWarning.
 * ``cu_seqlens_cpu`` (chunk_gla): fla's host copy of cu_seqlens for building chunk indices;
   accepted and not needed (the chunk bookkeeping here is built on the device).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -41,6 +45,15 @@ def v_first_in(q, v, initial_state, cu_seqlens):
 
 def v_first_out(final_state):
     return None if final_state is None else final_state.transpose(-1, -2).contiguous()
+
+
+def state_layout_alias(state_v_first, transpose_state_layout):
+    """state_v_first given under fla's deprecated name (fla warns and takes it the same way)."""
+    if state_v_first:
+        raise ValueError("pass state_v_first or the deprecated transpose_state_layout, not both")
+    warnings.warn("transpose_state_layout is deprecated: it is state_v_first under an older name",
+                  DeprecationWarning, stacklevel=3)
+    return transpose_state_layout
 
 
 def _reverse_index(q, cu_seqlens):

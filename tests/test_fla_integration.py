@@ -19,7 +19,7 @@ pytest.importorskip("transformers", reason="transformers is not installed (an op
 import gla_cuda  # noqa: E402
 from gla_cuda.integrations.fla import from_fla, use_gla_cuda  # noqa: E402
 from gla_cuda.integrations import fla as integration  # noqa: E402
-from conftest import HAS_CUDA, TOL, rel_err  # noqa: E402
+from conftest import FLA_DEVICES as DEVICES, HAS_CUDA, TOL, rel_err  # noqa: E402
 from test_layer import FLA_OPTIONS, HIDDEN, naive_layer, x_of  # noqa: E402
 
 from fla.layers import GatedLinearAttention as FLAGatedLinearAttention  # noqa: E402
@@ -28,20 +28,9 @@ from fla.models.utils import Cache  # noqa: E402
 
 ALL_OPTIONS = {"default": dict(num_heads=4), **FLA_OPTIONS}
 # fla's Triton kernels take CPU tensors only under the interpreter, which conftest chooses on
-# CPU-only machines: with a GPU, whatever runs fla's forward runs on it.
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="fla's kernels run on the GPU here")),
-           pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))]
+# CPU-only machines (DEVICES: cpu there, cuda with a GPU); conftest's fixture prepares it.
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def fla_kernels_on_cpu(monkeypatch):
-    """Without a GPU: one configuration per autotuned Triton kernel, so fla's kernels run under
-    the interpreter (timing configurations needs a GPU driver)."""
-    if not HAS_CUDA:
-        from triton.runtime import autotuner
-        prune = autotuner.Autotuner.prune_configs
-        monkeypatch.setattr(autotuner.Autotuner, "prune_configs", lambda self, kw: prune(self, kw)[:1])
+pytestmark = pytest.mark.usefixtures("fla_kernels_on_cpu")
 
 
 def fla_layer(device="cpu", dtype=torch.float32, seed=0, **kw):
