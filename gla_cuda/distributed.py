@@ -29,7 +29,7 @@ gradient reduction adds up when initial_state comes from parameters.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from gla_cuda import dispatch, distributed
 from gla_cuda.api import _check_cu_seqlens, chunk_gla, fused_recurrent_gla, fused_recurrent_gla_pooled
 from gla_cuda.backends import cuda as cuda_backend
-from gla_cuda.conv import ShortConvolution, causal_conv1d_step
+from gla_cuda.conv import ShortConvolution
 
 # "fused_chunk" is fla's name for another kernel of the same chunked computation; it runs chunk_gla.
 _MODES = ("chunk", "fused_recurrent", "fused_chunk")
