@@ -39,14 +39,16 @@ def _check_flag(name: str, x, none_is_false: bool = False) -> bool:
     return bool(x)
 
 
-def _check_offsets(bounds: list, T: int, name: str) -> None:
+def _check_offsets(bounds: list, T: Optional[int], name: str) -> None:
+    """The rule of every offsets list (cu_seqlens and the like): starts at 0, never
+    decreases and, T given, ends at T."""
     if bounds[0] != 0:
         raise ValueError(f"{name} must start at 0, got {bounds[0]}")
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         if b < a:
             raise ValueError(f"{name} must be non-decreasing, got {name}[{i}] = {a} > "
                              f"{name}[{i + 1}] = {b}")
-    if bounds[-1] != T:
+    if T is not None and bounds[-1] != T:
         raise ValueError(f"{name} must end at the packed length T={T}, got {bounds[-1]}")
 
 

@@ -214,15 +214,11 @@ def _check_varlen(cu_seqlens, offsets, q, W, rank):
         host = []  # only what is already on the CPU is read
         if cu_seqlens.device.type == "cpu":
             bounds = cu_seqlens.tolist()
-            if bounds[0] != 0:
-                raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
-            if any(b < a for a, b in zip(bounds, bounds[1:])):
-                raise ValueError("cu_seqlens must be non-decreasing")
+            api._check_offsets(bounds, None, "cu_seqlens")  # the end: checked against slice_offsets
             host.append(bounds[-1])
         if offsets is not None and offsets.device.type == "cpu":
             at = offsets.tolist()
-            if at[0] != 0 or any(b < a for a, b in zip(at, at[1:])):
-                raise ValueError(f"slice_offsets must start at 0 and be non-decreasing, got {at}")
+            api._check_offsets(at, None, "slice_offsets")
             if at[rank + 1] - at[rank] != q.shape[1]:
                 raise ValueError(f"slice_offsets gives rank {rank} a slice of {at[rank + 1] - at[rank]} "
                                  f"tokens, but its q has T={q.shape[1]}")

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
-from gla_cuda.api import _check_pool, _is_tracing, _prepare
+from gla_cuda.api import _check_offsets, _check_pool, _is_tracing, _prepare
 
 CHUNK = 64  # checkpoints fall on the chunked forward's chunk boundaries
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -98,12 +98,7 @@ def _check_hazards(reads, writes):
 
 def _check_cu_values(cu_seqlens, T):
     bounds = cu_seqlens.tolist()
-    if not bounds or bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[:1]}")
-    if any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if bounds[-1] != T:
-        raise ValueError(f"cu_seqlens must end at the packed length T={T}, got {bounds[-1]}")
+    _check_offsets(bounds, T, "cu_seqlens")
     return bounds
 
 
