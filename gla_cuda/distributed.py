@@ -189,15 +189,7 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float]
 def _check_varlen(cu_seqlens, offsets, q, W, rank):
     """Checks cu_seqlens and slice_offsets; returns them as int64 on q's device. Values are read
     only where they are on the CPU (no synchronisation) and not under tracing."""
-    if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor, got "
-                         f"{cu_seqlens.dim()}-D {cu_seqlens.dtype}")
-    if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must hold at least one offset (0)")
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed sequences), got B={q.shape[0]}")
+    api._check_cu_seqlens_layout(cu_seqlens, q.shape[0])
     if cu_seqlens.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}: it must be on q's device ({q.device}) "
                          "or on the CPU")

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
-from gla_cuda.api import _check_offsets, _check_pool, _is_tracing, _prepare
+from gla_cuda.api import _check_cu_seqlens_layout, _check_offsets, _check_pool, _is_tracing, _prepare
 
 CHUNK = 64  # checkpoints fall on the chunked forward's chunk boundaries
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -160,11 +160,8 @@ def chunk_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state_pool: Ten
     _, T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed sequences), got B={q.shape[0]}")
-    cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)
-    if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must hold at least one offset (0)")
+    _check_cu_seqlens_layout(cu_seqlens, q.shape[0])
+    cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)  # its device; contiguous
     N = cu_seqlens.numel() - 1
     _check_pool(state_pool, H, K, V, state_v_first, dev)
     P = state_pool.shape[0]
@@ -241,11 +238,8 @@ def fused_recurrent_gla_verify_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor
     V = v.shape[-1]
     dev = q.device
     if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed rows), got B={B}")
-        cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)
-        if cu_seqlens.numel() < 1:
-            raise ValueError("cu_seqlens must hold at least one offset (0)")
+        _check_cu_seqlens_layout(cu_seqlens, B)
+        cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)  # its device; contiguous
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     _check_pool(state_pool, H, K, V, state_v_first, dev)
     P = state_pool.shape[0]
