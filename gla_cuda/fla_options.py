@@ -21,10 +21,7 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch
-
-
-def _num_states(q, cu_seqlens):
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+from gla_cuda.ops import _num_states
 
 
 def v_first_in(q, v, initial_state, cu_seqlens):
