@@ -51,8 +51,8 @@ from torch import Tensor
 
 from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
 from gla_cuda.api import _check_cu_seqlens_layout, _check_offsets, _check_pool, _is_tracing, _prepare
+from gla_cuda.intermediates import C_CHUNK  # checkpoints fall on the chunked forward's chunk boundaries
 
-CHUNK = 64  # checkpoints fall on the chunked forward's chunk boundaries
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -175,8 +175,8 @@ def chunk_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state_pool: Ten
     if checkpoint_indices is not None:
         checkpoint_indices = _check_index("checkpoint_indices", checkpoint_indices, (N, None), dev)
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or \
-                checkpoint_every <= 0 or checkpoint_every % CHUNK:
-            raise ValueError(f"checkpoint_every must be a positive multiple of {CHUNK} with "
+                checkpoint_every <= 0 or checkpoint_every % C_CHUNK:
+            raise ValueError(f"checkpoint_every must be a positive multiple of {C_CHUNK} with "
                              f"checkpoint_indices, got {checkpoint_every!r}")
         every = checkpoint_every
     elif checkpoint_every is not None:
