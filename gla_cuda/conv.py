@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gla_cuda.backends import compute_dtype
+from gla_cuda.intermediates import token_sequence
 
 IMPLS = ("auto", "causal_conv1d", "torch", "reference")
 
@@ -129,7 +130,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         cu = cu_seqlens.long()
         start, length = cu[:-1], cu[1:] - cu[:-1]
         t = torch.arange(T, device=dev)
-        seq = torch.searchsorted(cu[1:], t, right=True).clamp_max(max(N - 1, 0))
+        seq = token_sequence(cu, t)
         pos = t - start[seq]
     else:
         start = torch.arange(B, device=dev) * T

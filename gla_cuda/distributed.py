@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gla_cuda import api, ops
+from gla_cuda.intermediates import token_sequence
 
 
 def _group(group):
@@ -274,12 +275,10 @@ def _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group,
     # [1]-shaped values, indexed by index_select: indexing with a 0-d tensor would read it
     # on the host (under torch.compile, a data-dependent value)
     start, end = offsets[rank:rank + 1], offsets[rank + 1:rank + 2]
-    # the sequence holding global token p (a sequence of length 0 holds none)
-    seq_of = lambda p: torch.searchsorted(cu[1:], p, right=True).clamp(max=max(N - 1, 0))  # noqa: E731
     ends = offsets[1:]
     nonempty_rank = ends > offsets[:-1]
-    last_of = torch.where(nonempty_rank, seq_of(ends - 1), -1)  # [W]: each rank's last piece
-    first = seq_of(start)                                       # this rank's first piece
+    last_of = torch.where(nonempty_rank, token_sequence(cu, ends - 1), -1)  # [W]: each rank's last piece
+    first = token_sequence(cu, start)                                       # this rank's first piece
 
     if T > 0:
         begins_here = (cu[:-1] >= start) & (cu[:-1] < end)   # sequences whose first token is here

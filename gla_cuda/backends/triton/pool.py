@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gla_cuda.intermediates import C_CHUNK, ChunkSlots
+from gla_cuda.intermediates import C_CHUNK, ChunkSlots, token_sequence
 
 from .recurrent import _bounds, _device, _warps
 
@@ -184,7 +184,6 @@ def chunk_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, has_initial_st
         slots = torch.cat([torch.where(valid, final, -1), mark_slots.flatten()])
     scatter_states(src, rows, state_pool, slots.contiguous(), state_v_first)
     # padding sequences: zero output (a packed token's sequence from the offsets)
-    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), torch.arange(T, device=q.device,
-                             dtype=cu_seqlens.dtype), right=True).clamp(max=max(N - 1, 0))
+    seq = token_sequence(cu_seqlens, torch.arange(T, device=q.device))
     keep = valid[seq] if N else torch.zeros(T, dtype=torch.bool, device=q.device)
     o.copy_(torch.where(keep[None, :, None, None], out, 0))
