@@ -39,10 +39,6 @@ def causal_conv1d_available() -> bool:
     return _cc_fn is not None
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return compute_dtype(x.dtype)
-
-
 def _finish(y: Tensor, bias: Optional[Tensor], activation: bool, dtype: torch.dtype) -> Tensor:
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -113,7 +109,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     B, T, D = x.shape
     W = weight.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     dev = x.device
 
     order = None
@@ -182,7 +178,7 @@ def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[
         new = state.clone()  # the kernel shifts its state argument in place
         y = _cc_update(x[:, 0], new, weight, bias, activation="silu" if activation else None)
         return y[:, None], new
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     window = torch.cat([state[..., 1:].to(x.dtype), x.transpose(1, 2)], 2)  # [N, D, W]
     y = (window.to(cdt) * weight.to(cdt)).sum(-1)
     y = _finish(y, bias, activation, x.dtype)[:, None]
