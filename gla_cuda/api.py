@@ -39,20 +39,22 @@ def _check_flag(name: str, x, none_is_false: bool = False) -> bool:
     return bool(x)
 
 
-def _check_offsets(bounds: list, T: int, name: str) -> None:
+def _check_offsets(bounds: list, T: Optional[int], name: str) -> None:
+    """The rule of every offsets list (cu_seqlens and the like): starts at 0, never
+    decreases and, T given, ends at T."""
     if bounds[0] != 0:
         raise ValueError(f"{name} must start at 0, got {bounds[0]}")
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         if b < a:
             raise ValueError(f"{name} must be non-decreasing, got {name}[{i}] = {a} > "
                              f"{name}[{i + 1}] = {b}")
-    if bounds[-1] != T:
+    if T is not None and bounds[-1] != T:
         raise ValueError(f"{name} must end at the packed length T={T}, got {bounds[-1]}")
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, cu_seqlens_cpu=None) -> None:
-    """Types, shapes and devices always; the values where reading them costs no
-    synchronisation (CPU tensors, or the caller's host copy cu_seqlens_cpu)."""
+def _check_cu_seqlens_layout(cu_seqlens, B: int) -> None:
+    """cu_seqlens' type, dtype and shape, and the batch size 1 of packed inputs (its device
+    and values are checked by each caller, as its contract says)."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -62,6 +64,12 @@ def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, cu_seqlens_cpu=None) -
         raise ValueError("cu_seqlens must hold at least one offset (0)")
     if B != 1:
         raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed sequences), got B={B}")
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, cu_seqlens_cpu=None) -> None:
+    """Types and shapes always; the values where reading them costs no synchronisation (CPU
+    tensors, or the caller's host copy cu_seqlens_cpu). The device: the caller's."""
+    _check_cu_seqlens_layout(cu_seqlens, B)
     if cu_seqlens_cpu is not None:
         if not isinstance(cu_seqlens_cpu, Tensor):
             raise TypeError(f"cu_seqlens_cpu must be a Tensor, got {type(cu_seqlens_cpu).__name__}")

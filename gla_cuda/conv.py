@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gla_cuda.backends import compute_dtype
+from gla_cuda.intermediates import token_sequence
 
 IMPLS = ("auto", "causal_conv1d", "torch", "reference")
 
@@ -36,10 +37,6 @@ except ImportError:  # not installed (or built without CUDA): the torch paths ru
 
 def causal_conv1d_available() -> bool:
     return _cc_fn is not None
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return compute_dtype(x.dtype)
 
 
 def _finish(y: Tensor, bias: Optional[Tensor], activation: bool, dtype: torch.dtype) -> Tensor:
@@ -112,7 +109,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     B, T, D = x.shape
     W = weight.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     dev = x.device
 
     order = None
@@ -129,7 +126,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         cu = cu_seqlens.long()
         start, length = cu[:-1], cu[1:] - cu[:-1]
         t = torch.arange(T, device=dev)
-        seq = torch.searchsorted(cu[1:], t, right=True).clamp_max(max(N - 1, 0))
+        seq = token_sequence(cu, t)
         pos = t - start[seq]
     else:
         start = torch.arange(B, device=dev) * T
@@ -181,7 +178,7 @@ def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[
         new = state.clone()  # the kernel shifts its state argument in place
         y = _cc_update(x[:, 0], new, weight, bias, activation="silu" if activation else None)
         return y[:, None], new
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     window = torch.cat([state[..., 1:].to(x.dtype), x.transpose(1, 2)], 2)  # [N, D, W]
     y = (window.to(cdt) * weight.to(cdt)).sum(-1)
     y = _finish(y, bias, activation, x.dtype)[:, None]

@@ -29,13 +29,14 @@ gradient reduction adds up when initial_state comes from parameters.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from gla_cuda import api, ops
+from gla_cuda.intermediates import token_sequence
 
 
 def _group(group):
@@ -189,15 +190,7 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float]
 def _check_varlen(cu_seqlens, offsets, q, W, rank):
     """Checks cu_seqlens and slice_offsets; returns them as int64 on q's device. Values are read
     only where they are on the CPU (no synchronisation) and not under tracing."""
-    if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor, got "
-                         f"{cu_seqlens.dim()}-D {cu_seqlens.dtype}")
-    if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must hold at least one offset (0)")
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed sequences), got B={q.shape[0]}")
+    api._check_cu_seqlens_layout(cu_seqlens, q.shape[0])
     if cu_seqlens.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}: it must be on q's device ({q.device}) "
                          "or on the CPU")
@@ -214,15 +207,11 @@ def _check_varlen(cu_seqlens, offsets, q, W, rank):
         host = []  # only what is already on the CPU is read
         if cu_seqlens.device.type == "cpu":
             bounds = cu_seqlens.tolist()
-            if bounds[0] != 0:
-                raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
-            if any(b < a for a, b in zip(bounds, bounds[1:])):
-                raise ValueError("cu_seqlens must be non-decreasing")
+            api._check_offsets(bounds, None, "cu_seqlens")  # the end: checked against slice_offsets
             host.append(bounds[-1])
         if offsets is not None and offsets.device.type == "cpu":
             at = offsets.tolist()
-            if at[0] != 0 or any(b < a for a, b in zip(at, at[1:])):
-                raise ValueError(f"slice_offsets must start at 0 and be non-decreasing, got {at}")
+            api._check_offsets(at, None, "slice_offsets")
             if at[rank + 1] - at[rank] != q.shape[1]:
                 raise ValueError(f"slice_offsets gives rank {rank} a slice of {at[rank + 1] - at[rank]} "
                                  f"tokens, but its q has T={q.shape[1]}")
@@ -286,12 +275,10 @@ def _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group,
     # [1]-shaped values, indexed by index_select: indexing with a 0-d tensor would read it
     # on the host (under torch.compile, a data-dependent value)
     start, end = offsets[rank:rank + 1], offsets[rank + 1:rank + 2]
-    # the sequence holding global token p (a sequence of length 0 holds none)
-    seq_of = lambda p: torch.searchsorted(cu[1:], p, right=True).clamp(max=max(N - 1, 0))  # noqa: E731
     ends = offsets[1:]
     nonempty_rank = ends > offsets[:-1]
-    last_of = torch.where(nonempty_rank, seq_of(ends - 1), -1)  # [W]: each rank's last piece
-    first = seq_of(start)                                       # this rank's first piece
+    last_of = torch.where(nonempty_rank, token_sequence(cu, ends - 1), -1)  # [W]: each rank's last piece
+    first = token_sequence(cu, start)                                       # this rank's first piece
 
     if T > 0:
         begins_here = (cu[:-1] >= start) & (cu[:-1] < end)   # sequences whose first token is here

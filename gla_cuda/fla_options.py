@@ -25,10 +25,8 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch
-
-
-def _num_states(q, cu_seqlens):
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+from gla_cuda.intermediates import token_sequence
+from gla_cuda.ops import _num_states
 
 
 def v_first_in(q, v, initial_state, cu_seqlens):
@@ -63,7 +61,7 @@ def _reverse_index(q, cu_seqlens):
     if cu_seqlens is None:
         return T - 1 - t
     cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
-    seq = torch.searchsorted(cu[1:].contiguous(), t, right=True).clamp(max=max(cu.numel() - 2, 0))
+    seq = token_sequence(cu, t)
     return cu[seq] + cu[seq + 1] - 1 - t
 
 

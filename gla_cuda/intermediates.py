@@ -87,6 +87,14 @@ class ChunkSlots:
         self.N = cu_seqlens.numel() - 1
 
 
+def token_sequence(cu, positions):
+    """The sequence holding each packed token position (cu: int32/int64 offsets [N + 1]),
+    computed on the device (no host read). A sequence of length 0 holds none; positions at or
+    past the end map to the last sequence, so that the result indexes [N] tensors (N >= 1)."""
+    return torch.searchsorted(cu[1:].contiguous(), positions.to(cu.dtype), right=True).clamp(
+        max=max(cu.shape[0] - 2, 0))
+
+
 def _chunk_seq(chunk_off, NC, dev):
     """slot -> sequence, from the cumulative chunk counts."""
     slots = torch.arange(NC, device=dev, dtype=torch.int64)

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gla_cuda import dispatch, distributed
+from gla_cuda import dispatch, distributed, fla_options
 from gla_cuda.api import _check_cu_seqlens, chunk_gla, fused_recurrent_gla, fused_recurrent_gla_pooled
 from gla_cuda.backends import cuda as cuda_backend
-from gla_cuda.conv import ShortConvolution, causal_conv1d_step
+from gla_cuda.conv import ShortConvolution
 
 # "fused_chunk" is fla's name for another kernel of the same chunked computation; it runs chunk_gla.
 _MODES = ("chunk", "fused_recurrent", "fused_chunk")
@@ -454,7 +454,7 @@ class GatedLinearAttention(nn.Module):
             o, new_state = fn(q, k, v, g, initial_state=state_kv, output_final_state=use_cache,
                               cu_seqlens=cu_seqlens, backend=self.backend)
             if use_cache and v_first:
-                new_state = new_state.transpose(-1, -2).contiguous()
+                new_state = fla_options.v_first_out(new_state)
         if use_cache:
             new_conv = None
             if conv_out is not None:

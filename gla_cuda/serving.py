@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from gla_cuda import dispatch, ops  # noqa: F401  (ops defines torch.ops.gla)
-from gla_cuda.api import _check_pool, _is_tracing, _prepare
+from gla_cuda.api import _check_cu_seqlens_layout, _check_offsets, _check_pool, _is_tracing, _prepare
+from gla_cuda.intermediates import C_CHUNK  # checkpoints fall on the chunked forward's chunk boundaries
 
-CHUNK = 64  # checkpoints fall on the chunked forward's chunk boundaries
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -98,12 +98,7 @@ def _check_hazards(reads, writes):
 
 def _check_cu_values(cu_seqlens, T):
     bounds = cu_seqlens.tolist()
-    if not bounds or bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[:1]}")
-    if any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if bounds[-1] != T:
-        raise ValueError(f"cu_seqlens must end at the packed length T={T}, got {bounds[-1]}")
+    _check_offsets(bounds, T, "cu_seqlens")
     return bounds
 
 
@@ -165,11 +160,8 @@ def chunk_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state_pool: Ten
     _, T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed sequences), got B={q.shape[0]}")
-    cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)
-    if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must hold at least one offset (0)")
+    _check_cu_seqlens_layout(cu_seqlens, q.shape[0])
+    cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)  # its device; contiguous
     N = cu_seqlens.numel() - 1
     _check_pool(state_pool, H, K, V, state_v_first, dev)
     P = state_pool.shape[0]
@@ -183,8 +175,8 @@ def chunk_gla_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state_pool: Ten
     if checkpoint_indices is not None:
         checkpoint_indices = _check_index("checkpoint_indices", checkpoint_indices, (N, None), dev)
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or \
-                checkpoint_every <= 0 or checkpoint_every % CHUNK:
-            raise ValueError(f"checkpoint_every must be a positive multiple of {CHUNK} with "
+                checkpoint_every <= 0 or checkpoint_every % C_CHUNK:
+            raise ValueError(f"checkpoint_every must be a positive multiple of {C_CHUNK} with "
                              f"checkpoint_indices, got {checkpoint_every!r}")
         every = checkpoint_every
     elif checkpoint_every is not None:
@@ -246,11 +238,8 @@ def fused_recurrent_gla_verify_pooled(q: Tensor, k: Tensor, v: Tensor, g: Tensor
     V = v.shape[-1]
     dev = q.device
     if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed rows), got B={B}")
-        cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)
-        if cu_seqlens.numel() < 1:
-            raise ValueError("cu_seqlens must hold at least one offset (0)")
+        _check_cu_seqlens_layout(cu_seqlens, B)
+        cu_seqlens = _check_index("cu_seqlens", cu_seqlens, (None,), dev)  # its device; contiguous
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     _check_pool(state_pool, H, K, V, state_v_first, dev)
     P = state_pool.shape[0]

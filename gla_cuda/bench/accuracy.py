@@ -8,10 +8,6 @@ from gla_cuda.bench.cases import has_backward, qkvg
 from gla_cuda.bench.report import first_line
 from gla_cuda.testing import GATE_TOL, make_inputs, oracle, rel_err
 
-def tolerance(dtype):
-    """The gate's threshold for dtype (gla_cuda.testing.GATE_TOL)."""
-    return GATE_TOL[dtype]
-
 
 def accuracy(fn, device, shape=(2, 300, 2, 64, 64), gate="normal", grads=True, seed=1,
              dtype=torch.bfloat16, g_dtype=None):
@@ -52,6 +48,8 @@ def decode_accuracy(fn, device, B=8, H=4, K=128, V=128, dtype=torch.bfloat16, ga
         raise RuntimeError("returned no state")
     ref_o, ref_ht = oracle(ins)
     return {"o": rel_err(o, ref_o), "ht": rel_err(ht, ref_ht)}
+
+
 def gate(cands, device, dtype, dname, results, log, bar, over_budget, shape, isolated=None, grads=True):
     """Accuracy of every GLA candidate in dtype at shape; returns {name: fn} of those that pass
     (grads: with the gradients, for runs that time a backward). ``isolated``: name -> a call
@@ -60,7 +58,7 @@ def gate(cands, device, dtype, dname, results, log, bar, over_budget, shape, iso
     usable, isolated = {}, isolated or {}
     if not cands:
         return usable
-    tol = tolerance(dtype)
+    tol = GATE_TOL[dtype]
     log(f"\naccuracy vs the float64 reference, {dname}, (B, T, H, K, V) = {shape}: relative error norms (o_nograd, "
         f"ht_nograd: the inference forward), then with gates of -20 per step (inference); above {tol:g} fails and is not timed")
     for name in [n for n in cands if n not in isolated] + list(isolated):
@@ -102,7 +100,7 @@ def gate(cands, device, dtype, dname, results, log, bar, over_budget, shape, iso
 def decode_gate(dcands, check, device, dtype, dname, results, log, bar, over_budget):
     """decode_accuracy of every decode candidate at check = (B, H, K, V); returns {name: fn} of
     those that pass."""
-    tol = tolerance(dtype)
+    tol = GATE_TOL[dtype]
     usable = {}
     log(f"\ndecode: one step from a float32 state, {dname} q/k/v/g; accuracy vs float64 at (B, H, K, V) = "
         f"{check}, o and the state after the step")

@@ -87,8 +87,6 @@ def _decode_ours(backend):
 
 def _decode_pooled(backend):
     def run(q, k, v, g, h, i):
-        if not hasattr(gla_cuda, "fused_recurrent_gla_pooled"):
-            raise NotImplementedError("gla_cuda.fused_recurrent_gla_pooled does not exist yet")
         return gla_cuda.fused_recurrent_gla_pooled(q, k, v, g, h, i, check_index=False, backend=backend), h
     return run
 
@@ -112,9 +110,7 @@ DECODE_CANDIDATES = {
 def decode_candidates(device):
     if device != "cuda":
         return {"reference": DECODE_CANDIDATES["reference"]}
-    names = [n for n in DECODE_CANDIDATES
-             if not (n.endswith("_pooled") and not hasattr(gla_cuda, "fused_recurrent_gla_pooled"))]
-    return {n: DECODE_CANDIDATES[n] for n in names}
+    return dict(DECODE_CANDIDATES)
 
 
 def floor_bytes(B, T, H, K, V, mode, itemsize=2):
@@ -147,7 +143,6 @@ def head_dim_groups(shapes):
     for s in shapes:
         groups.setdefault(tuple(s[2:]), []).append(tuple(s))
     return groups
-
 
 
 def has_backward(name, device):

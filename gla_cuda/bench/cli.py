@@ -39,6 +39,7 @@ from gla_cuda.bench.report import Progress, save
 from gla_cuda.bench.runner import run
 from gla_cuda.bench.timing import warm_parallel
 
+
 def _shape(text):
     parts = tuple(int(x) for x in text.split(","))
     if len(parts) != 5:

@@ -18,6 +18,7 @@ from gla_cuda.bench.cases import (DTYPES, accuracy_shape, candidates, decode_can
                                   head_dim_groups, qkvg)
 from gla_cuda.bench.report import first_line
 
+
 def copy_bandwidth(device):
     x = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MB, several times the L2
     y = torch.empty_like(x)

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .recurrent import _bounds, _device, _warps
+from gla_cuda.intermediates import C_CHUNK, ChunkSlots, token_sequence
 
-CHUNK = 64  # the chunked forward's chunk: checkpoints fall on chunk boundaries
+from .recurrent import _bounds, _device, _warps
 
 
 @triton.jit
@@ -167,16 +167,15 @@ def chunk_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, has_initial_st
     else:
         from .chunk import chunk_fwd_states
         out, ht, h = chunk_fwd_states(q, k, v, g, scale, h0, cu_seqlens)
-        cu = cu_seqlens.long()
-        lens = cu[1:] - cu[:-1]
-        chunk_off = torch.cumsum(torch.div(lens + CHUNK - 1, CHUNK, rounding_mode="floor"), 0) - \
-            torch.div(lens + CHUNK - 1, CHUNK, rounding_mode="floor")
+        meta = ChunkSlots(q, cu_seqlens)  # h's slots: checkpoints fall on chunk boundaries
+        lens = meta.cu[1:] - meta.cu[:-1]
+        chunk_off = meta.chunk_off[:-1]  # each sequence's first slot
         M = checkpoint_indices.shape[1]
         pos = (torch.arange(M, device=q.device) + 1) * checkpoint_every        # [M]
         inside = pos[None, :] < lens[:, None]                                   # a chunk's entry state
         ends = pos[None, :] == lens[:, None]                                    # the final state
         NC = h.shape[0]
-        mark_rows = torch.where(inside, chunk_off[:, None] + pos[None, :] // CHUNK,
+        mark_rows = torch.where(inside, chunk_off[:, None] + pos[None, :] // C_CHUNK,
                                 torch.where(ends, NC + torch.arange(N, device=q.device)[:, None], -1))
         mark_slots = torch.where(valid[:, None], checkpoint_indices.long(), -1)
         final = index if final_state_indices is None else final_state_indices.long()
@@ -185,7 +184,6 @@ def chunk_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, has_initial_st
         slots = torch.cat([torch.where(valid, final, -1), mark_slots.flatten()])
     scatter_states(src, rows, state_pool, slots.contiguous(), state_v_first)
     # padding sequences: zero output (a packed token's sequence from the offsets)
-    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), torch.arange(T, device=q.device,
-                             dtype=cu_seqlens.dtype), right=True).clamp(max=max(N - 1, 0))
+    seq = token_sequence(cu_seqlens, torch.arange(T, device=q.device))
     keep = valid[seq] if N else torch.zeros(T, dtype=torch.bool, device=q.device)
     o.copy_(torch.where(keep[None, :, None, None], out, 0))
