@@ -183,6 +183,12 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float]
     h0 = None if initial_state is None else api._check_initial_state(initial_state, q, N, V)
     if offsets is None:
         offsets = _gathered_offsets(T, q.device, group)
+        if cu_seqlens.device.type == "cpu" and offsets.device.type == "cpu" and not api._is_tracing():
+            # every rank holds the same cu_seqlens and offsets: all raise together, none waits
+            total, end = int(offsets[-1]), int(cu_seqlens[-1])
+            if end != total:
+                raise ValueError(f"cu_seqlens must end at the total length {total} of the ranks' "
+                                 f"slices, got {end}")
     return _split_packed(q, k, v, g, scale, h0, output_final_state, cu, offsets, group, W, rank, backend,
                          needs_grad)
 

@@ -210,6 +210,8 @@ def _errors_worker(rank, W):
         gla_dist.chunk_gla(q, q, v, q, cu_seqlens=torch.tensor([1, 8]))
     with pytest.raises(ValueError, match="slice_offsets gives rank"):
         gla_dist.chunk_gla(q, q, v, q, cu_seqlens=torch.tensor([0, 8]), slice_offsets=torch.tensor([0, 3, 8]))
+    with pytest.raises(ValueError, match="cu_seqlens must end at the total length 8"):
+        gla_dist.chunk_gla(q, q, v, q, cu_seqlens=torch.tensor([0, 3]))  # 2 ranks x 4 tokens
     with pytest.raises(ValueError, match="slice_offsets is for packed"):
         gla_dist.chunk_gla(q, q, v, q, slice_offsets=torch.tensor([0, 4, 8]))
     with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, K, V\]"):
