@@ -30,57 +30,9 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
-try:
-    import gla_cuda
-except ImportError:  # run from a checkout without installing: the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import gla_cuda
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d, hidden):
-        super().__init__()
-        self.gate_up = nn.Linear(d, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    def __init__(self, d, heads, layer_idx, cp_group):
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.attn = gla_cuda.GatedLinearAttention(mode="chunk", hidden_size=d, num_heads=heads,
-                                                  layer_idx=layer_idx, cp_group=cp_group)
-        self.mlp = SwiGLU(d, 4 * d * 2 // 3)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class LM(nn.Module):
-    def __init__(self, vocab, d, layers, heads, cp_group=None):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, heads, i, cp_group) for i in range(layers))
-        self.norm = nn.RMSNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_gla_lm import LM  # noqa: E402  (the model of the single-process example; it imports gla_cuda)
 
 
 def batch(step, args):
@@ -143,7 +95,10 @@ def main(argv=None):
         raise SystemExit(f"--batch {args.batch} must be a multiple of the {world} processes (or use --cp)")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     cp_group = dist.group.WORLD if args.cp and world > 1 else None
-    model = LM(args.vocab, args.d_model, args.layers, args.heads, cp_group).to(device)
+    # train_gla_lm's GLA model, untied (FSDP2 shards the embedding and the head apart), no short
+    # convolution and no position embedding: only the GLA layers mix tokens
+    model = LM(args.vocab, args.d_model, args.layers, args.heads, "gla", args.seq_len, tied=False,
+               cp_group=cp_group).to(device)
     if world > 1 and not args.no_fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in model.blocks:

@@ -106,13 +106,14 @@ class ShortConv(nn.Module):
 class Block(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d, heads, attn, layer_idx, short_conv=False, gate_norm=16.0):
+    def __init__(self, d, heads, attn, layer_idx, short_conv=False, gate_norm=16.0, cp_group=None):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
         self.conv = ShortConv(d) if short_conv else nn.Identity()
         if attn == "gla":
             self.attn = gla_cuda.GatedLinearAttention(mode="chunk", hidden_size=d, num_heads=heads,
-                                                      gate_logit_normalizer=gate_norm, layer_idx=layer_idx)
+                                                      gate_logit_normalizer=gate_norm, layer_idx=layer_idx,
+                                                      cp_group=cp_group)
         else:
             self.attn = SoftmaxAttention(d, heads)
         self.mlp = SwiGLU(d, 4 * d * 2 // 3)  # about 4d's parameters, as in Llama
@@ -123,13 +124,15 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self, vocab, d, layers, heads, attn, max_len, tied=True, short_conv=False, gate_norm=16.0):
+    def __init__(self, vocab, d, layers, heads, attn, max_len, tied=True, short_conv=False, gate_norm=16.0,
+                 cp_group=None):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         # Softmax attention without positions cannot tell its neighbours apart; GLA's decay
         # orders tokens by itself, so it gets no position embedding (as in fla's GLA models).
         self.pos = nn.Embedding(max_len, d) if attn == "sdpa" else None
-        self.blocks = nn.ModuleList(Block(d, heads, attn, i, short_conv, gate_norm) for i in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, attn, i, short_conv, gate_norm, cp_group)
+                                    for i in range(layers))
         self.norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         if tied:
