@@ -136,7 +136,13 @@ def empty_reason(q, v, cu_seqlens=None) -> Optional[str]:
 def _choose(op, q, k, v, g, initial_state, cu_seqlens, requested, full) -> Choice:
     why_empty = empty_reason(q, v, cu_seqlens)
     if why_empty is not None:
-        return Choice(op, requested, EMPTY, {EMPTY: why_empty})
+        if op in _EMPTY_OPS:
+            return Choice(op, requested, EMPTY, {EMPTY: why_empty})
+        # the pool ops' empty results are not all zeros (a sequence of no tokens still moves its
+        # state to its output slot): the reference computes them, at any size, on any device
+        return Choice(op, requested, "reference",
+                      {name: None if name == "reference" else f"{why_empty.split(':')[0]}: the reference "
+                       "computes them" for name in BACKENDS})
     order = BACKENDS if q.device.type == "cuda" else ("reference",)
     reasons, chosen = {}, None
     for name in BACKENDS:

@@ -105,3 +105,23 @@ def test_pool_shared_with_its_inputs_is_rejected(device, backend):
     o = gla_cuda.fused_recurrent_gla_pooled(q.contiguous(), k, v, g, pool, torch.tensor([0, 1], device=device),
                                             backend=None)
     assert o.shape == (2, 1, 2, 8)
+
+
+def test_empty_inputs_on_the_serving_and_gv_ops():
+    """Sizes of 0 on the ops whose empty results are not zeros alone: a packed prefill of a
+    sequence with no tokens still moves its state to its output slot (copy-on-write), and the
+    verify and gv ops return empty outputs (the empty-input path once raised KeyError here)."""
+    from gla_cuda.serving import chunk_gla_pooled, fused_recurrent_gla_verify_pooled
+    H, K, V = 2, 8, 8
+    pool = torch.randn(4, H, K, V)
+    before = pool.clone()
+    q, v = torch.randn(1, 0, H, K), torch.randn(1, 0, H, V)
+    o = chunk_gla_pooled(q, q, v, q, pool, torch.tensor([0]), cu_seqlens=torch.tensor([0, 0]),
+                         final_state_indices=torch.tensor([2]))
+    assert o.shape == (1, 0, H, V)
+    assert torch.equal(pool[2], before[0]) and torch.equal(pool[[0, 1, 3]], before[[0, 1, 3]])
+    q, v = torch.randn(2, 0, H, K), torch.randn(2, 0, H, V)
+    o = fused_recurrent_gla_verify_pooled(q, q, v, q, pool, torch.zeros(2, 0, dtype=torch.long))
+    assert o.shape == (2, 0, H, V) and torch.equal(pool[[0, 1, 3]], before[[0, 1, 3]])
+    o, ht = gla_cuda.fused_recurrent_gla(q, q, v, q, gv=torch.randn(2, 0, H, V), output_final_state=True)
+    assert o.shape == (2, 0, H, V) and torch.equal(ht, torch.zeros(2, H, K, V))
