@@ -83,6 +83,25 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " launch failed: ", cudaGetErrorString(err));
 }
 
+// A float32 state pool [P, H, K, V] ([P, H, V, K] with state_v_first) on `device`.
+void check_pool(const at::Tensor& pool, int64_t H, int64_t K, int64_t V, bool v_first, const at::Device& device) {
+  check_cuda_contiguous(pool, "state_pool", device);
+  TORCH_CHECK(pool.scalar_type() == at::kFloat, "state_pool must be float32");
+  const std::vector<int64_t> slot = v_first ? std::vector<int64_t>{H, V, K} : std::vector<int64_t>{H, K, V};
+  TORCH_CHECK(pool.dim() == 4 && pool.sizes().slice(1) == at::IntArrayRef(slot),
+              "state_pool must be [P, H, K, V] ([P, H, V, K] with state_v_first)");
+}
+
+// An int32 or int64 tensor of pool slots of the given shape on `device`: its address (*int64 set).
+const void* slot_indices(const at::Tensor& x, const char* name, at::IntArrayRef shape, const at::Device& device,
+                         bool* int64) {
+  check_cuda_contiguous(x, name, device);
+  TORCH_CHECK(x.sizes() == shape && (x.scalar_type() == at::kInt || x.scalar_type() == at::kLong), name,
+              " must be an int32 or int64 tensor of shape ", shape);
+  *int64 = x.scalar_type() == at::kLong;
+  return x.data_ptr();
+}
+
 // q, k, g [B, T, H, K] and v [B, T, H, V]: contiguous, on q's device, one dtype.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                   const char* op) {
@@ -371,26 +390,62 @@ at::Tensor cuda_recurrent_pool_fwd_(const at::Tensor& q, const at::Tensor& k, co
                                     const at::Tensor& state_index, bool state_v_first) {
   c10::cuda::CUDAGuard guard(q.device());
   RecurrentParams p = recurrent_params(q, k, v, g, scale, std::nullopt, false, "cuda_recurrent_pool_fwd_");
-  check_cuda_contiguous(state_pool, "state_pool", q.device());
-  check_cuda_contiguous(state_index, "state_index", q.device());
-  TORCH_CHECK(state_pool.scalar_type() == at::kFloat, "state_pool must be float32");
-  const std::vector<int64_t> slot = state_v_first ? std::vector<int64_t>{p.H, p.V, p.K}
-                                                  : std::vector<int64_t>{p.H, p.K, p.V};
-  TORCH_CHECK(state_pool.dim() == 4 && state_pool.sizes().slice(1) == at::IntArrayRef(slot),
-              "state_pool must be [P, H, K, V] ([P, H, V, K] with state_v_first)");
-  TORCH_CHECK(state_index.dim() == 1 && state_index.size(0) == p.B &&
-                  (state_index.scalar_type() == at::kInt || state_index.scalar_type() == at::kLong),
-              "state_index must be an int32 or int64 [B] tensor");
+  check_pool(state_pool, p.H, p.K, p.V, state_v_first, q.device());
   p.pool = state_pool.data_ptr<float>();
   p.P = state_pool.size(0);
-  p.index = state_index.data_ptr();
-  p.index_int64 = state_index.scalar_type() == at::kLong;
+  p.index = slot_indices(state_index, "state_index", {p.B}, q.device(), &p.index_int64);
   p.state_v_first = state_v_first;
   at::Tensor o = at::empty(v.sizes(), v.options());
   poison({&o});
   p.o = o.data_ptr();
   check_launch(recurrent_fwd(p, c10::cuda::getCurrentCUDAStream()), "cuda_recurrent_pool_fwd_");
   return o;
+}
+
+// The serving prefill: packed sequences from and to pool slots (FwdParams, gla_params.h), o
+// (preallocated) and the pool written in place.
+void cuda_chunk_pool_fwd_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                          double scale, at::Tensor& state_pool, const at::Tensor& state_indices,
+                          const std::optional<at::Tensor>& has_initial_state,
+                          const std::optional<at::Tensor>& final_state_indices, const at::Tensor& cu_seqlens,
+                          int64_t checkpoint_every, const std::optional<at::Tensor>& checkpoint_indices,
+                          bool state_v_first, at::Tensor& o) {
+  const auto device = q.device();
+  check_inputs(q, k, v, g, "cuda_chunk_pool_fwd_");
+  c10::cuda::CUDAGuard guard(device);
+  FwdParams p{};
+  const auto [sm_major, sm_minor] = chunk_params(p, q, k, v, g, scale, cu_seqlens);
+  check_pool(state_pool, p.H, p.K, p.V, state_v_first, device);
+  check_cuda_contiguous(o, "o", device);
+  TORCH_CHECK(o.sizes() == v.sizes() && o.scalar_type() == v.scalar_type(), "o must be v's shape and dtype");
+  p.h0 = p.ht = state_pool.data_ptr<float>();
+  p.P = int(state_pool.size(0));
+  p.state_v_first = state_v_first;
+  p.slot_in = slot_indices(state_indices, "state_indices", {p.N}, device, &p.slot_in_int64);
+  p.slot_out = final_state_indices
+      ? slot_indices(*final_state_indices, "final_state_indices", {p.N}, device, &p.slot_out_int64)
+      : p.slot_in;
+  if (!final_state_indices) p.slot_out_int64 = p.slot_in_int64;
+  if (has_initial_state) {
+    check_cuda_contiguous(*has_initial_state, "has_initial_state", device);
+    TORCH_CHECK(has_initial_state->scalar_type() == at::kBool && has_initial_state->sizes() == at::IntArrayRef({p.N}),
+                "has_initial_state must be a bool [N] tensor");
+    p.has_h0 = has_initial_state->data_ptr<bool>();
+  }
+  if (checkpoint_indices) {
+    TORCH_CHECK(checkpoint_indices->dim() == 2, "checkpoint_indices must be [N, M]");
+    p.ckpt_slots = slot_indices(*checkpoint_indices, "checkpoint_indices", {p.N, checkpoint_indices->size(1)},
+                                device, &p.ckpt_int64);
+    p.ckpt_count = int(checkpoint_indices->size(1));
+    p.ckpt_every = int(checkpoint_every);
+  }
+  p.o = o.data_ptr();
+  if (const char* why = chunk_fwd_unsupported(p, sm_major, sm_minor))
+    TORCH_CHECK(false, "cuda_chunk_pool_fwd_: ", why);
+  poison({&o});
+  const at::Tensor ws = at::empty({int64_t(chunk_fwd_workspace_bytes(p))}, q.options().dtype(at::kByte));
+  check_launch(chunk_fwd(p, ws.numel() > 0 ? ws.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream()),
+               "cuda_chunk_pool_fwd_");
 }
 
 // For gla_cuda.backends.cuda: nullptr-or-reason, without building tensors.
@@ -405,7 +460,7 @@ std::optional<std::string> unsupported(const std::string& op, int T, int K, int 
   fp.K = K; fp.V = V;
   fp.dtype = dtype_from_name(dtype);
   fp.g_dtype = dtype_from_name(g_dtype);
-  if (op == "chunk_fwd") {
+  if (op == "chunk_fwd" || op == "chunk_pool_fwd_") {
     why = chunk_fwd_unsupported(fp, sm_major, sm_minor);
   } else if (op == "chunk_bwd") {
     BwdParams p{};  // as above
@@ -435,6 +490,7 @@ TORCH_LIBRARY_IMPL(gla, CUDA, m) {
   m.impl("cuda_recurrent_fwd", &gla::cuda_recurrent_fwd);
   m.impl("cuda_recurrent_bwd", &gla::cuda_recurrent_bwd);
   m.impl("cuda_recurrent_pool_fwd_", &gla::cuda_recurrent_pool_fwd_);
+  m.impl("cuda_chunk_pool_fwd_", &gla::cuda_chunk_pool_fwd_);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -64,6 +64,21 @@ struct FwdParams : GlaParams {
   const float* h0;            // initial state or nullptr
   float* ht;                  // final state or nullptr
   int num_sms;                // of the current device
+  // Serving prefill over a state pool (chunk_gla_pooled): h0 and ht are then both the pool
+  // [P, H, K, V] ([P, H, V, K] with state_v_first), and the slots are int32 or int64 (*_int64).
+  // Sequence n starts from slot slot_in[n] (from zeros where has_h0[n] is false) and stores its
+  // final state to slot slot_out[n], and the state after every ckpt_every tokens (a multiple of
+  // the chunk) to ckpt_slots[n, j] (j < ckpt_count). A slot outside [0, P) is not read or
+  // written; slot_in[n] outside it marks padding: the sequence's output is zeros and no slot is
+  // touched. Pooled calls walk every sequence in one CTA per (head, V tile), no segment split,
+  // so that a slot is read before it is written by the same threads (in-place updates).
+  const void* slot_in;        // [N] or nullptr (not pooled)
+  const void* slot_out;       // [N]
+  const bool* has_h0;         // [N] or nullptr (every sequence has its initial state)
+  const void* ckpt_slots;     // [N, ckpt_count] or nullptr
+  int P, ckpt_every, ckpt_count;
+  bool slot_in_int64, slot_out_int64, ckpt_int64;
+  bool state_v_first;         // h0, ht (and the pool) stored [.., V, K]
   // Training: the intermediates the backward reads, in the layout of csrc/intermediates.h
   // (nullptr save_a: nothing is kept). Chunk c of sequence n is slot chunk_off[n] + c.
   const int64_t* chunk_off;   // [N + 1]

@@ -46,7 +46,7 @@ Public ops (CPU and CUDA implementations pick a backend through gla_cuda.dispatc
 
 Private kernel ops, implemented by the compiled extension (gla_cuda._C) for CUDA: the
 public schema without ``backend``, named ``gla::cuda_<op>`` (cuda_chunk_fwd,
-cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_); and
+cuda_recurrent_fwd, cuda_recurrent_bwd, cuda_recurrent_pool_fwd_, cuda_chunk_pool_fwd_); and
 cuda_chunk_fwd_saving(<cuda_chunk_fwd's arguments>, Tensor chunk_off, int num_slots), the
 training forward keeping chunk_fwd_train's intermediates (chunk_off: the layout's
 first slot of every sequence, [N + 1] int64), and cuda_chunk_bwd_saved(<chunk_bwd's arguments
@@ -101,6 +101,7 @@ SCHEMAS = {
     "cuda_recurrent_fwd": f"({_FWD_ARGS}) -> {_FWD_OUT}",
     "cuda_recurrent_bwd": f"({_BWD_ARGS}) -> {_BWD_OUT}",
     "cuda_recurrent_pool_fwd_": f"({_POOL_ARGS}) -> Tensor",
+    "cuda_chunk_pool_fwd_": f"({_CHUNK_POOL_ARGS}) -> ()",
     # the GLA layer's fused swish-gated RMSNorm (section at the end)
     "rms_norm_gated": "(Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) -> Tensor",
     "rms_norm_gated_bwd": ("(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, float eps, str backend) "

@@ -32,14 +32,14 @@ CUDA-graph capture and torch.compile. A rejected call writes nothing.
 
 Backends (``explain_backend(..., op="chunk_pool_fwd_" or "recurrent_verify_pool_fwd_")``):
   * reference: PyTorch, CPU and GPU (reads the indices on the host);
+  * cuda: the prefill, where the compiled chunked forward covers the inputs: its walks read
+    each start slot and write the final state and checkpoints to their slots inside the
+    kernel (no split into segments, so that a slot is read and written by the same threads);
   * triton: the verify is one recurrent Triton kernel with per-token state stores (no host
     read). The prefill is a gather / chunked forward / scatter composition around the
-    chunked forward chunk_gla would run (compiled or Triton; the Triton one, with float32
-    chunk states, when checkpoints are asked for): correct and graph-capturable, but a
-    baseline, not the fast path, since every start and final state makes an extra trip
-    through memory (tools/bench_serving.py measures it against chunk_gla with
-    initial_state);
-  * cuda: no compiled kernel reads the pool inside the chunked forward yet.
+    chunked forward chunk_gla would run (the Triton one, with float32 chunk states, when
+    checkpoints are asked for): correct and graph-capturable, one more trip through memory
+    per state (tools/bench_serving.py measures both against chunk_gla with initial_state).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import gla_cuda
-from conftest import DEVICES, HAS_CUDA, TOL, make_inputs, oracle, rel_err
+from conftest import DEVICES, HAS_CUDA, TOL, make_inputs, oracle, rel_err, skip_unless_runs
 
 H, K, V = 2, 16, 32
 POOL_BACKENDS = ["reference", "triton", None]
@@ -76,6 +76,65 @@ def test_prefill_matches_recurrence(device, backend, v_first, dtype):
             if pos <= lens[n] and slot >= 0:
                 expected[slot] = oracle({**_seq(ins, cu, n, 0, pos), "initial_state": h0})[1][0]
     assert sorted(expected) == [0, 5, 10, 11, 13]
+    for slot, ref in expected.items():
+        assert rel_err(_kv(pool[slot], v_first), ref) <= tol, slot
+    untouched = [s for s in range(P) if s not in expected]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the compiled prefill needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", None])
+@pytest.mark.parametrize("HKV", [(3, 64, 64), (2, 128, 128), (2, 128, 256), (1, 256, 512)])
+@pytest.mark.parametrize("v_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_prefill_matches_recurrence(backend, HKV, v_first, dtype):
+    """The compiled prefill (slots read and written inside the chunked forward's walks) at the
+    head dims its kernels cover: outputs (written into a NaN-filled out, so a row it misses
+    shows), final states, copy-on-write, fresh sequences, padding and checkpoints every 64 and
+    128 tokens against the float64 recurrence; slots not named stay bitwise unchanged."""
+    Hh, Kk, Vv = HKV
+    lens = [130, 0, 64, 1, 200, 77]
+    N, P, T = len(lens), 24, sum(lens)
+    ins = make_inputs(1, T, Hh, Kk, Vv, dtype=dtype, g_dtype=torch.float32, device="cuda")
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda")
+    skip_unless_runs("chunk_fwd", "cuda", ins, cu)
+    shape = (P, Hh, Vv, Kk) if v_first else (P, Hh, Kk, Vv)
+    pool = torch.randn(*shape, device="cuda")
+    before = pool.clone()
+    index = torch.tensor([3, 10, 5, -1, 7, 9], device="cuda", dtype=torch.int32)   # 3: padding
+    has = torch.tensor([True, True, False, True, True, True], device="cuda")
+    final = torch.tensor([11, 10, 5, 12, -1, 9], device="cuda")   # 0: copy-on-write 3 -> 11
+    marks = torch.tensor([[0, 1, 2], [13, 14, 15], [4, -1, 6], [16, 17, 18], [19, 20, 21], [22, 23, -1]],
+                         device="cuda")
+    every = 64 if Kk < 256 else 128
+    out = torch.full_like(ins["v"], float("nan"))
+    o = gla_cuda.chunk_gla_pooled(**ins, state_pool=pool, state_indices=index, cu_seqlens=cu,
+                                  has_initial_state=has, final_state_indices=final, checkpoint_every=every,
+                                  checkpoint_indices=marks, state_v_first=v_first, out=out,
+                                  check_indices=True, backend=backend)
+    assert o.data_ptr() == out.data_ptr()
+    choice = gla_cuda.explain_backend(**ins, initial_state=pool, cu_seqlens=cu, op="chunk_pool_fwd_",
+                                      backend=backend)
+    assert choice.backend == "cuda", str(choice)
+    tol = TOL[dtype]
+    expected = {}
+    for n in range(N):
+        s, e = cu[n].item(), cu[n + 1].item()
+        seq = {name: x[:, s:e] for name, x in ins.items()}
+        if index[n] < 0:
+            assert torch.equal(o[:, s:e], torch.zeros_like(seq["v"]))
+            continue
+        h0 = _kv(before[index[n]], v_first)[None] if has[n] else torch.zeros(1, Hh, Kk, Vv)
+        ref_o, ref_ht = oracle({**seq, "initial_state": h0})
+        if lens[n]:
+            assert rel_err(o[:, s:e], ref_o) <= tol, n
+        if final[n] >= 0:
+            expected[final[n].item()] = ref_ht[0]
+        for j, slot in enumerate(marks[n].tolist()):
+            pos = every * (j + 1)
+            if pos <= lens[n] and slot >= 0:
+                expected[slot] = oracle({**{name: x[:, s:s + pos] for name, x in ins.items()},
+                                         "initial_state": h0})[1][0]
     for slot, ref in expected.items():
         assert rel_err(_kv(pool[slot], v_first), ref) <= tol, slot
     untouched = [s for s in range(P) if s not in expected]

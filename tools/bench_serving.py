@@ -5,7 +5,9 @@ from its slot and writing its final state back, against
   * chunk_gla with a dense initial_state and output_final_state (no pool: the compute floor
     of the chunked forward; a server would still have to gather and scatter),
   * the same with a PyTorch gather and scatter around it (index_select, index_copy_),
-  * chunk_gla_pooled, and chunk_gla_pooled with checkpoints every 128 tokens.
+  * chunk_gla_pooled (the compiled kernels read and write the slots), the same forced onto the
+    Triton backend's gather / chunked forward / scatter composition, and chunk_gla_pooled with
+    checkpoints every 128 tokens.
 Speculative-decoding verify: N rows x T draft tokens, the state after every token to its own
 slot (fused_recurrent_gla_verify_pooled), against its memory floor: the bytes it must move
 (one state read and T state writes per row, q/k/v/g in, o out) at the copy bandwidth
@@ -79,8 +81,8 @@ def bench_prefill(a, dev, rows):
             pool.index_copy_(0, slots, ht.transpose(-1, -2) if v_first else ht)
             return o
 
-        def pooled():
-            return gla_cuda.chunk_gla_pooled(q, k, v, g, pool, slots, cu, state_v_first=v_first)
+        def pooled(backend=None):
+            return gla_cuda.chunk_gla_pooled(q, k, v, g, pool, slots, cu, state_v_first=v_first, backend=backend)
 
         marks = torch.randperm(P, device=dev)[N:N + N * (T // 128)].view(N, T // 128) \
             if T >= 128 and N * (T // 128) <= P - N else None
@@ -90,7 +92,9 @@ def bench_prefill(a, dev, rows):
                                              checkpoint_every=128, checkpoint_indices=marks)
         cases = [("chunk_gla, dense initial_state (no pool)", dense),
                  (f"gather + chunk_gla + scatter (PyTorch), {layout}", gather_scatter),
-                 (f"chunk_gla_pooled, {layout}", pooled)]
+                 (f"chunk_gla_pooled, {layout}", pooled),
+                 (f"chunk_gla_pooled, gather/scatter composition (backend='triton'), {layout}",
+                  lambda: pooled("triton"))]
         if marks is not None:
             cases.append((f"chunk_gla_pooled + checkpoints/128, {layout}", pooled_marks))
         if not v_first:

@@ -1,7 +1,8 @@
 """Small varlen cases for compute-sanitizer: the GPU backends named on the command line
 (default: cuda, triton and auto; training runs the compiled forward that keeps the backward's
 intermediates and, in bf16, the compiled backward that takes them), forward and backward, chunked and recurrent, plus a short
-recurrent case (the CUDA recurrent backward takes T <= 16) and the pooled decode op."""
+recurrent case (the CUDA recurrent backward takes T <= 16), the pooled decode op and the pooled
+prefill."""
 import os
 import sys
 
@@ -69,3 +70,20 @@ for backend in sys.argv[1:] or ("cuda", "triton", "auto"):
                                             state_v_first=True, check_index=False, backend=backend)
         torch.cuda.synchronize()
         print(f"{backend} pooled decode: ran")
+    # the pooled prefill at every compiled kernel's head dims (fused sm_80 / Hopper fused at
+    # K = 128, two-stage at K = 256), K- and V-first: padding, a fresh sequence, copy-on-write,
+    # checkpoints every 64 tokens, an empty sequence
+    for K, V, v_first in ((64, 64, False), (128, 128, True), (128, 256, False), (256, 128, True)):
+        cu = torch.tensor([0, 130, 130, 131, 260], dtype=torch.int32, device="cuda")
+        q, k, v, g, _ = inputs(260, 2, K, V, 1)
+        pool = torch.randn(12, 2, *((V, K) if v_first else (K, V)), device="cuda")
+        if dispatch.choose("chunk_pool_fwd_", q, k, v, g, pool, cu, backend).backend is None:
+            continue
+        gla_cuda.chunk_gla_pooled(q, k, v, g, pool, torch.tensor([3, 5, -1, 7], device="cuda"), cu,
+                                  has_initial_state=torch.tensor([True, False, True, True], device="cuda"),
+                                  final_state_indices=torch.tensor([4, 5, 1, -1], device="cuda"),
+                                  checkpoint_every=64,
+                                  checkpoint_indices=torch.tensor([[8, 9], [-1, -1], [0, 2], [10, 11]], device="cuda"),
+                                  state_v_first=v_first, backend=backend)
+        torch.cuda.synchronize()
+        print(f"{backend} pooled prefill K={K} V={V} v_first={v_first}: ran")

@@ -70,8 +70,11 @@ cudaError_t dispatch_k(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaS
 }
 
 // Segment plan: split only when the (sequence, head, V-tile) CTAs fill at most half the GPU
-// (one walk per SM) and segments stay at least 256 tokens long; never more CTAs than SMs.
+// (one walk per SM) and segments stay at least 256 tokens long; never more CTAs than SMs. A
+// pooled call is never split: every segment's walk reads the start slot, which the last one may
+// overwrite (gla_params.h, FwdParams).
 chunk_fwd_cfg::Split plan_split(const FwdParams& p) {
+  if (p.slot_in != nullptr) return {};
   const long long ctas = (long long)p.N * p.H * (p.V / chunk_fwd_cfg::block_v(p.K, p.V));
   return plan_segments(ctas, p.num_sms, 1, 2, p.T);
 }
@@ -96,6 +99,11 @@ const char* chunk_fwd_unsupported(const FwdParams& p, int sm_major, int sm_minor
     return "chunk_fwd needs 16-byte aligned q, k, v, g, o";
   if ((p.h0 != nullptr && !aligned16(p.h0)) || (p.ht != nullptr && !aligned16(p.ht)))
     return "chunk_fwd needs 16-byte aligned states";
+  if (p.slot_in != nullptr && (p.h0 == nullptr || p.h0 != p.ht || p.slot_out == nullptr || p.P < 0))
+    return "chunk_fwd: a pooled call reads and writes one pool";
+  if (p.ckpt_slots != nullptr && (p.slot_in == nullptr || p.ckpt_every <= 0 ||
+                                  p.ckpt_every % chunk_fwd_cfg::kChunk != 0 || p.ckpt_count < 0))
+    return "chunk_fwd: checkpoints need a pool and a positive multiple of the chunk";
   const int bv = chunk_fwd_cfg::block_v(p.K, p.V);  // the larger tile
   const int smem = two_stage(p)
       ? std::max({chunk_fwd_cfg::prep_smem_bytes(p.K), chunk_fwd_cfg::walk_smem_bytes(p.K, bv),

@@ -97,7 +97,10 @@ struct Kernel {
     const int seg = blockIdx.z;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
     if (last_seg < 0) return;
-    const int64_t nh = int64_t(n) * p.H + h;
+    if (padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched
+      zero_output<T, BV>(p, h, vt, bos, len);
+      return;
+    }
     const int nchunks = int((len + C - 1) / C);
     const int64_t HK = int64_t(p.H) * K, HV = int64_t(p.H) * p.V;
     const T* qb = static_cast<const T*>(p.q) + bos * HK + int64_t(h) * K;
@@ -176,7 +179,7 @@ struct Kernel {
     Tensor sSkv = make_tensor(make_smem_ptr(sS),
                               make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(Int<LDS>{}, _1{})));
     Tensor tUsS = thrU.partition_C(sSkv);
-    load_initial_state<K, BV>(p, sp, nh, vt, seg, rS, tUc);
+    load_initial_state<K, BV>(p, sp, n, h, vt, seg, rS, tUc);
     CUTE_UNROLL
     for (int i = 0; i < size(rS); i += 2) *reinterpret_cast<uint32_t*>(&tUsS(i)) = pack2<T>(rS(i), rS(i + 1));
 
@@ -201,6 +204,7 @@ struct Kernel {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                        p.V, rS, tUc);
+      store_checkpoint<K, BV>(p, n, h, vt, int64_t(c) * C, rS, tUc);
 
       // ---------------- prep: cumsum of g per channel, exp(G), kg^T ----------------
       float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
@@ -336,7 +340,10 @@ struct Kernel {
       for (int i = 0; i < size(rS); i += 2) *reinterpret_cast<uint32_t*>(&tUsS(i)) = pack2<T>(rS(i), rS(i + 1));
     }
 
-    if (p.ht != nullptr && seg == last_seg) store_state<T>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);
+    if (seg == last_seg) {
+      store_checkpoint<K, BV>(p, n, h, vt, len, rS, tUc);
+      store_final_state<K, BV>(p, n, h, vt, rS, tUc);
+    }
   }
 };
 

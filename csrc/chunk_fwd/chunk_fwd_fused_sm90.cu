@@ -199,13 +199,13 @@ struct FusedGmma {
 
   // Warpgroup 2: the walk down the chunks with the state in registers.
   static __device__ void consume(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const Ctx& x, int wtid) {
-    const int64_t nh = int64_t(x.n) * p.H + x.h, HV = int64_t(p.H) * p.V;
+    const int64_t HV = int64_t(p.H) * p.V;
     T* ob = static_cast<T*>(p.o) + x.bos * HV + int64_t(x.h) * p.V + x.vt * BV;
     MmaU mmaU;
     auto thrU = mmaU.get_thread_slice(wtid);
     Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                // S^T: (frag, half, 1)
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));  // (v, channel)
-    load_initial_state<K, BV, true>(p, sp, nh, x.vt, x.seg, rS, tUc);
+    load_initial_state<K, BV, true>(p, sp, x.n, x.h, x.vt, x.seg, rS, tUc);
 
     MmaO mmaO;
     MmaV mmaV;
@@ -229,6 +229,7 @@ struct FusedGmma {
         store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((x.slot0 + c) * p.H + x.h) * K * p.V +
                                  x.vt * BV,
                              p.V, rS, tUc);
+      store_checkpoint<K, BV, true>(p, x.n, x.h, x.vt, int64_t(c) * C, rS, tUc);
       Barrier::wait(&x.full[s], (c >> 1) & 1);
       const bool one_ref = *f.one_ref != 0;
       if (one_ref) {  // A = scale tril(q~ k~^T) into the stage
@@ -292,8 +293,10 @@ struct FusedGmma {
       }
     }
 
-    if (p.ht != nullptr && x.seg == x.last_seg)
-      store_state<T, true>(p.ht + nh * K * p.V + int64_t(x.vt) * BV, p.V, rS, tUc);
+    if (x.seg == x.last_seg) {
+      store_checkpoint<K, BV, true>(p, x.n, x.h, x.vt, x.len, rS, tUc);
+      store_final_state<K, BV, true>(p, x.n, x.h, x.vt, rS, tUc);
+    }
   }
 
   static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const CUtensorMap& vmap,
@@ -312,6 +315,10 @@ struct FusedGmma {
     x.len = eos > x.bos ? eos - x.bos : 0;
     x.last_seg = clip_to_segment(sp, x.seg, x.bos, x.len);
     if (x.last_seg < 0) return;
+    if (padded_sequence(p, x.n)) {  // pooled call: zeros out, no slot touched
+      zero_output<T, BV>(p, x.h, x.vt, x.bos, x.len);
+      return;
+    }
     x.nchunks = int((x.len + C - 1) / C);
     x.slot0 = kSave ? p.chunk_off[x.n] + (sp.seg_len > 0 ? int64_t(x.seg) * (sp.seg_len / C) : 0) : 0;
     x.save_tok = kSave && x.vt == 0;

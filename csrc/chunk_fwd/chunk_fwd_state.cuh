@@ -1,6 +1,7 @@
-// Shared by the chunked forward's sequence walks (the fused kernel and the two-stage walks): the
-// register-resident state's initial value (rS, tUc and kT as in state_tile.cuh, which has its
-// stores), the output store, the launch.
+// Shared by the chunked forward's sequence walks (the fused kernels and the two-stage walks): where
+// a sequence's states live (its own h0 / ht, or the slots of a pool), the register-resident
+// state's initial value and its final and checkpoint stores (rS, tUc and kT as in state_tile.cuh),
+// the output store, the launch.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -12,29 +13,83 @@
 
 namespace gla {
 
+// ---- where a sequence's states live: its own h0 / ht, or pool slots (FwdParams::slot_in, ...)
+
+__device__ __forceinline__ int64_t pool_slot(const void* slots, bool int64, int64_t i) {
+  return int64 ? static_cast<const int64_t*>(slots)[i] : int64_t(static_cast<const int32_t*>(slots)[i]);
+}
+
+// Padding in a pooled call: the sequence's start slot is outside the pool.
+__device__ __forceinline__ bool padded_sequence(const FwdParams& p, int n) {
+  if (p.slot_in == nullptr) return false;
+  const int64_t s = pool_slot(p.slot_in, p.slot_in_int64, n);
+  return s < 0 || s >= p.P;
+}
+
+// The [K, V] (or [V, K]) state of `slot` and head h in `base`; nullptr if the slot is outside the pool.
+template <class F>
+__device__ __forceinline__ F* state_at(const FwdParams& p, F* base, int64_t slot, int h, int K) {
+  if (p.slot_in != nullptr && (slot < 0 || slot >= p.P)) return nullptr;
+  return base + (slot * p.H + h) * int64_t(K) * p.V;
+}
+
+// Sequence n's initial state for head h, or nullptr: start from zeros.
+template <int K>
+__device__ __forceinline__ const float* initial_state_of(const FwdParams& p, int n, int h) {
+  if (p.h0 == nullptr || (p.has_h0 != nullptr && !p.has_h0[n])) return nullptr;
+  return state_at(p, p.h0, p.slot_in != nullptr ? pool_slot(p.slot_in, p.slot_in_int64, n) : n, h, K);
+}
+
+// Element i of the register tile rS (V tile vt; coordinates tUc as in state_tile.cuh) in a state
+// stored [K, V], or [V, K] with state_v_first.
+template <int K, int BV, bool kT, class Coord>
+__device__ __forceinline__ int64_t tile_offset(const FwdParams& p, const Coord& tUc, int i, int vt) {
+  if (!p.state_v_first) return int64_t(vt) * BV + state_offset<kT>(tUc, i, p.V);
+  const int kk = cute::get<kT ? 1 : 0>(tUc(i)), vv = cute::get<kT ? 0 : 1>(tUc(i));
+  return (int64_t(vt) * BV + vv) * K + kk;
+}
+
+// rS (float32) into the state at dst: float2 stores where the layout keeps pairs adjacent.
+template <int K, int BV, bool kT, class Frag, class Coord>
+__device__ __forceinline__ void store_state_tile(const FwdParams& p, float* dst, int vt, const Frag& rS,
+                                                 const Coord& tUc) {
+  if (!p.state_v_first) {
+    store_state<float, kT>(dst + int64_t(vt) * BV, p.V, rS, tUc);
+    return;
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < cute::size(rS); ++i) dst[tile_offset<K, BV, kT>(p, tUc, i, vt)] = rS(i);
+}
+
 // h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
 // composed in order: S = exp(sum g over segment j) S + S_j.
 template <int K, int BV, bool kT = false, class Frag, class Coord>
-__device__ __forceinline__ void load_initial_state(const FwdParams& p, const chunk_fwd_cfg::Split& sp, int64_t nh,
+__device__ __forceinline__ void load_initial_state(const FwdParams& p, const chunk_fwd_cfg::Split& sp, int n, int h,
                                                    int vt, int seg, Frag& rS, const Coord& tUc) {
   using namespace cute;
   constexpr int step = kT ? 1 : 2;  // float2 loads where the pairs are adjacent columns
-  if (p.h0 != nullptr) {
-    const float* h0 = p.h0 + nh * K * p.V + int64_t(vt) * BV;
-    CUTE_UNROLL
-    for (int i = 0; i < size(rS); i += step) {
-      const float* src = h0 + state_offset<kT>(tUc, i, p.V);
-      if constexpr (kT) {
-        rS(i) = *src;
-      } else {
-        const float2 x = *reinterpret_cast<const float2*>(src);
-        rS(i) = x.x;
-        rS(i + 1) = x.y;
+  if (const float* h0 = initial_state_of<K>(p, n, h)) {
+    if (p.state_v_first) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(rS); ++i) rS(i) = h0[tile_offset<K, BV, kT>(p, tUc, i, vt)];
+    } else {
+      h0 += int64_t(vt) * BV;
+      CUTE_UNROLL
+      for (int i = 0; i < size(rS); i += step) {
+        const float* src = h0 + state_offset<kT>(tUc, i, p.V);
+        if constexpr (kT) {
+          rS(i) = *src;
+        } else {
+          const float2 x = *reinterpret_cast<const float2*>(src);
+          rS(i) = x.x;
+          rS(i + 1) = x.y;
+        }
       }
     }
   } else {
     clear(rS);
   }
+  const int64_t nh = int64_t(n) * p.H + h;
   for (int j = 0; j < seg; ++j) {
     const float* Sj = sp.ws_state + (nh * sp.nseg + j) * K * p.V + int64_t(vt) * BV;
     const float* Dj = sp.ws_decay + (nh * sp.nseg + j) * K;
@@ -51,6 +106,40 @@ __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chu
       }
     }
   }
+}
+
+// The state after the sequence's last token (rS in the walk of its last segment): to ht, or to
+// the slot slot_out names.
+template <int K, int BV, bool kT = false, class Frag, class Coord>
+__device__ __forceinline__ void store_final_state(const FwdParams& p, int n, int h, int vt, const Frag& rS,
+                                                  const Coord& tUc) {
+  if (p.ht == nullptr) return;
+  float* dst = state_at(p, p.ht, p.slot_out != nullptr ? pool_slot(p.slot_out, p.slot_out_int64, n) : n, h, K);
+  if (dst != nullptr) store_state_tile<K, BV, kT>(p, dst, vt, rS, tUc);
+}
+
+// The state after the first `pos` tokens of sequence n (rS at a chunk boundary of an unsplit
+// walk): a pooled call's checkpoint where pos is a positive multiple of ckpt_every.
+template <int K, int BV, bool kT = false, class Frag, class Coord>
+__device__ __forceinline__ void store_checkpoint(const FwdParams& p, int n, int h, int vt, int64_t pos,
+                                                 const Frag& rS, const Coord& tUc) {
+  if (p.ckpt_slots == nullptr || pos <= 0) return;
+  // 32-bit arithmetic (pos < 2^31): a 64-bit division is a function call, which would serialise
+  // the Hopper kernels' wgmma pipeline
+  const int marks = int(pos) / p.ckpt_every;
+  if (marks * p.ckpt_every != int(pos) || marks > p.ckpt_count) return;
+  float* dst = state_at(p, p.ht, pool_slot(p.ckpt_slots, p.ckpt_int64, int64_t(n) * p.ckpt_count + marks - 1), h, K);
+  if (dst != nullptr) store_state_tile<K, BV, kT>(p, dst, vt, rS, tUc);
+}
+
+// A padding sequence of a pooled call: this CTA writes zeros to its rows and V columns of o
+// (len rows from token bos) and nothing else. Called by every thread of the CTA.
+template <class T, int BV>
+__device__ __forceinline__ void zero_output(const FwdParams& p, int h, int vt, int64_t bos, int64_t len) {
+  const int64_t HV = int64_t(p.H) * p.V;
+  T* ob = static_cast<T*>(p.o) + bos * HV + int64_t(h) * p.V + int64_t(vt) * BV;
+  for (int64_t i = threadIdx.x; i < len * (BV / 8); i += blockDim.x)
+    *reinterpret_cast<uint4*>(ob + (i / (BV / 8)) * HV + (i % (BV / 8)) * 8) = make_uint4(0u, 0u, 0u, 0u);
 }
 
 // One chunk's output tile (C x BV rows of o, row stride ld; acc the float32 accumulator of the

@@ -46,7 +46,10 @@ struct Walk {
     int64_t len = eos > bos ? eos - bos : 0;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
     if (last_seg < 0) return;
-    const int64_t nh = int64_t(n) * p.H + h;
+    if (padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched
+      zero_output<T, BV>(p, h, vt, bos, len);
+      return;
+    }
     const int nchunks = int((len + C - 1) / C);
     const int64_t slot0 = chunk_fwd_cfg::slot_base(p, n) + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0);
     const int64_t HK = int64_t(p.H) * K, HV = int64_t(p.H) * p.V, HC = int64_t(p.H) * C;
@@ -77,7 +80,7 @@ struct Walk {
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<K>, Int<BV>>{}));
     Tensor tUsS = thrU.partition_C(make_tensor(make_smem_ptr(sS),
                                                make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(Int<LDS>{}, _1{}))));
-    load_initial_state<K, BV>(p, sp, nh, vt, seg, rS, tUc);
+    load_initial_state<K, BV>(p, sp, n, h, vt, seg, rS, tUc);
 
     // operand views (stage-independent layouts)
     auto lqk = make_layout(Shape<Int<C>, Int<K>>{}, make_stride(Int<LDQ>{}, _1{}));
@@ -97,6 +100,7 @@ struct Walk {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                        p.V, rS, tUc);
+      store_checkpoint<K, BV>(p, n, h, vt, int64_t(c) * C, rS, tUc);
       CUTE_UNROLL
       for (int i = 0; i < size(rS); i += 2) {
         const float e = sB0[get<0>(tUc(i))];
@@ -126,7 +130,10 @@ struct Walk {
           make_tensor(make_smem_ptr(reinterpret_cast<T*>(st + kOffV)), lvT), rS, tid);
     }
 
-    if (p.ht != nullptr && seg == last_seg) store_state<T>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);
+    if (seg == last_seg) {
+      store_checkpoint<K, BV>(p, n, h, vt, len, rS, tUc);
+      store_final_state<K, BV>(p, n, h, vt, rS, tUc);
+    }
   }
 };
 

@@ -92,7 +92,10 @@ struct WalkGmma {
     int64_t len = eos > bos ? eos - bos : 0;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
     if (last_seg < 0) return;  // the whole cluster (same sequence, head, segment) returns
-    const int64_t nh = int64_t(n) * p.H + h;
+    if (padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched (the whole cluster)
+      zero_output<T, BV>(p, h, vt, bos, len);
+      return;
+    }
     const int nchunks = int((len + C - 1) / C);
     const int64_t slot0 = chunk_fwd_cfg::slot_base(p, n) + (sp.seg_len > 0 ? int64_t(seg) * (sp.seg_len / C) : 0);
     const int64_t HV = int64_t(p.H) * p.V;
@@ -133,7 +136,7 @@ struct WalkGmma {
     auto thrU = mmaU.get_thread_slice(tid);
     Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                    // S^T
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));      // (v, channel)
-    load_initial_state<K, BV, true>(p, sp, nh, vt, seg, rS, tUc);
+    load_initial_state<K, BV, true>(p, sp, n, h, vt, seg, rS, tUc);
 
     MmaO mmaO;
     MmaV mmaV;
@@ -163,6 +166,7 @@ struct WalkGmma {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                              p.V, rS, tUc);
+      store_checkpoint<K, BV, true>(p, n, h, vt, int64_t(c) * C, rS, tUc);
 
       Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(at(c, 0)), LX{}));      // qx as (t, channel)
       Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV) + wg * VW * C), LVW{}));  // v^T
@@ -189,7 +193,10 @@ struct WalkGmma {
       }
     }
 
-    if (p.ht != nullptr && seg == last_seg) store_state<T, true>(p.ht + nh * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);
+    if (seg == last_seg) {
+      store_checkpoint<K, BV, true>(p, n, h, vt, len, rS, tUc);
+      store_final_state<K, BV, true>(p, n, h, vt, rS, tUc);
+    }
   }
 };
 

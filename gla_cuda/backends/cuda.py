@@ -45,7 +45,8 @@ _C, IMPORT_ERROR = _load_extension()
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 # Ops with a compiled kernel; the rest are answered "no CUDA kernel yet" below.
-KERNEL_OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_")
+KERNEL_OPS = ("chunk_fwd", "chunk_bwd", "recurrent_fwd", "recurrent_bwd", "recurrent_pool_fwd_",
+              "chunk_pool_fwd_")
 
 
 def unsupported_reason(op, q, k, v, g, initial_state, cu_seqlens) -> Optional[str]:
@@ -147,3 +148,17 @@ def recurrent_bwd(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
 def recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index, state_v_first):
     return torch.ops.gla.cuda_recurrent_pool_fwd_(q, k, v, g, scale, state_pool, state_index,
                                                   state_v_first)
+
+
+def chunk_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, has_initial_state,
+                    final_state_indices, cu_seqlens, checkpoint_every, checkpoint_indices,
+                    state_v_first, o):
+    """The serving prefill: the chunked forward's walks read each sequence's start slot and
+    write its final state and checkpoints to their slots, inside the kernel."""
+    # a caller's `out` at an odd offset: the kernel writes 16 bytes at a time
+    target = o if o.data_ptr() % 16 == 0 else torch.empty_like(o)
+    torch.ops.gla.cuda_chunk_pool_fwd_(q, k, v, g, scale, state_pool, state_indices, has_initial_state,
+                                       final_state_indices, _int32(cu_seqlens), checkpoint_every,
+                                       checkpoint_indices, state_v_first, target)
+    if target is not o:
+        o.copy_(target)
