@@ -12,7 +12,8 @@ share the weights (the converted one is a deep copy). Timed, per model:
   prefill   one forward over the prompt [batch, prompt] with use_cache (the states are built),
             logits of the last position only (logits_to_keep=1);
   decode    one token per row from a prefilled cache: forward of [batch, 1] with use_cache;
-  generate  (--generate N) greedy generate() of N new tokens, wall clock, once after a warm-up.
+  generate  (--generate N) greedy generate() of N new tokens, wall clock, once after a warm-up;
+            the two models' generated tokens are compared.
 
 GPU times are triton.testing.do_bench medians; on the CPU (--device cpu, a smoke run for
 correctness of the script, with fla's Triton kernels in the interpreter) a median of wall
@@ -143,11 +144,11 @@ def main(argv=None) -> int:
                                                            use_cache=True))
         rows.append(("decode step", times, B))
         if args.generate:
-            times = {}
+            times, tokens = {}, {}
             for name, m in models.items():
                 run = lambda m=m: m.generate(ids, max_new_tokens=args.generate, min_new_tokens=args.generate,
                                              do_sample=False, pad_token_id=0)
-                run()
+                tokens[name] = run()[:, T:]
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -156,6 +157,11 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                 times[name] = (time.perf_counter() - start) * 1e3
             rows.append((f"generate {args.generate}", times, B * args.generate))
+            diff = tokens["fla"] != tokens["gla_cuda"]
+            first = [int(r.nonzero()[0]) if r.any() else None for r in diff]
+            print(f"greedy tokens of generate({args.generate}): {'DIFFER' if diff.any() else 'equal'} "
+                  f"({int((~diff).sum())} of {diff.numel()} equal"
+                  + (f"; first difference per row: {first}" if diff.any() else "") + ")")
 
     print(f"\n{'phase':<14}{'fla ms':>12}{'gla_cuda ms':>14}{'speedup':>10}{'fla tok/s':>14}{'gla_cuda tok/s':>16}")
     for phase, times, tokens in rows:

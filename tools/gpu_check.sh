@@ -26,7 +26,7 @@ for step in $steps; do
     build)
       start=$(date +%s)
       python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { status=1; tail -40 "$OUT/build.log"; }
-      grep -E "gla_cuda:|registers|spill|error" "$OUT/build.log" | grep -v "^$" | sort -u | head -60
+      grep -E "gla_cuda:|registers|spill|error|C7510" "$OUT/build.log" | grep -v "^$" | sort -u | head -60
       echo "build took $(( $(date +%s) - start )) s" ;;
     test)
       # the suite is mostly Triton compiles and small launches: 8 processes share the GPU

@@ -8,20 +8,22 @@
 
 namespace gla {
 
-// kSave: the kernel that also keeps the backward's intermediates (training, intermediates.h; its own
-// instantiation, so that the plain forward carries none of that code). K = 256 runs the
+// kSave: the kernel that also keeps the backward's intermediates (training, intermediates.h);
+// kPool: the one whose states are pool slots (serving prefill, FwdParams::slot_in). Each is its
+// own instantiation, so that the plain forward carries none of that code. K = 256 runs the
 // two-stage forward instead (chunk_fwd_dispatch.cu), whose kernels keep the same intermediates.
-template <class T, class GT, int K, int BV, bool kSave>
+template <class T, class GT, int K, int BV, bool kSave, bool kPool>
 cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
-  constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave>::kSmem;
+  constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave, kPool>::kSmem;
   static_assert(smem == chunk_fwd_cfg::smem_bytes(K, BV), "smem layout mismatch");
-  return launch_walk(&chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave>, smem, BV, p, split, stream);
+  return launch_walk(&chunk_fwd_detail::chunk_fwd_kernel<T, GT, K, BV, kSave, kPool>, smem, BV, p, split, stream);
 }
 
 template <class T, class GT, int K, int BV>
 cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
-  if (p.save_a == nullptr) return launch_chunk_fwd<T, GT, K, BV, false>(p, split, stream);
-  return launch_chunk_fwd<T, GT, K, BV, true>(p, split, stream);
+  if (p.save_a != nullptr) return launch_chunk_fwd<T, GT, K, BV, true, false>(p, split, stream);
+  if (p.slot_in != nullptr) return launch_chunk_fwd<T, GT, K, BV, false, true>(p, split, stream);
+  return launch_chunk_fwd<T, GT, K, BV, false, false>(p, split, stream);
 }
 
 }  // namespace gla

@@ -47,7 +47,7 @@ namespace chunk_fused_sm90_detail {
 using namespace cute;
 using Barrier = cutlass::arch::ClusterTransactionBarrier;
 
-template <class T, class GT, bool kSave>
+template <class T, class GT, bool kSave, bool kPool>
 struct FusedGmma {
   static constexpr int K = 128, BV = chunk_fwd_cfg::kFusedSm90BV, C = chunk_fwd_cfg::kChunk;
   static constexpr int NP = chunk_fwd_cfg::kThreads, NT = chunk_fwd_cfg::kFusedSm90Threads;  // producers; all
@@ -109,7 +109,7 @@ struct FusedGmma {
   };
 
   // Warpgroups 0 and 1: the prep of every chunk into its stage, v by TMA (thread 0).
-  static __device__ void produce(const FwdParams& p, const CUtensorMap& vmap, const Ctx& x, int tid) {
+  static __device__ __forceinline__ void produce(const FwdParams& p, const CUtensorMap& vmap, const Ctx& x, int tid) {
     const typename P::Tiles st(x.smem + kOffP);
     const int64_t HK = int64_t(p.H) * K;
     T* const qxb = kSave ? static_cast<T*>(p.save_qx) + x.bos * HK + int64_t(x.h) * K : nullptr;
@@ -198,14 +198,16 @@ struct FusedGmma {
   }
 
   // Warpgroup 2: the walk down the chunks with the state in registers.
-  static __device__ void consume(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const Ctx& x, int wtid) {
+  static __device__ __forceinline__ void consume(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const Ctx& x,
+                                                 int wtid) {
     const int64_t HV = int64_t(p.H) * p.V;
     T* ob = static_cast<T*>(p.o) + x.bos * HV + int64_t(x.h) * p.V + x.vt * BV;
     MmaU mmaU;
     auto thrU = mmaU.get_thread_slice(wtid);
     Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                // S^T: (frag, half, 1)
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));  // (v, channel)
-    load_initial_state<K, BV, true>(p, sp, x.n, x.h, x.vt, x.seg, rS, tUc);
+    load_initial_state<K, BV, true, kPool>(p, sp, x.n, x.h, x.vt, x.seg, rS, tUc);
+    CheckpointCursor ckpt(p);
 
     MmaO mmaO;
     MmaV mmaV;
@@ -229,7 +231,7 @@ struct FusedGmma {
         store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((x.slot0 + c) * p.H + x.h) * K * p.V +
                                  x.vt * BV,
                              p.V, rS, tUc);
-      store_checkpoint<K, BV, true>(p, x.n, x.h, x.vt, int64_t(c) * C, rS, tUc);
+      if constexpr (kPool) ckpt.offer<K, BV, true>(p, x.n, x.h, x.vt, int64_t(c) * C, rS, tUc);
       Barrier::wait(&x.full[s], (c >> 1) & 1);
       const bool one_ref = *f.one_ref != 0;
       if (one_ref) {  // A = scale tril(q~ k~^T) into the stage
@@ -294,13 +296,15 @@ struct FusedGmma {
     }
 
     if (x.seg == x.last_seg) {
-      store_checkpoint<K, BV, true>(p, x.n, x.h, x.vt, x.len, rS, tUc);
-      store_final_state<K, BV, true>(p, x.n, x.h, x.vt, rS, tUc);
+      if constexpr (kPool) ckpt.offer<K, BV, true>(p, x.n, x.h, x.vt, x.len, rS, tUc);
+      store_final_state<K, BV, true, kPool>(p, x.n, x.h, x.vt, rS, tUc);
     }
   }
 
-  static __device__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp, const CUtensorMap& vmap,
-                             unsigned char* smem_raw) {
+  // Every role is inlined into the kernel: a wgmma inside a called function is serialised
+  // (ptxas warning C7510).
+  static __device__ __forceinline__ void run(const FwdParams& p, const chunk_fwd_cfg::Split& sp,
+                                             const CUtensorMap& vmap, unsigned char* smem_raw) {
     Ctx x;
     x.smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     x.full = reinterpret_cast<uint64_t*>(x.smem + kOffBar);
@@ -315,7 +319,7 @@ struct FusedGmma {
     x.len = eos > x.bos ? eos - x.bos : 0;
     x.last_seg = clip_to_segment(sp, x.seg, x.bos, x.len);
     if (x.last_seg < 0) return;
-    if (padded_sequence(p, x.n)) {  // pooled call: zeros out, no slot touched
+    if (kPool && padded_sequence(p, x.n)) {  // pooled call: zeros out, no slot touched
       zero_output<T, BV>(p, x.h, x.vt, x.bos, x.len);
       return;
     }
@@ -340,34 +344,37 @@ struct FusedGmma {
   }
 };
 
-template <class T, class GT, bool kSave>
+template <class T, class GT, bool kSave, bool kPool>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kFusedSm90Threads, 1)
     chunk_fused_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp, const __grid_constant__ CUtensorMap vmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem[];
-  FusedGmma<T, GT, kSave>::run(p, sp, vmap, smem);
+  FusedGmma<T, GT, kSave, kPool>::run(p, sp, vmap, smem);
 #else
   __trap();  // built for sm_90a only; run_chunk_fused_sm90 is called on sm_90 devices only
 #endif
 }
 
-template <class T, class GT, bool kSave>
+template <class T, class GT, bool kSave, bool kPool>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   const dim3 grid = walk_grid(p, sp, chunk_fwd_cfg::kFusedSm90BV);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
   CUtensorMap vmap{};  // T = 0 still writes the final states: no tensor to map, and no CTA loads
   if (p.T > 0 && !encode_map(&vmap, p.v, int64_t(p.B) * p.T, p.H, p.V)) return cudaErrorInvalidValue;
-  auto* kernel = &chunk_fused_sm90_kernel<T, GT, kSave>;
-  constexpr int smem = FusedGmma<T, GT, kSave>::kSmem;
+  auto* kernel = &chunk_fused_sm90_kernel<T, GT, kSave, kPool>;
+  constexpr int smem = FusedGmma<T, GT, kSave, kPool>::kSmem;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, chunk_fwd_cfg::kFusedSm90Threads, smem, stream>>>(p, sp, vmap);
   return cudaGetLastError();
 }
 
+// training (kSave), pooled (kPool) or plain: one instantiation each
 template <class T, class GT>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  return p.save_a != nullptr ? launch<T, GT, true>(p, sp, stream) : launch<T, GT, false>(p, sp, stream);
+  if (p.save_a != nullptr) return launch<T, GT, true, false>(p, sp, stream);
+  if (p.slot_in != nullptr) return launch<T, GT, false, true>(p, sp, stream);
+  return launch<T, GT, false, false>(p, sp, stream);
 }
 
 template <class T>

@@ -26,18 +26,23 @@ __device__ __forceinline__ bool padded_sequence(const FwdParams& p, int n) {
   return s < 0 || s >= p.P;
 }
 
-// The [K, V] (or [V, K]) state of `slot` and head h in `base`; nullptr if the slot is outside the pool.
+// The [K, V] (or [V, K]) state of pool slot `slot` and head h; nullptr if the slot is outside the pool.
 template <class F>
 __device__ __forceinline__ F* state_at(const FwdParams& p, F* base, int64_t slot, int h, int K) {
-  if (p.slot_in != nullptr && (slot < 0 || slot >= p.P)) return nullptr;
+  if (slot < 0 || slot >= p.P) return nullptr;
   return base + (slot * p.H + h) * int64_t(K) * p.V;
 }
 
-// Sequence n's initial state for head h, or nullptr: start from zeros.
-template <int K>
+// Sequence n's initial state for head h, or nullptr: start from zeros. kPool: a pooled call's
+// kernel (its own instantiation, so that the other walks carry none of the pool's code).
+template <int K, bool kPool>
 __device__ __forceinline__ const float* initial_state_of(const FwdParams& p, int n, int h) {
-  if (p.h0 == nullptr || (p.has_h0 != nullptr && !p.has_h0[n])) return nullptr;
-  return state_at(p, p.h0, p.slot_in != nullptr ? pool_slot(p.slot_in, p.slot_in_int64, n) : n, h, K);
+  if constexpr (!kPool) {
+    return p.h0 == nullptr ? nullptr : p.h0 + (int64_t(n) * p.H + h) * K * p.V;
+  } else {
+    if (p.has_h0 != nullptr && !p.has_h0[n]) return nullptr;
+    return state_at(p, p.h0, pool_slot(p.slot_in, p.slot_in_int64, n), h, K);
+  }
 }
 
 // Element i of the register tile rS (V tile vt; coordinates tUc as in state_tile.cuh) in a state
@@ -63,13 +68,13 @@ __device__ __forceinline__ void store_state_tile(const FwdParams& p, float* dst,
 
 // h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
 // composed in order: S = exp(sum g over segment j) S + S_j.
-template <int K, int BV, bool kT = false, class Frag, class Coord>
+template <int K, int BV, bool kT, bool kPool, class Frag, class Coord>
 __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chunk_fwd_cfg::Split& sp, int n, int h,
                                                    int vt, int seg, Frag& rS, const Coord& tUc) {
   using namespace cute;
   constexpr int step = kT ? 1 : 2;  // float2 loads where the pairs are adjacent columns
-  if (const float* h0 = initial_state_of<K>(p, n, h)) {
-    if (p.state_v_first) {
+  if (const float* h0 = initial_state_of<K, kPool>(p, n, h)) {
+    if (kPool && p.state_v_first) {
       CUTE_UNROLL
       for (int i = 0; i < size(rS); ++i) rS(i) = h0[tile_offset<K, BV, kT>(p, tUc, i, vt)];
     } else {
@@ -110,27 +115,37 @@ __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chu
 
 // The state after the sequence's last token (rS in the walk of its last segment): to ht, or to
 // the slot slot_out names.
-template <int K, int BV, bool kT = false, class Frag, class Coord>
+template <int K, int BV, bool kT, bool kPool, class Frag, class Coord>
 __device__ __forceinline__ void store_final_state(const FwdParams& p, int n, int h, int vt, const Frag& rS,
                                                   const Coord& tUc) {
   if (p.ht == nullptr) return;
-  float* dst = state_at(p, p.ht, p.slot_out != nullptr ? pool_slot(p.slot_out, p.slot_out_int64, n) : n, h, K);
-  if (dst != nullptr) store_state_tile<K, BV, kT>(p, dst, vt, rS, tUc);
+  if constexpr (!kPool) {
+    store_state<float, kT>(p.ht + (int64_t(n) * p.H + h) * K * p.V + int64_t(vt) * BV, p.V, rS, tUc);
+  } else {
+    float* dst = state_at(p, p.ht, pool_slot(p.slot_out, p.slot_out_int64, n), h, K);
+    if (dst != nullptr) store_state_tile<K, BV, kT>(p, dst, vt, rS, tUc);
+  }
 }
 
-// The state after the first `pos` tokens of sequence n (rS at a chunk boundary of an unsplit
-// walk): a pooled call's checkpoint where pos is a positive multiple of ckpt_every.
-template <int K, int BV, bool kT = false, class Frag, class Coord>
-__device__ __forceinline__ void store_checkpoint(const FwdParams& p, int n, int h, int vt, int64_t pos,
-                                                 const Frag& rS, const Coord& tUc) {
-  if (p.ckpt_slots == nullptr || pos <= 0) return;
-  // 32-bit arithmetic (pos < 2^31): a 64-bit division is a function call, which would serialise
-  // the Hopper kernels' wgmma pipeline
-  const int marks = int(pos) / p.ckpt_every;
-  if (marks * p.ckpt_every != int(pos) || marks > p.ckpt_count) return;
-  float* dst = state_at(p, p.ht, pool_slot(p.ckpt_slots, p.ckpt_int64, int64_t(n) * p.ckpt_count + marks - 1), h, K);
-  if (dst != nullptr) store_state_tile<K, BV, kT>(p, dst, vt, rS, tUc);
-}
+// A pooled call's checkpoints along one walk: the state after every ckpt_every tokens goes to
+// slot ckpt_slots[n, j]. The walk offers its state at every chunk boundary and after its last
+// chunk, in order; the cursor counts the marks off (one compare per chunk, no division).
+struct CheckpointCursor {
+  int next;  // the token count of the next mark (positions < 2^31); 0: none
+  int j;
+  __device__ __forceinline__ explicit CheckpointCursor(const FwdParams& p)
+      : next(p.ckpt_slots != nullptr && p.ckpt_count > 0 ? p.ckpt_every : 0), j(0) {}
+
+  // rS is the state after the first `pos` tokens of sequence n (an unsplit walk).
+  template <int K, int BV, bool kT = false, class Frag, class Coord>
+  __device__ __forceinline__ void offer(const FwdParams& p, int n, int h, int vt, int64_t pos, const Frag& rS,
+                                        const Coord& tUc) {
+    if (next == 0 || pos != next) return;
+    float* dst = state_at(p, p.ht, pool_slot(p.ckpt_slots, p.ckpt_int64, int64_t(n) * p.ckpt_count + j), h, K);
+    if (dst != nullptr) store_state_tile<K, BV, kT>(p, dst, vt, rS, tUc);
+    next = ++j < p.ckpt_count ? next + p.ckpt_every : 0;
+  }
+};
 
 // A padding sequence of a pooled call: this CTA writes zeros to its rows and V columns of o
 // (len rows from token bos) and nothing else. Called by every thread of the CTA.

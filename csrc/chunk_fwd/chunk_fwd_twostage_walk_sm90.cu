@@ -46,7 +46,7 @@ struct WalkMaps {
 
 constexpr int kMaxCluster = 2;
 
-template <class T, int K, int BV, bool kSave>
+template <class T, int K, int BV, bool kSave, bool kPool>
 struct WalkGmma {
   static constexpr int C = chunk_fwd_cfg::kChunk, NT = chunk_fwd_cfg::kThreads, kWarps = NT / 32;
   static constexpr int VW = BV / 2, kParts = 4, KH = K / kParts;  // V columns per warpgroup; channels per part of o's MMA
@@ -92,7 +92,7 @@ struct WalkGmma {
     int64_t len = eos > bos ? eos - bos : 0;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
     if (last_seg < 0) return;  // the whole cluster (same sequence, head, segment) returns
-    if (padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched (the whole cluster)
+    if (kPool && padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched (the whole cluster)
       zero_output<T, BV>(p, h, vt, bos, len);
       return;
     }
@@ -136,7 +136,8 @@ struct WalkGmma {
     auto thrU = mmaU.get_thread_slice(tid);
     Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                    // S^T
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));      // (v, channel)
-    load_initial_state<K, BV, true>(p, sp, n, h, vt, seg, rS, tUc);
+    load_initial_state<K, BV, true, kPool>(p, sp, n, h, vt, seg, rS, tUc);
+    CheckpointCursor ckpt(p);
 
     MmaO mmaO;
     MmaV mmaV;
@@ -166,7 +167,7 @@ struct WalkGmma {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                              p.V, rS, tUc);
-      store_checkpoint<K, BV, true>(p, n, h, vt, int64_t(c) * C, rS, tUc);
+      if constexpr (kPool) ckpt.offer<K, BV, true>(p, n, h, vt, int64_t(c) * C, rS, tUc);
 
       Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(at(c, 0)), LX{}));      // qx as (t, channel)
       Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV) + wg * VW * C), LVW{}));  // v^T
@@ -194,24 +195,24 @@ struct WalkGmma {
     }
 
     if (seg == last_seg) {
-      store_checkpoint<K, BV, true>(p, n, h, vt, len, rS, tUc);
-      store_final_state<K, BV, true>(p, n, h, vt, rS, tUc);
+      if constexpr (kPool) ckpt.offer<K, BV, true>(p, n, h, vt, len, rS, tUc);
+      store_final_state<K, BV, true, kPool>(p, n, h, vt, rS, tUc);
     }
   }
 };
 
-template <class T, int K, int BV, bool kSave>
+template <class T, int K, int BV, bool kSave, bool kPool>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
     chunk_walk_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp, const __grid_constant__ WalkMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem[];
-  WalkGmma<T, K, BV, kSave>::run(p, sp, maps, smem);
+  WalkGmma<T, K, BV, kSave, kPool>::run(p, sp, maps, smem);
 #else
   __trap();  // built for sm_90a only; run_chunk_walk_sm90 is called on sm_90 devices only
 #endif
 }
 
-template <class T, int K, int BV, bool kSave>
+template <class T, int K, int BV, bool kSave, bool kPool>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   const dim3 grid = walk_grid(p, sp, BV);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
@@ -222,8 +223,8 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
       (!encode_map(&maps.x, p.save_qx, rows, p.H, K) || !encode_map(&maps.d, p.save_kd, rows, p.H, K) ||
        !encode_map(&maps.a, p.save_a, rows, p.H, chunk_fwd_cfg::kChunk) || !encode_map(&maps.v, p.v, rows, p.H, p.V)))
     return cudaErrorInvalidValue;
-  auto* kernel = &chunk_walk_sm90_kernel<T, K, BV, kSave>;
-  constexpr int smem = WalkGmma<T, K, BV, kSave>::kSmem;
+  auto* kernel = &chunk_walk_sm90_kernel<T, K, BV, kSave, kPool>;
+  constexpr int smem = WalkGmma<T, K, BV, kSave, kPool>::kSmem;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
@@ -242,9 +243,12 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+// training (kSave), pooled (kPool) or plain: one instantiation each
 template <class T, int K>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  return p.save_h != nullptr ? launch<T, K, 128, true>(p, sp, stream) : launch<T, K, 128, false>(p, sp, stream);
+  if (p.save_h != nullptr) return launch<T, K, 128, true, false>(p, sp, stream);
+  if (p.slot_in != nullptr) return launch<T, K, 128, false, true>(p, sp, stream);
+  return launch<T, K, 128, false, false>(p, sp, stream);
 }
 
 template <class T>
