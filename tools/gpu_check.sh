@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build with every core, run the GPU tests, the main job
 # and the benchmark; logs go to $OUT (or ./gpu_logs). Wheels in .whl/ (nvidia-cutlass,
-# fla-core) are installed first, for machines without network (README: Layout).
+# fla-core) are installed first, for machines without network (tools/README.md).
 #   bash tools/gpu_check.sh [build|warm|test|main|example|sanitize|wait|bench ...]
 #   (default: build warm test main bench). warm compiles the benchmark's kernels in the
 #   background while the steps after it run; bench (or wait) waits for it. Triton's cache

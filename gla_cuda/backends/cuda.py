@@ -24,7 +24,7 @@ def _load_extension():
     with an undefined symbol, or load and crash): that is said once, as a warning."""
     if importlib.util.find_spec("gla_cuda._C") is None:
         return None, ("the compiled extension gla_cuda._C is not built (installed without a CUDA "
-                      "toolkit, or with GLA_CUDA_BUILD=0; README: Build)")
+                      "toolkit, or with GLA_CUDA_BUILD=0; README: Build options)")
     try:
         info = importlib.import_module(f"gla_cuda.{_build.INFO_MODULE}")
     except ImportError:
