@@ -146,7 +146,7 @@ def main(argv=None):
     bw = copy_bandwidth(dev)
     bench_prefill(a, dev, rows)
     bench_verify(a, dev, rows, bw)
-    print(f"\n{torch.cuda.get_device_name(dev)}; copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"\n{torch.cuda.get_device_name(dev)}; copy bandwidth {bw / 1e9:.2f} TB/s")
     for r in rows:
         extra = f"  floor {r['floor_ms']:.3f} ms ({100 * r['of_floor']:.0f}% of it)" if "floor_ms" in r else ""
         print(f"{r['op']:<8} N={r['N']} T={r['T']} H={r['H']} K={r['K']} V={r['V']} {r['dtype']:<9} "

@@ -106,9 +106,16 @@ struct Dqkg {
     cp_async_wait<0>();
     __syncthreads();
 
-    // ---- b = log2(e) cumsum(g) in place, exp(G)
+    // ---- b = log2(e) cumsum(g) in place, exp(G); which of this thread's gates are clamped
+    // (kGateMin: their dg is 0). The epilogue's thread (d, cl) is this one (part, ch), so the
+    // bits stay in a register instead of g being read again from memory.
+    static_assert(RPT == 16 && TPC == 4 && NT == 4 * 64, "the epilogue takes rows 16 d.. of channel tid % 64");
+    uint32_t clamped = 0;
     {
       const int ch = tid % BK, part = tid / BK;
+      CUTE_UNROLL
+      for (int r = 0; r < RPT; ++r)
+        if (float(sG[(part * RPT + r) * BK + ch]) <= kGateMin) clamped |= 1u << r;
       float gv[RPT];
       const float2 cs = chunk_cumsum<RPT, TPC>(sG, BK, ch, part, C, sTot, BK, gv);  // then b may overwrite g
       if (part == 0) sGam[ch] = ex2(cs.y * kLog2e);
@@ -293,13 +300,12 @@ struct Dqkg {
     T* dq = static_cast<T*>(p.dq) + base;
     T* dk = static_cast<T*>(p.dk) + base;
     GT* dg = static_cast<GT*>(p.dg) + base;
-    const GT* graw = static_cast<const GT*>(p.g) + base;  // clamped gates have dg = 0 (kGateMin)
     CUTE_UNROLL
     for (int t = 0; t < 16; ++t)
       if (16 * d + t < rows) {
         dq[t * HK] = T(dqd[t]);
         dk[t * HK] = T(dkd[t]);
-        dg[t * HK] = float(graw[t * HK]) <= kGateMin ? GT(0.f) : GT((x[t] + offx) + (y[t] + offy) + dgc);
+        dg[t * HK] = (clamped >> t) & 1u ? GT(0.f) : GT((x[t] + offx) + (y[t] + offy) + dgc);
       }
   }
 };

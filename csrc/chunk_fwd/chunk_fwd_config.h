@@ -11,6 +11,11 @@ namespace gla {
 namespace chunk_fwd_cfg {
 
 constexpr int kChunk = intermediates::kChunk;  // tokens per chunk (C)
+
+// A walk's pool instantiation (FwdParams::slot_in): none; states from and to pool slots; slots
+// and checkpoints. Checkpoints store the state inside the chunk loop, which costs the walks
+// registers (spills in the Hopper fused kernel), so only calls that ask for them pay for them.
+enum PoolWalk : int { kNoPool = 0, kPoolSlots = 1, kPoolCheckpoints = 2 };
 constexpr int kThreads = 256;  // 8 warps per CTA
 
 // V-tile width: the K x BV float32 state lives in registers, at most 64 floats per thread.

@@ -51,7 +51,7 @@ namespace chunk_fwd_detail {
 
 using namespace cute;
 
-template <class T_, class GT_, int K_, int BV_, bool kSave = false, bool kPool = false>
+template <class T_, class GT_, int K_, int BV_, bool kSave = false, int kPool = chunk_fwd_cfg::kNoPool>
 struct Kernel {
   using T = T_;
   using GT = GT_;
@@ -97,7 +97,7 @@ struct Kernel {
     const int seg = blockIdx.z;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
     if (last_seg < 0) return;
-    if (kPool && padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched
+    if (kPool != chunk_fwd_cfg::kNoPool && padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched
       zero_output<T, BV>(p, h, vt, bos, len);
       return;
     }
@@ -179,7 +179,7 @@ struct Kernel {
     Tensor sSkv = make_tensor(make_smem_ptr(sS),
                               make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(Int<LDS>{}, _1{})));
     Tensor tUsS = thrU.partition_C(sSkv);
-    load_initial_state<K, BV, false, kPool>(p, sp, n, h, vt, seg, rS, tUc);
+    load_initial_state<K, BV, false, kPool != chunk_fwd_cfg::kNoPool>(p, sp, n, h, vt, seg, rS, tUc);
     CheckpointCursor ckpt(p);
     CUTE_UNROLL
     for (int i = 0; i < size(rS); i += 2) *reinterpret_cast<uint32_t*>(&tUsS(i)) = pack2<T>(rS(i), rS(i + 1));
@@ -205,7 +205,7 @@ struct Kernel {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                        p.V, rS, tUc);
-      if constexpr (kPool) ckpt.offer<K, BV>(p, n, h, vt, int64_t(c) * C, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV>(p, n, h, vt, int64_t(c) * C, rS, tUc);
 
       // ---------------- prep: cumsum of g per channel, exp(G), kg^T ----------------
       float bmax = -INFINITY, bmin = INFINITY;  // this thread's rows of b (one channel)
@@ -342,8 +342,8 @@ struct Kernel {
     }
 
     if (seg == last_seg) {
-      if constexpr (kPool) ckpt.offer<K, BV>(p, n, h, vt, len, rS, tUc);
-      store_final_state<K, BV, false, kPool>(p, n, h, vt, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV>(p, n, h, vt, len, rS, tUc);
+      store_final_state<K, BV, false, kPool != chunk_fwd_cfg::kNoPool>(p, n, h, vt, rS, tUc);
     }
   }
 };
@@ -352,7 +352,7 @@ struct Kernel {
 #ifndef GLA_CHUNK_FWD_K64_MIN_BLOCKS
 #define GLA_CHUNK_FWD_K64_MIN_BLOCKS 2
 #endif
-template <class T, class GT, int K, int BV, bool kSave, bool kPool>
+template <class T, class GT, int K, int BV, bool kSave, int kPool>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, K == 64 ? GLA_CHUNK_FWD_K64_MIN_BLOCKS : 1)
     chunk_fwd_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp) {
   extern __shared__ __align__(128) unsigned char smem[];

@@ -9,10 +9,10 @@
 namespace gla {
 
 // kSave: the kernel that also keeps the backward's intermediates (training, intermediates.h);
-// kPool: the one whose states are pool slots (serving prefill, FwdParams::slot_in). Each is its
+// kPool: the ones whose states are pool slots (serving prefill, chunk_fwd_cfg::PoolWalk). Each is its
 // own instantiation, so that the plain forward carries none of that code. K = 256 runs the
 // two-stage forward instead (chunk_fwd_dispatch.cu), whose kernels keep the same intermediates.
-template <class T, class GT, int K, int BV, bool kSave, bool kPool>
+template <class T, class GT, int K, int BV, bool kSave, int kPool>
 cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
   constexpr int smem = chunk_fwd_detail::Kernel<T, GT, K, BV, kSave, kPool>::kSmem;
   static_assert(smem == chunk_fwd_cfg::smem_bytes(K, BV), "smem layout mismatch");
@@ -21,9 +21,11 @@ cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& spl
 
 template <class T, class GT, int K, int BV>
 cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
-  if (p.save_a != nullptr) return launch_chunk_fwd<T, GT, K, BV, true, false>(p, split, stream);
-  if (p.slot_in != nullptr) return launch_chunk_fwd<T, GT, K, BV, false, true>(p, split, stream);
-  return launch_chunk_fwd<T, GT, K, BV, false, false>(p, split, stream);
+  if (p.save_a != nullptr) return launch_chunk_fwd<T, GT, K, BV, true, chunk_fwd_cfg::kNoPool>(p, split, stream);
+  if (p.slot_in != nullptr)
+    return p.ckpt_slots != nullptr ? launch_chunk_fwd<T, GT, K, BV, false, chunk_fwd_cfg::kPoolCheckpoints>(p, split, stream)
+                                   : launch_chunk_fwd<T, GT, K, BV, false, chunk_fwd_cfg::kPoolSlots>(p, split, stream);
+  return launch_chunk_fwd<T, GT, K, BV, false, chunk_fwd_cfg::kNoPool>(p, split, stream);
 }
 
 }  // namespace gla

@@ -47,7 +47,7 @@ namespace chunk_fused_sm90_detail {
 using namespace cute;
 using Barrier = cutlass::arch::ClusterTransactionBarrier;
 
-template <class T, class GT, bool kSave, bool kPool>
+template <class T, class GT, bool kSave, int kPool>
 struct FusedGmma {
   static constexpr int K = 128, BV = chunk_fwd_cfg::kFusedSm90BV, C = chunk_fwd_cfg::kChunk;
   static constexpr int NP = chunk_fwd_cfg::kThreads, NT = chunk_fwd_cfg::kFusedSm90Threads;  // producers; all
@@ -206,7 +206,7 @@ struct FusedGmma {
     auto thrU = mmaU.get_thread_slice(wtid);
     Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                // S^T: (frag, half, 1)
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));  // (v, channel)
-    load_initial_state<K, BV, true, kPool>(p, sp, x.n, x.h, x.vt, x.seg, rS, tUc);
+    load_initial_state<K, BV, true, kPool != chunk_fwd_cfg::kNoPool>(p, sp, x.n, x.h, x.vt, x.seg, rS, tUc);
     CheckpointCursor ckpt(p);
 
     MmaO mmaO;
@@ -231,7 +231,7 @@ struct FusedGmma {
         store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((x.slot0 + c) * p.H + x.h) * K * p.V +
                                  x.vt * BV,
                              p.V, rS, tUc);
-      if constexpr (kPool) ckpt.offer<K, BV, true>(p, x.n, x.h, x.vt, int64_t(c) * C, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV, true>(p, x.n, x.h, x.vt, int64_t(c) * C, rS, tUc);
       Barrier::wait(&x.full[s], (c >> 1) & 1);
       const bool one_ref = *f.one_ref != 0;
       if (one_ref) {  // A = scale tril(q~ k~^T) into the stage
@@ -296,8 +296,8 @@ struct FusedGmma {
     }
 
     if (x.seg == x.last_seg) {
-      if constexpr (kPool) ckpt.offer<K, BV, true>(p, x.n, x.h, x.vt, x.len, rS, tUc);
-      store_final_state<K, BV, true, kPool>(p, x.n, x.h, x.vt, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV, true>(p, x.n, x.h, x.vt, x.len, rS, tUc);
+      store_final_state<K, BV, true, kPool != chunk_fwd_cfg::kNoPool>(p, x.n, x.h, x.vt, rS, tUc);
     }
   }
 
@@ -319,7 +319,7 @@ struct FusedGmma {
     x.len = eos > x.bos ? eos - x.bos : 0;
     x.last_seg = clip_to_segment(sp, x.seg, x.bos, x.len);
     if (x.last_seg < 0) return;
-    if (kPool && padded_sequence(p, x.n)) {  // pooled call: zeros out, no slot touched
+    if (kPool != chunk_fwd_cfg::kNoPool && padded_sequence(p, x.n)) {  // pooled call: zeros out, no slot touched
       zero_output<T, BV>(p, x.h, x.vt, x.bos, x.len);
       return;
     }
@@ -344,7 +344,7 @@ struct FusedGmma {
   }
 };
 
-template <class T, class GT, bool kSave, bool kPool>
+template <class T, class GT, bool kSave, int kPool>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kFusedSm90Threads, 1)
     chunk_fused_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp, const __grid_constant__ CUtensorMap vmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(chunk_fwd_cfg::kFusedSm90Threads, 1)
 #endif
 }
 
-template <class T, class GT, bool kSave, bool kPool>
+template <class T, class GT, bool kSave, int kPool>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   const dim3 grid = walk_grid(p, sp, chunk_fwd_cfg::kFusedSm90BV);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
@@ -372,9 +372,11 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
 // training (kSave), pooled (kPool) or plain: one instantiation each
 template <class T, class GT>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  if (p.save_a != nullptr) return launch<T, GT, true, false>(p, sp, stream);
-  if (p.slot_in != nullptr) return launch<T, GT, false, true>(p, sp, stream);
-  return launch<T, GT, false, false>(p, sp, stream);
+  if (p.save_a != nullptr) return launch<T, GT, true, chunk_fwd_cfg::kNoPool>(p, sp, stream);
+  if (p.slot_in != nullptr)
+    return p.ckpt_slots != nullptr ? launch<T, GT, false, chunk_fwd_cfg::kPoolCheckpoints>(p, sp, stream)
+                                   : launch<T, GT, false, chunk_fwd_cfg::kPoolSlots>(p, sp, stream);
+  return launch<T, GT, false, chunk_fwd_cfg::kNoPool>(p, sp, stream);
 }
 
 template <class T>

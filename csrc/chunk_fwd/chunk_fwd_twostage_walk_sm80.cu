@@ -19,7 +19,7 @@ namespace chunk_walk_detail {
 
 using namespace cute;
 
-template <class T, int K, int BV, bool kSave, bool kPool>
+template <class T, int K, int BV, bool kSave, int kPool>
 struct Walk {
   static constexpr int C = chunk_fwd_cfg::kChunk, NT = chunk_fwd_cfg::kThreads;
   static constexpr int LDQ = K + 8, LDV = BV + 8, LDA = C + 8, LDS = BV + 8;
@@ -46,7 +46,7 @@ struct Walk {
     int64_t len = eos > bos ? eos - bos : 0;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
     if (last_seg < 0) return;
-    if (kPool && padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched
+    if (kPool != chunk_fwd_cfg::kNoPool && padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched
       zero_output<T, BV>(p, h, vt, bos, len);
       return;
     }
@@ -80,7 +80,7 @@ struct Walk {
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<K>, Int<BV>>{}));
     Tensor tUsS = thrU.partition_C(make_tensor(make_smem_ptr(sS),
                                                make_layout(Shape<Int<K>, Int<BV>>{}, make_stride(Int<LDS>{}, _1{}))));
-    load_initial_state<K, BV, false, kPool>(p, sp, n, h, vt, seg, rS, tUc);
+    load_initial_state<K, BV, false, kPool != chunk_fwd_cfg::kNoPool>(p, sp, n, h, vt, seg, rS, tUc);
     CheckpointCursor ckpt(p);
 
     // operand views (stage-independent layouts)
@@ -101,7 +101,7 @@ struct Walk {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                        p.V, rS, tUc);
-      if constexpr (kPool) ckpt.offer<K, BV>(p, n, h, vt, int64_t(c) * C, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV>(p, n, h, vt, int64_t(c) * C, rS, tUc);
       CUTE_UNROLL
       for (int i = 0; i < size(rS); i += 2) {
         const float e = sB0[get<0>(tUc(i))];
@@ -132,20 +132,20 @@ struct Walk {
     }
 
     if (seg == last_seg) {
-      if constexpr (kPool) ckpt.offer<K, BV>(p, n, h, vt, len, rS, tUc);
-      store_final_state<K, BV, false, kPool>(p, n, h, vt, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV>(p, n, h, vt, len, rS, tUc);
+      store_final_state<K, BV, false, kPool != chunk_fwd_cfg::kNoPool>(p, n, h, vt, rS, tUc);
     }
   }
 };
 
-template <class T, int K, int BV, bool kSave, bool kPool>
+template <class T, int K, int BV, bool kSave, int kPool>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
     chunk_walk_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp) {
   extern __shared__ __align__(128) unsigned char smem[];
   Walk<T, K, BV, kSave, kPool>::run(p, sp, smem);
 }
 
-template <class T, int K, int BV, bool kSave, bool kPool>
+template <class T, int K, int BV, bool kSave, int kPool>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   return launch_walk(&chunk_walk_kernel<T, K, BV, kSave, kPool>, Walk<T, K, BV, kSave, kPool>::kSmem, BV, p, sp,
                      stream);
@@ -154,9 +154,11 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
 // training (kSave), pooled (kPool) or plain: one instantiation each
 template <class T>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  if (p.save_h != nullptr) return launch<T, 256, 64, true, false>(p, sp, stream);
-  if (p.slot_in != nullptr) return launch<T, 256, 64, false, true>(p, sp, stream);
-  return launch<T, 256, 64, false, false>(p, sp, stream);
+  if (p.save_h != nullptr) return launch<T, 256, 64, true, chunk_fwd_cfg::kNoPool>(p, sp, stream);
+  if (p.slot_in != nullptr)
+    return p.ckpt_slots != nullptr ? launch<T, 256, 64, false, chunk_fwd_cfg::kPoolCheckpoints>(p, sp, stream)
+                                   : launch<T, 256, 64, false, chunk_fwd_cfg::kPoolSlots>(p, sp, stream);
+  return launch<T, 256, 64, false, chunk_fwd_cfg::kNoPool>(p, sp, stream);
 }
 
 }  // namespace chunk_walk_detail

@@ -46,7 +46,7 @@ struct WalkMaps {
 
 constexpr int kMaxCluster = 2;
 
-template <class T, int K, int BV, bool kSave, bool kPool>
+template <class T, int K, int BV, bool kSave, int kPool>
 struct WalkGmma {
   static constexpr int C = chunk_fwd_cfg::kChunk, NT = chunk_fwd_cfg::kThreads, kWarps = NT / 32;
   static constexpr int VW = BV / 2, kParts = 4, KH = K / kParts;  // V columns per warpgroup; channels per part of o's MMA
@@ -92,7 +92,7 @@ struct WalkGmma {
     int64_t len = eos > bos ? eos - bos : 0;
     const int last_seg = clip_to_segment(sp, seg, bos, len);
     if (last_seg < 0) return;  // the whole cluster (same sequence, head, segment) returns
-    if (kPool && padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched (the whole cluster)
+    if (kPool != chunk_fwd_cfg::kNoPool && padded_sequence(p, n)) {  // pooled call: zeros out, no slot touched (the whole cluster)
       zero_output<T, BV>(p, h, vt, bos, len);
       return;
     }
@@ -136,7 +136,7 @@ struct WalkGmma {
     auto thrU = mmaU.get_thread_slice(tid);
     Tensor rS = partition_fragment_C(mmaU, Shape<Int<BV>, Int<K>>{});                    // S^T
     Tensor tUc = thrU.partition_C(make_identity_tensor(Shape<Int<BV>, Int<K>>{}));      // (v, channel)
-    load_initial_state<K, BV, true, kPool>(p, sp, n, h, vt, seg, rS, tUc);
+    load_initial_state<K, BV, true, kPool != chunk_fwd_cfg::kNoPool>(p, sp, n, h, vt, seg, rS, tUc);
     CheckpointCursor ckpt(p);
 
     MmaO mmaO;
@@ -167,7 +167,7 @@ struct WalkGmma {
       if constexpr (kSave)  // the state entering this chunk
         store_state<T, true>(static_cast<typename KeptState<T>::type*>(p.save_h) + ((slot0 + c) * p.H + h) * K * p.V + vt * BV,
                              p.V, rS, tUc);
-      if constexpr (kPool) ckpt.offer<K, BV, true>(p, n, h, vt, int64_t(c) * C, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV, true>(p, n, h, vt, int64_t(c) * C, rS, tUc);
 
       Tensor tOrX = thrO.partition_fragment_B(make_tensor(make_smem_ptr(at(c, 0)), LX{}));      // qx as (t, channel)
       Tensor tVrV = thrV.partition_fragment_A(make_tensor(make_smem_ptr(at(c, kOffV) + wg * VW * C), LVW{}));  // v^T
@@ -195,13 +195,13 @@ struct WalkGmma {
     }
 
     if (seg == last_seg) {
-      if constexpr (kPool) ckpt.offer<K, BV, true>(p, n, h, vt, len, rS, tUc);
-      store_final_state<K, BV, true, kPool>(p, n, h, vt, rS, tUc);
+      if constexpr (kPool == chunk_fwd_cfg::kPoolCheckpoints) ckpt.offer<K, BV, true>(p, n, h, vt, len, rS, tUc);
+      store_final_state<K, BV, true, kPool != chunk_fwd_cfg::kNoPool>(p, n, h, vt, rS, tUc);
     }
   }
 };
 
-template <class T, int K, int BV, bool kSave, bool kPool>
+template <class T, int K, int BV, bool kSave, int kPool>
 __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
     chunk_walk_sm90_kernel(const FwdParams p, const chunk_fwd_cfg::Split sp, const __grid_constant__ WalkMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(chunk_fwd_cfg::kThreads, 1)
 #endif
 }
 
-template <class T, int K, int BV, bool kSave, bool kPool>
+template <class T, int K, int BV, bool kSave, int kPool>
 cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
   const dim3 grid = walk_grid(p, sp, BV);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
@@ -246,9 +246,11 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
 // training (kSave), pooled (kPool) or plain: one instantiation each
 template <class T, int K>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  if (p.save_h != nullptr) return launch<T, K, 128, true, false>(p, sp, stream);
-  if (p.slot_in != nullptr) return launch<T, K, 128, false, true>(p, sp, stream);
-  return launch<T, K, 128, false, false>(p, sp, stream);
+  if (p.save_h != nullptr) return launch<T, K, 128, true, chunk_fwd_cfg::kNoPool>(p, sp, stream);
+  if (p.slot_in != nullptr)
+    return p.ckpt_slots != nullptr ? launch<T, K, 128, false, chunk_fwd_cfg::kPoolCheckpoints>(p, sp, stream)
+                                   : launch<T, K, 128, false, chunk_fwd_cfg::kPoolSlots>(p, sp, stream);
+  return launch<T, K, 128, false, chunk_fwd_cfg::kNoPool>(p, sp, stream);
 }
 
 template <class T>
