@@ -29,11 +29,13 @@ for step in $steps; do
       grep -E "gla_cuda:|registers|spill|error|C7510" "$OUT/build.log" | grep -v "^$" | sort -u | head -60
       echo "build took $(( $(date +%s) - start )) s" ;;
     test)
-      # the suite is mostly Triton compiles and small launches: 8 processes share the GPU
-      python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_JOBS:-8}" || par=""
-      GLA_TEST_DEVICES=cuda timeout $(( $(left) < ${TEST_TIMEOUT:-420} ? $(left) : ${TEST_TIMEOUT:-420} )) python3 -m pytest $par ${PYTEST_ARGS:-tests} -q -rs \
-        -p no:cacheprovider --durations=10 > "$OUT/pytest.log" 2>&1 || status=1
-      tail -30 "$OUT/pytest.log" ;;
+      # the suite is mostly Triton compiles and small launches: 12 processes share the GPU. -v
+      # names every result as it comes, so a run cut by the timeout still says what failed.
+      python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_JOBS:-12}" || par=""
+      GLA_TEST_DEVICES=cuda timeout $(( $(left) < ${TEST_TIMEOUT:-420} ? $(left) : ${TEST_TIMEOUT:-420} )) python3 -m pytest $par ${PYTEST_ARGS:-tests} -v --tb=short -rs \
+        -p no:cacheprovider -p no:benchmark --durations=10 > "$OUT/pytest.log" 2>&1 || status=1
+      grep -E " (FAILED|ERROR) " "$OUT/pytest.log" | head -40
+      echo "$(grep -c " PASSED " "$OUT/pytest.log") passed so far"; tail -15 "$OUT/pytest.log" ;;
     main)
       start=$(date +%s)
       timeout 200 python3 -m gla_cuda ${MAIN_ARGS:-} 2>&1 | tee "$OUT/main.log" || status=1
@@ -45,8 +47,8 @@ for step in $steps; do
       # compile (and let fla autotune) every benchmark shape in parallel processes (WARM_BACKWARD=0:
       # forwards only, for BENCH_ARGS="--modes fwd")
       for s in $SHAPES; do
-        timeout $(( $(left) < 300 ? $(left) : 300 )) python3 -c "import sys; from gla_cuda import bench; bench.warm(tuple(map(int, sys.argv[1].split(','))), backward=sys.argv[2] == '1')" $s ${WARM_BACKWARD:-1} \
-          >> "$OUT/warm.log" 2>&1 &
+        ( timeout $(( $(left) < 300 ? $(left) : 300 )) python3 -c "import sys; from gla_cuda import bench; bench.warm(tuple(map(int, sys.argv[1].split(','))), backward=sys.argv[2] == '1')" $s ${WARM_BACKWARD:-1} \
+          >> "$OUT/warm.log" 2>&1 && echo "warm $s: done ($(date +%T))" || echo "warm $s: exit $? (124: cut by the timeout)" ) >> "$OUT/warm.log" &
       done ;;
     wait)
       wait; echo "warm-up done ($(date +%T))" ;;
