@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "gla_params.h"
 #include "intermediates.h"
 
@@ -16,6 +18,19 @@ constexpr int kChunk = intermediates::kChunk;  // tokens per chunk (C)
 // and checkpoints. Checkpoints store the state inside the chunk loop, which costs the walks
 // registers (spills in the Hopper fused kernel), so only calls that ask for them pay for them.
 enum PoolWalk : int { kNoPool = 0, kPoolSlots = 1, kPoolCheckpoints = 2 };
+
+// Which instantiation a walk launches: training's (`keeps`: this family's kernel keeps the
+// backward's intermediates), a pooled call's, or the plain one. launch(save, pool) gets kSave and
+// kPool as std::integral_constant, for its template arguments.
+template <class Launch>
+cudaError_t launch_walk_for(const FwdParams& p, bool keeps, Launch&& launch) {
+  using Save = std::integral_constant<bool, true>;
+  using NoSave = std::integral_constant<bool, false>;
+  if (keeps) return launch(Save{}, std::integral_constant<int, kNoPool>{});
+  if (p.slot_in == nullptr) return launch(NoSave{}, std::integral_constant<int, kNoPool>{});
+  if (p.ckpt_slots != nullptr) return launch(NoSave{}, std::integral_constant<int, kPoolCheckpoints>{});
+  return launch(NoSave{}, std::integral_constant<int, kPoolSlots>{});
+}
 constexpr int kThreads = 256;  // 8 warps per CTA
 
 // V-tile width: the K x BV float32 state lives in registers, at most 64 floats per thread.

@@ -21,11 +21,9 @@ cudaError_t launch_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& spl
 
 template <class T, class GT, int K, int BV>
 cudaError_t run_chunk_fwd(const FwdParams& p, const chunk_fwd_cfg::Split& split, cudaStream_t stream) {
-  if (p.save_a != nullptr) return launch_chunk_fwd<T, GT, K, BV, true, chunk_fwd_cfg::kNoPool>(p, split, stream);
-  if (p.slot_in != nullptr)
-    return p.ckpt_slots != nullptr ? launch_chunk_fwd<T, GT, K, BV, false, chunk_fwd_cfg::kPoolCheckpoints>(p, split, stream)
-                                   : launch_chunk_fwd<T, GT, K, BV, false, chunk_fwd_cfg::kPoolSlots>(p, split, stream);
-  return launch_chunk_fwd<T, GT, K, BV, false, chunk_fwd_cfg::kNoPool>(p, split, stream);
+  return chunk_fwd_cfg::launch_walk_for(p, p.save_a != nullptr, [&](auto save, auto pool) {
+    return launch_chunk_fwd<T, GT, K, BV, decltype(save)::value, decltype(pool)::value>(p, split, stream);
+  });
 }
 
 }  // namespace gla

@@ -46,10 +46,9 @@ __device__ __forceinline__ const float* initial_state_of(const FwdParams& p, int
 }
 
 // Element i of the register tile rS (V tile vt; coordinates tUc as in state_tile.cuh) in a state
-// stored [K, V], or [V, K] with state_v_first.
+// stored [V, K] (state_v_first; state_offset has the [K, V] one).
 template <int K, int BV, bool kT, class Coord>
-__device__ __forceinline__ int64_t tile_offset(const FwdParams& p, const Coord& tUc, int i, int vt) {
-  if (!p.state_v_first) return int64_t(vt) * BV + state_offset<kT>(tUc, i, p.V);
+__device__ __forceinline__ int64_t v_first_offset(const Coord& tUc, int i, int vt) {
   const int kk = cute::get<kT ? 1 : 0>(tUc(i)), vv = cute::get<kT ? 0 : 1>(tUc(i));
   return (int64_t(vt) * BV + vv) * K + kk;
 }
@@ -63,7 +62,7 @@ __device__ __forceinline__ void store_state_tile(const FwdParams& p, float* dst,
     return;
   }
   CUTE_UNROLL
-  for (int i = 0; i < cute::size(rS); ++i) dst[tile_offset<K, BV, kT>(p, tUc, i, vt)] = rS(i);
+  for (int i = 0; i < cute::size(rS); ++i) dst[v_first_offset<K, BV, kT>(tUc, i, vt)] = rS(i);
 }
 
 // h0 (or zero), then, in pass 2 of a split, the end states of the segments before `seg`
@@ -76,7 +75,7 @@ __device__ __forceinline__ void load_initial_state(const FwdParams& p, const chu
   if (const float* h0 = initial_state_of<K, kPool>(p, n, h)) {
     if (kPool && p.state_v_first) {
       CUTE_UNROLL
-      for (int i = 0; i < size(rS); ++i) rS(i) = h0[tile_offset<K, BV, kT>(p, tUc, i, vt)];
+      for (int i = 0; i < size(rS); ++i) rS(i) = h0[v_first_offset<K, BV, kT>(tUc, i, vt)];
     } else {
       h0 += int64_t(vt) * BV;
       CUTE_UNROLL

@@ -243,14 +243,11 @@ cudaError_t launch(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStrea
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-// training (kSave), pooled (kPool) or plain: one instantiation each
 template <class T, int K>
 cudaError_t dispatch_save(const FwdParams& p, const chunk_fwd_cfg::Split& sp, cudaStream_t stream) {
-  if (p.save_h != nullptr) return launch<T, K, 128, true, chunk_fwd_cfg::kNoPool>(p, sp, stream);
-  if (p.slot_in != nullptr)
-    return p.ckpt_slots != nullptr ? launch<T, K, 128, false, chunk_fwd_cfg::kPoolCheckpoints>(p, sp, stream)
-                                   : launch<T, K, 128, false, chunk_fwd_cfg::kPoolSlots>(p, sp, stream);
-  return launch<T, K, 128, false, chunk_fwd_cfg::kNoPool>(p, sp, stream);
+  return chunk_fwd_cfg::launch_walk_for(p, p.save_h != nullptr, [&](auto save, auto pool) {
+    return launch<T, K, 128, decltype(save)::value, decltype(pool)::value>(p, sp, stream);
+  });
 }
 
 template <class T>
